@@ -1,0 +1,1 @@
+#include <ext2fs/ext2fs.h>

@@ -1,0 +1,140 @@
+#define _GNU_SOURCE
+#include "include/hotshim.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/sysmacros.h>
+#include <linux/fs.h>
+#include <linux/fsmap.h>
+#include <linux/loop.h>
+#include <signal.h>
+#include <sys/syscall.h>
+
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#endif
+
+_Static_assert(sizeof(struct fsmap) == 64, "struct fsmap layout");
+_Static_assert(sizeof(struct fsmap_head) == 64 + 2 * sizeof(struct fsmap), "fsmap_head layout");
+
+int hs_blk_getsize64(int fd, uint64_t *size) { return ioctl(fd, BLKGETSIZE64, size); }
+int hs_blk_sszget(int fd, int *ssz) { return ioctl(fd, BLKSSZGET, ssz); }
+int hs_blk_discard(int fd, uint64_t offset, uint64_t len) {
+    uint64_t r[2] = {offset, len};
+    return ioctl(fd, BLKDISCARD, r);
+}
+int hs_blk_zeroout(int fd, uint64_t offset, uint64_t len) {
+    uint64_t r[2] = {offset, len};
+    return ioctl(fd, BLKZEROOUT, r);
+}
+unsigned hs_major(uint64_t dev) { return major(dev); }
+unsigned hs_minor(uint64_t dev) { return minor(dev); }
+
+int hs_fifreeze(int fd) { return ioctl(fd, FIFREEZE, 0); }
+int hs_fithaw(int fd) { return ioctl(fd, FITHAW, 0); }
+
+const uint64_t HS_FMR_OWN_FREE = FMR_OWN_FREE;
+const uint64_t HS_FMR_OWN_UNKNOWN = FMR_OWN_UNKNOWN;
+const uint32_t HS_FMR_OF_LAST = FMR_OF_LAST;
+
+struct hs_fsmap_iter {
+    int fd;
+    unsigned pos;
+    int done;
+    struct fsmap_head *head;
+};
+
+hs_fsmap_iter *hs_fsmap_begin(int fd, unsigned batch) {
+    if (batch == 0) batch = 1024;
+    hs_fsmap_iter *it = calloc(1, sizeof *it);
+    if (!it) return NULL;
+    it->head = calloc(1, fsmap_sizeof(batch));
+    if (!it->head) { free(it); errno = ENOMEM; return NULL; }
+    it->fd = fd;
+    it->head->fmh_count = batch;
+    /* Low key all zero; high key all ones: the whole filesystem. */
+    it->head->fmh_keys[1].fmr_device = UINT32_MAX;
+    it->head->fmh_keys[1].fmr_physical = UINT64_MAX;
+    it->head->fmh_keys[1].fmr_owner = UINT64_MAX;
+    it->head->fmh_keys[1].fmr_offset = UINT64_MAX;
+    it->head->fmh_keys[1].fmr_flags = UINT32_MAX;
+    it->pos = 0;
+    it->head->fmh_entries = 0;
+    it->done = 0;
+    if (ioctl(fd, FS_IOC_GETFSMAP, it->head) < 0) { int e = errno; hs_fsmap_end(it); errno = e; return NULL; }
+    return it;
+}
+
+int hs_fsmap_next(hs_fsmap_iter *it, hs_fsmap_rec *rec) {
+    while (it->pos >= it->head->fmh_entries) {
+        if (it->done || it->head->fmh_entries == 0) return 0;
+        struct fsmap *last = &it->head->fmh_recs[it->head->fmh_entries - 1];
+        if (last->fmr_flags & FMR_OF_LAST) return 0;
+        fsmap_advance(it->head);
+        it->pos = 0;
+        if (ioctl(it->fd, FS_IOC_GETFSMAP, it->head) < 0) return -1;
+        if (it->head->fmh_entries == 0) { it->done = 1; return 0; }
+    }
+    struct fsmap *r = &it->head->fmh_recs[it->pos++];
+    rec->device = r->fmr_device;
+    rec->flags = r->fmr_flags;
+    rec->physical = r->fmr_physical;
+    rec->owner = r->fmr_owner;
+    rec->offset = r->fmr_offset;
+    rec->length = r->fmr_length;
+    return 1;
+}
+
+void hs_fsmap_end(hs_fsmap_iter *it) {
+    if (!it) return;
+    free(it->head);
+    free(it);
+}
+
+int hs_loop_ctl_get_free(int ctlfd) { return ioctl(ctlfd, LOOP_CTL_GET_FREE); }
+
+int hs_loop_configure(int loopfd, int backingfd, int direct_io, int read_only,
+                      uint32_t block_size, const char *file_name) {
+    struct loop_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.fd = (uint32_t)backingfd;
+    cfg.block_size = block_size;
+    cfg.info.lo_flags = (direct_io ? LO_FLAGS_DIRECT_IO : 0) | (read_only ? LO_FLAGS_READ_ONLY : 0)
+                        | LO_FLAGS_AUTOCLEAR;
+    if (file_name) strncpy((char *)cfg.info.lo_file_name, file_name, LO_NAME_SIZE - 1);
+    return ioctl(loopfd, LOOP_CONFIGURE, &cfg);
+}
+
+int hs_loop_clr_fd(int loopfd) { return ioctl(loopfd, LOOP_CLR_FD, 0); }
+
+int hs_loop_is_direct_io(int loopfd) {
+    struct loop_info64 info;
+    if (ioctl(loopfd, LOOP_GET_STATUS64, &info) < 0) return -1;
+    return (info.lo_flags & LO_FLAGS_DIRECT_IO) ? 1 : 0;
+}
+
+int hs_set_io_flusher(void) { return prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0); }
+int hs_lock_memory(void) { return mlockall(MCL_CURRENT | MCL_FUTURE); }
+int hs_set_pdeathsig(int sig) { return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0); }
+
+pid_t hs_spawn(char *const argv[], int io_flusher, int log_fd) {
+    pid_t pid = fork();
+    if (pid != 0) return pid;
+    /* child: only async-signal-safe calls from here to exec */
+    if (io_flusher) (void)prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
+    (void)setsid();
+    int devnull = open("/dev/null", O_RDWR);
+    if (devnull >= 0) dup2(devnull, 0);
+    if (log_fd >= 0) { dup2(log_fd, 1); dup2(log_fd, 2); }
+    else if (devnull >= 0) { dup2(devnull, 1); dup2(devnull, 2); }
+    /* the child keeps only stdio: no device, socket or pipe leaks into it */
+    (void)syscall(SYS_close_range, 3, ~0U, 0);
+    execvp(argv[0], argv);
+    _exit(127);
+}
+

@@ -1,0 +1,15 @@
+/* Process flags that keep a userspace block server out of the reclaim
+ * deadlock (PR_SET_IO_FLUSHER, mlockall), and a fork+exec that sets
+ * PR_SET_IO_FLUSHER in the child, because prctl is variadic and a
+ * child-side step cannot be written with posix_spawn. */
+#ifndef HS_PROCESS_H
+#define HS_PROCESS_H
+#include <sys/types.h>
+int hs_set_io_flusher(void);
+int hs_lock_memory(void);
+int hs_set_pdeathsig(int sig);
+/* fork + (optionally PR_SET_IO_FLUSHER) + setsid + redirect stdin to
+ * /dev/null and stdout/stderr to log_fd (if >= 0) + close every other fd + execvp(argv[0], argv).
+ * Returns the child pid or -1/errno. */
+pid_t hs_spawn(char *const argv[], int io_flusher, int log_fd);
+#endif

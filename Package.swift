@@ -1,0 +1,64 @@
+// swift-tools-version:6.0
+// hotimage: online block-level imaging of live Linux filesystems.
+//
+// Layers, arrows pointing one way only:
+//   system libraries (CNBD, CZstd, CExt2fs, CDevMapper: module maps only)
+//   -> CHotShim (C glue: ioctl numbers and structs, no logic)
+//   -> HotOS (typed Swift over the OS; the only Swift that calls C)
+//   -> NBDWire, HotCore (pure Swift: NBD codec, protection map, COW buffer, session)
+//   -> HotDaemon (NBD + control servers, attach)
+//   -> hotimage (CLI)
+import PackageDescription
+
+let swift5: [SwiftSetting] = [.swiftLanguageMode(.v5)]
+
+let package = Package(
+    name: "hotimage",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "hotimage", targets: ["hotimage"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
+    ],
+    targets: [
+        .systemLibrary(name: "CNBD", path: "CShims/CNBD", pkgConfig: "libnbd",
+                       providers: [.apt(["libnbd-dev"])]),
+        .systemLibrary(name: "CZstd", path: "CShims/CZstd", pkgConfig: "libzstd",
+                       providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CExt2fs", path: "CShims/CExt2fs", pkgConfig: "ext2fs",
+                       providers: [.apt(["libext2fs-dev"])]),
+        .systemLibrary(name: "CDevMapper", path: "CShims/CDevMapper", pkgConfig: "devmapper",
+                       providers: [.apt(["libdevmapper-dev"])]),
+        .target(name: "CHotShim", path: "CShims/CHotShim"),
+
+        .target(name: "HotOS", dependencies: [
+            "CHotShim",
+            .product(name: "SystemPackage", package: "swift-system"),
+        ], swiftSettings: swift5),
+        .target(name: "NBDWire", swiftSettings: swift5),
+        .target(name: "HotCore", dependencies: [
+            .product(name: "DequeModule", package: "swift-collections"),
+        ], swiftSettings: swift5),
+        .target(name: "HotDaemon", dependencies: [
+            "HotOS", "NBDWire", "HotCore",
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: swift5),
+        .executableTarget(name: "hotimage", dependencies: [
+            "HotDaemon", "HotOS", "HotCore",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: swift5),
+        // Test tool: stamped-sector writer and checker for point-in-time proofs.
+        .executableTarget(name: "hotimage-stamp", dependencies: [
+            "HotOS",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], swiftSettings: swift5),
+
+        .testTarget(name: "NBDWireTests", dependencies: ["NBDWire"], swiftSettings: swift5),
+        .testTarget(name: "HotCoreTests", dependencies: ["HotCore"], swiftSettings: swift5),
+    ]
+)
