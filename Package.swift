@@ -46,6 +46,7 @@ let package = Package(
         .target(name: "HotDaemon", dependencies: [
             "HotOS", "NBDWire", "HotCore",
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "DequeModule", package: "swift-collections"),
         ], swiftSettings: swift5),
         .executableTarget(name: "hotimage", dependencies: [
             "HotDaemon", "HotOS", "HotCore",

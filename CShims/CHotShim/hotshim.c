@@ -12,6 +12,7 @@
 #include <linux/fs.h>
 #include <linux/fsmap.h>
 #include <linux/loop.h>
+#include <linux/falloc.h>
 #include <signal.h>
 #include <sys/syscall.h>
 
@@ -138,3 +139,10 @@ pid_t hs_spawn(char *const argv[], int io_flusher, int log_fd) {
     _exit(127);
 }
 
+
+const int HS_O_DIRECT = O_DIRECT;
+const int HS_FALLOC_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+const int HS_FALLOC_ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+int hs_fallocate(int fd, int mode, uint64_t offset, uint64_t len) {
+    return fallocate(fd, mode, (off_t)offset, (off_t)len);
+}

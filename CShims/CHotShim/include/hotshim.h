@@ -9,4 +9,5 @@
 #include "hs_fsmap.h"
 #include "hs_loop.h"
 #include "hs_process.h"
+#include "hs_file.h"
 #endif

@@ -1,0 +1,227 @@
+// Session transitions: begin → (pause) → armed → protecting → end, and the
+// deadlines that fail a session. See SessionPhase.swift for the diagram.
+
+public enum ArmResult: Equatable, Sendable {
+    case armed(at: UInt64)
+    case timedOut
+    case notWaiting(SessionPhase)
+}
+
+public enum NarrowResult: Equatable, Sendable {
+    /// Protection narrowed to the map; the snapshot is complete.
+    case protecting(usedBlocks: UInt64)
+    /// Writes landed while the map was read without a freeze: back to
+    /// waiting; the client begins the pause/arm/map cycle again.
+    case retry(writes: UInt64)
+}
+
+/// What `tick` found.
+public enum EngineEvent: Equatable, Sendable {
+    case failed(String)
+    case dropped(String)
+}
+
+extension SnapshotEngine {
+    /// idle (or failed) → waiting. Returns the session generation.
+    @discardableResult
+    public func begin(consistency: Consistency) throws -> UInt64 {
+        try m.withLock {
+            guard phase == .idle || phase == .failed else {
+                throw EngineError.wrongPhase(expected: "idle", actual: phase)
+            }
+            if phase == .failed { resetLocked() }
+            // Stragglers of an earlier session (a copy or read still running
+            // outside the lock) must finish before their marks and slots can
+            // be reused.
+            let limit = clock.now() + 5_000_000_000
+            while (!busy.isEmpty || reservedSlots > 0) && clock.now() < limit {
+                m.wait(timeoutNanos: 10_000_000)
+            }
+            generation &+= 1
+            self.consistency = consistency
+            phase = .waiting
+            failure = nil
+            beganAt = clock.now()
+            lastHeartbeat = beganAt
+            stats = EngineCounters()
+            return generation
+        }
+    }
+
+    /// Blocks until no write has been in flight for `pauseNanos` (or the
+    /// snapshot deadline passes). With `arm`, arms copy-on-write at that
+    /// instant, atomically with the check. Without, only reports the pause
+    /// (the caller freezes, then calls `arm(pauseNanos: 0)`).
+    public func waitForPause(pauseNanos: UInt64, arm: Bool) -> ArmResult {
+        m.lock()
+        defer { m.unlock() }
+        waitersForPause += 1
+        defer { waitersForPause -= 1 }
+        while true {
+            guard phase == .waiting else { return .notWaiting(phase) }
+            let now = clock.now()
+            if now >= beganAt &+ config.snapshotDeadlineNanos {
+                failLocked("the snapshot was not complete within \(config.snapshotDeadlineNanos / 1_000_000_000) s: no write-inactivity pause of \(pauseNanos / 1_000_000) ms")
+                return .timedOut
+            }
+            if writesInFlight == 0 && now &- lastWriteEnd >= pauseNanos {
+                if arm { armLocked(now) }
+                return .armed(at: now)
+            }
+            let quiet = writesInFlight == 0 ? now &- lastWriteEnd : 0
+            let wake = min(pauseNanos - min(quiet, pauseNanos), beganAt &+ config.snapshotDeadlineNanos &- now)
+            m.wait(timeoutNanos: max(1_000_000, min(wake, 50_000_000)))
+        }
+    }
+
+    /// Arms with the wait-for-pause rules (pause 0: only no write in flight).
+    public func arm(pauseNanos: UInt64 = 0) -> ArmResult {
+        waitForPause(pauseNanos: pauseNanos, arm: true)
+    }
+
+    func armLocked(_ now: UInt64) {
+        phase = .armed
+        armedAt = now
+        writesSinceArm = 0
+        used.fill()
+        protected.fill()
+    }
+
+    /// armed → protecting with the used-block map (byte ranges). Ranges are
+    /// widened to whole blocks; `excluded` byte ranges are removed (only
+    /// blocks they cover wholly).
+    public func narrow(used usedRanges: [Range<UInt64>], excluded: [Range<UInt64>] = []) throws -> NarrowResult {
+        try m.withLock {
+            guard phase == .armed else {
+                if phase == .failed { throw EngineError.sessionFailed(failure ?? "") }
+                throw EngineError.wrongPhase(expected: "armed", actual: phase)
+            }
+            if consistency == .wip && writesSinceArm > 0 {
+                let w = writesSinceArm
+                disarmLocked()
+                phase = .waiting
+                return .retry(writes: w)
+            }
+            var map = BlockBitmap(blockCount: blockCount)
+            for r in usedRanges where r.upperBound > r.lowerBound {
+                let b = blocks(offset: r.lowerBound, length: r.upperBound - r.lowerBound)
+                map.insert(range: b)
+            }
+            for r in excluded where r.upperBound > r.lowerBound {
+                map.remove(range: innerBlocks(offset: r.lowerBound, length: r.upperBound - r.lowerBound))
+            }
+            used = map
+            protected.formIntersection(map)
+            // Originals copied while armed for blocks outside the map are not needed.
+            var drop: [UInt64] = []
+            buffered.forEachRun(in: 0..<blockCount) { r in
+                for b in r where !map.contains(b) { drop.append(b) }
+            }
+            for b in drop { freeEntryLocked(b) }
+            phase = .protecting
+            return .protecting(usedBlocks: map.count)
+        }
+    }
+
+    /// The imager archived [offset, offset+length): those blocks leave the
+    /// protected area and their buffered originals are freed. Only blocks
+    /// wholly inside the range count. Returns the number of blocks released.
+    @discardableResult
+    public func release(offset: UInt64, length: UInt64) throws -> UInt64 {
+        try checkRange(offset, length)
+        let r = innerBlocks(offset: offset, length: length)
+        return try m.withLock {
+            guard phase == .protecting else {
+                if phase == .failed { throw EngineError.sessionFailed(failure ?? "") }
+                throw EngineError.wrongPhase(expected: "protecting", actual: phase)
+            }
+            // Wait for copies and reads of these blocks to finish.
+            while anyBusy([r]) { m.wait() }
+            let before = protected.countSet(in: r) + buffered.countSet(in: r)
+            protected.remove(range: r)
+            var drop: [UInt64] = []
+            buffered.forEachRun(in: r) { run in drop.append(contentsOf: run) }
+            for b in drop { freeEntryLocked(b) }
+            stats.archivedBlocks += before
+            m.broadcast()
+            return before
+        }
+    }
+
+    public func heartbeat() {
+        m.withLock { lastHeartbeat = clock.now() }
+    }
+
+    /// Ends the session (any phase) and returns to passthrough.
+    public func end() {
+        m.withLock {
+            if phase != .idle { resetLocked() }
+            phase = .idle
+            failure = nil
+            m.broadcast()
+        }
+    }
+
+    /// Fails the session: passthrough, buffers dropped, reason kept for status.
+    public func fail(_ reason: String) {
+        m.withLock { failLocked(reason) }
+    }
+
+    func failLocked(_ reason: String) {
+        guard phase != .idle && phase != .failed else { return }
+        resetLocked()
+        phase = .failed
+        failure = reason
+        stats.sessionsFailed += 1
+        m.broadcast()
+    }
+
+    /// Drops copies and buffers; protection off. Lock held.
+    func disarmLocked() {
+        protected.removeAll()
+        used.removeAll()
+        var drop: [UInt64] = []
+        buffered.forEachRun(in: 0..<blockCount) { drop.append(contentsOf: $0) }
+        for b in drop { freeEntryLocked(b) }
+        fifo.removeAll(keepingCapacity: true)
+        writesSinceArm = 0
+    }
+
+    func resetLocked() {
+        disarmLocked()
+        spill.removeAll()
+        generation &+= 1
+    }
+
+    /// Checks every deadline against the clock; call it often (≥ 2 Hz).
+    public func tick() -> [EngineEvent] {
+        m.withLock {
+            let now = clock.now()
+            switch phase {
+            case .idle, .failed:
+                return []
+            case .waiting, .armed, .protecting:
+                if now &- lastHeartbeat > config.heartbeatTimeoutNanos {
+                    let reason = "no heartbeat from the session client for \(config.heartbeatTimeoutNanos / 1_000_000_000) s"
+                    resetLocked()
+                    phase = .idle
+                    failure = nil
+                    stats.sessionsFailed += 1
+                    m.broadcast()
+                    return [.dropped(reason)]
+                }
+                if phase != .protecting && now &- beganAt > config.snapshotDeadlineNanos {
+                    let reason = "the snapshot was not complete within \(config.snapshotDeadlineNanos / 1_000_000_000) s"
+                    failLocked(reason)
+                    return [.failed(reason)]
+                }
+                if let age = oldestMemoryAgeLocked(now), age > config.memoryDeadlineNanos {
+                    let reason = "buffered data was not processed within \(config.memoryDeadlineNanos / 1_000_000_000) s (a block stayed \(age / 1_000_000) ms in the memory buffer)"
+                    failLocked(reason)
+                    return [.failed(reason)]
+                }
+                return []
+            }
+        }
+    }
+}

@@ -1,0 +1,105 @@
+// The control protocol between a session client (`hotimage snapshot`, the
+// imager) and the HotCore daemon: one JSON object per line in each
+// direction over a root-only unix socket (control.sock in the run
+// directory). Every request gets exactly one reply line, {"ok":true,...} or
+// {"ok":false,"error":"..."}. The session belongs to the connection that
+// began it: if that connection closes, the session ends (passthrough,
+// hb files deleted), and if it stays silent for the heartbeat timeout the
+// engine drops it.
+//
+//   op          fields                           reply fields / effect
+//   hello       -                                version, device, protectedDevice, size, blockSize, phase
+//   begin       consistency (freeze|wip|raw),    armedAtNanos, frozen; the daemon waits for a write-
+//               mountPoint (freeze), pauseMs     inactivity pause, freezes (freeze), arms COW for all blocks
+//   map         used [[start,end)...] bytes,     result "protecting", usedBlocks; or ok:false with
+//               excluded [[start,end)...]        retry:true (wip: writes during the map read). Thaws.
+//   archived    ranges [[start,end)...]          released (blocks leave protection, copies freed)
+//   buffered    limit                            ranges: buffered originals (emergency mode archives them first)
+//   heartbeat   -                                -
+//   status      -                                status: the engine status plus daemon facts
+//   end         -                                the session ends; back to passthrough
+//   detach      -                                refuses while a filesystem is mounted on the
+//                                                protected device or a session runs; else the daemon exits
+import Foundation
+import HotCore
+
+public struct ControlRequest: Codable, Sendable {
+    public var op: String
+    public var consistency: String?
+    public var mountPoint: String?
+    public var pauseMs: Double?
+    public var used: [[UInt64]]?
+    public var excluded: [[UInt64]]?
+    public var ranges: [[UInt64]]?
+    public var limit: Int?
+    public var force: Bool?
+
+    public init(op: String) { self.op = op }
+}
+
+public struct DaemonStatus: Codable, Sendable {
+    public var name: String
+    public var device: String
+    public var protectedDevice: String?
+    public var via: String
+    public var pid: Int32
+    public var bufferDir: String
+    public var nbdSocket: String
+    public var snapshotURI: String
+    public var connections: Int
+    public var frozen: String?
+    public var engine: EngineStatus
+}
+
+public struct ControlReply: Codable, Sendable {
+    public var ok: Bool
+    public var error: String?
+    public var retry: Bool?
+    public var version: String?
+    public var device: String?
+    public var protectedDevice: String?
+    public var size: UInt64?
+    public var blockSize: Int?
+    public var phase: String?
+    public var armedAtNanos: UInt64?
+    public var frozen: Bool?
+    public var result: String?
+    public var usedBlocks: UInt64?
+    public var released: UInt64?
+    public var ranges: [[UInt64]]?
+    public var status: DaemonStatus?
+    public var snapshotURI: String?
+
+    public init(ok: Bool, error: String? = nil) { self.ok = ok; self.error = error }
+    public static func failure(_ e: String, retry: Bool? = nil) -> ControlReply {
+        var r = ControlReply(ok: false, error: e)
+        r.retry = retry
+        return r
+    }
+}
+
+public let hotimageVersion = "0.1.0"
+
+enum ControlCodec {
+    static func encode<T: Encodable>(_ v: T) -> [UInt8] {
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.sortedKeys]
+        var data = (try? enc.encode(v)).map { Array($0) } ?? Array("{\"ok\":false,\"error\":\"encoding failed\"}".utf8)
+        data.append(0x0a)
+        return Array(data)
+    }
+
+    static func decode<T: Decodable>(_ t: T.Type, _ line: [UInt8]) throws -> T {
+        try JSONDecoder().decode(t, from: Data(line))
+    }
+}
+
+func toRanges(_ pairs: [[UInt64]]?) throws -> [Range<UInt64>] {
+    guard let pairs else { return [] }
+    return try pairs.map { p in
+        guard p.count == 2, p[0] <= p[1] else {
+            throw EngineError.outOfRange(offset: p.first ?? 0, length: 0, size: 0)
+        }
+        return p[0]..<p[1]
+    }
+}

@@ -1,0 +1,282 @@
+// The HotCore daemon behind `hotimage attach`: owns the real device, the
+// engine, the NBD and control servers, the frontend that presents the
+// protected device, and three housekeeping threads (deadline ticker, buffer
+// mover, signal waiter). Run directory layout (root-only, 0700):
+//
+//   RUN/NAME/lock          flock held while the daemon lives
+//   RUN/NAME/pid           daemon pid
+//   RUN/NAME/nbd.sock      NBD server (exports "live" and "snapshot")
+//   RUN/NAME/control.sock  control protocol (ControlProtocol.swift)
+//   RUN/NAME/device        the protected device path, written once usable
+//   RUN/NAME/fuse/disk     nbdfuse's file (--via fuse)
+//   RUN/NAME/daemon.log    the daemon's log when it runs in the background
+import Foundation
+import HotCore
+import HotOS
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public struct AttachOptions: Sendable {
+    public var device: String
+    public var name: String
+    public var via: String = "fuse"
+    public var runDir: String = "/run/hotimage"
+    public var bufferDir: String?
+    public var hbFileBytes: UInt64 = 256 << 20
+    public var bufferLimitBytes: UInt64 = 16 << 30
+    public var engine = EngineConfig()
+    public var workers = 8
+
+    public init(device: String, name: String) {
+        self.device = device
+        self.name = name
+    }
+
+    public var dir: String { runDir + "/" + name }
+    public var resolvedBufferDir: String { bufferDir ?? "/var/tmp/hotimage-\(name)" }
+}
+
+public enum DaemonError: Error, CustomStringConvertible {
+    case usage(String)
+    case alreadyAttached(String)
+    case mounted(String, String)
+    case failed(String)
+
+    public var description: String {
+        switch self {
+        case .usage(let s): return s
+        case .alreadyAttached(let n): return "a HotCore daemon named '\(n)' is already attached (see 'hotimage status \(n)')"
+        case .mounted(let d, let m): return "\(d) is mounted on \(m): unmount it before attaching (HotCore must own the device exclusively)"
+        case .failed(let s): return s
+        }
+    }
+}
+
+public final class Daemon: @unchecked Sendable {
+    public let options: AttachOptions
+    let logger: Logger
+    let device: BlockDevice
+    let hb: HBFileStore
+    public let engine: SnapshotEngine
+    let nbd: NBDServer
+    let control: ControlServer
+    var fuse: FuseFrontend?
+    private let m = Monitor()
+    private var owner: Int?
+    private var frozen: FrozenFilesystem?
+    private var protectedDevice: String?
+    private var stopping = false
+    private var lockFD: Int32 = -1
+
+    /// Opens everything up to (not including) the frontend. Throws clear errors.
+    public init(options: AttachOptions, logger: Logger) throws {
+        self.options = options
+        self.logger = logger
+        guard getuid() == 0 else { throw DaemonError.usage("hotimage attach must run as root") }
+        guard options.via == "fuse" || options.via == "nbd" else {
+            throw DaemonError.usage("--via must be fuse or nbd")
+        }
+        if options.via == "nbd" && access("/sys/module/nbd", F_OK) != 0 && access("/dev/nbd0", F_OK) != 0 {
+            throw DaemonError.usage("--via nbd needs the kernel's nbd driver, which this kernel does not have (modprobe nbd); use --via fuse")
+        }
+        if options.via == "nbd" {
+            throw DaemonError.usage("--via nbd is not implemented yet (kernel NBD attach comes with the VM test harness); use --via fuse")
+        }
+        if let m = Mounts.of(device: options.device).first {
+            throw DaemonError.mounted(options.device, m.mountPoint)
+        }
+        mkdir(options.runDir, 0o700)
+        mkdir(options.dir, 0o700)
+        lockFD = open(options.dir + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        if lockFD < 0 || flock(lockFD, LOCK_EX | LOCK_NB) != 0 {
+            throw DaemonError.alreadyAttached(options.name)
+        }
+        device = try BlockDevice(path: options.device, exclusive: true)
+        guard device.size >= UInt64(options.engine.blockSize) else {
+            throw DaemonError.failed("\(options.device) is too small (\(device.size) bytes)")
+        }
+        let bdir = options.resolvedBufferDir
+        if mkdir(bdir, 0o700) != 0 && errno != EEXIST {
+            throw DaemonError.failed("cannot create buffer directory \(bdir): \(String(cString: strerror(errno)))")
+        }
+        hb = HBFileStore(directory: bdir, slotBytes: options.engine.blockSize,
+                         fileBytes: options.hbFileBytes, limitBytes: options.bufferLimitBytes)
+        hb.removeAll()
+        // Stale hb files of a previous daemon of this name.
+        for i in 0..<100 { unlink(bdir + "/" + HBFileStore.fileName(i)) }
+        engine = SnapshotEngine(device: device, spill: hb, config: options.engine)
+        nbd = NBDServer(socketPath: options.dir + "/nbd.sock", engine: engine, logger: logger, workers: options.workers)
+        control = ControlServer(path: options.dir + "/control.sock", logger: logger)
+    }
+
+    /// Starts serving and presents the protected device; returns its path.
+    public func start() throws -> String {
+        try nbd.start()
+        control.handler = { [unowned self] id, req in handle(id, req) }
+        control.onClose = { [unowned self] id in connectionClosed(id) }
+        try control.start()
+        do { try ProcessControl.setIOFlusher() } catch { logger.warning("\(error) (continuing without PR_SET_IO_FLUSHER)") }
+        do { try ProcessControl.lockMemory() } catch { logger.warning("\(error) (continuing without locked memory)") }
+        Threads.start(name: "ticker") { [self] in tickLoop() }
+        Threads.start(name: "mover") { [self] in moverLoop() }
+        let f = FuseFrontend(runDir: options.dir, logger: logger)
+        fuse = f
+        let logFD = open(options.dir + "/nbdfuse.log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        defer { if logFD >= 0 { close(logFD) } }
+        let dev: String
+        do { dev = try f.start(socket: nbd.socketPath, size: device.size, logFD: logFD) } catch {
+            f.stop()
+            shutdownServers()
+            throw error
+        }
+        m.withLock { protectedDevice = dev }
+        writeFile(options.dir + "/pid", "\(getpid())\n")
+        writeFile(options.dir + "/device", dev + "\n")
+        logger.info("attached \(options.device) as \(dev) (\(device.size) bytes, buffer \(options.resolvedBufferDir))")
+        return dev
+    }
+
+    func writeFile(_ path: String, _ s: String) {
+        let tmp = path + ".tmp"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return }
+        _ = s.withCString { write(fd, $0, strlen($0)) }
+        close(fd)
+        rename(tmp, path)
+    }
+
+    /// Blocks until SIGTERM/SIGINT or a detach request ends the daemon.
+    public func waitForShutdown(signals: SignalWaiter) {
+        while true {
+            let sig = signals.wait(timeoutSeconds: 1)
+            if m.withLock({ stopping }) { break }
+            if let sig {
+                if let reason = detachRefusal(force: false) {
+                    logger.error("signal \(sig): not detaching: \(reason)")
+                    continue
+                }
+                logger.info("signal \(sig): detaching")
+                break
+            }
+        }
+        teardown()
+    }
+
+    func teardown() {
+        engine.end()
+        thawIfFrozen()
+        fuse?.stop()
+        shutdownServers()
+        hb.removeAll()
+        rmdir(options.resolvedBufferDir)
+        for f in ["device", "pid", "nbdfuse.log"] { unlink(options.dir + "/" + f) }
+        logger.info("detached \(options.device)")
+    }
+
+    private func shutdownServers() {
+        nbd.stop()
+        control.stop()
+    }
+
+    // MARK: housekeeping threads
+
+    private func tickLoop() {
+        while !m.withLock({ stopping }) {
+            for ev in engine.tick() {
+                switch ev {
+                case .failed(let r): logger.error("session failed: \(r)")
+                case .dropped(let r):
+                    logger.error("session dropped: \(r)")
+                    m.withLock { owner = nil }
+                }
+            }
+            // Never leave a filesystem frozen without an armed session.
+            if !engine.currentPhase.copiesOnWrite { thawIfFrozen() }
+            usleep(100_000)
+        }
+    }
+
+    private func moverLoop() {
+        while !m.withLock({ stopping }) {
+            if engine.waitForSpillWork(timeoutNanos: 100_000_000) {
+                while engine.spillStep(maxBlocks: 256) > 0 {}
+            }
+        }
+    }
+
+    func thawIfFrozen() {
+        let f = m.withLock { () -> FrozenFilesystem? in let f = frozen; frozen = nil; return f }
+        guard let f else { return }
+        do { try f.thaw(); logger.info("thawed \(f.mountPoint)") } catch { logger.error("thaw \(f.mountPoint): \(error)") }
+    }
+
+    private func connectionClosed(_ id: Int) {
+        let was = m.withLock { () -> Bool in
+            guard owner == id else { return false }
+            owner = nil
+            return true
+        }
+        if was {
+            let phase = engine.currentPhase
+            if phase != .idle {
+                logger.warning("session client vanished (\(phase.rawValue)): back to passthrough, buffer files deleted")
+            }
+            engine.end()
+            thawIfFrozen()
+        }
+    }
+
+    var currentProtectedDevice: String? { m.withLock { protectedDevice } }
+    var frozenMountPoint: String? { m.withLock { frozen?.mountPoint } }
+
+    func isOwner(_ id: Int) -> Bool { m.withLock { owner == id } }
+
+    /// Makes `id` the session owner; returns why not.
+    func claimOwner(_ id: Int) -> String? {
+        m.withLock {
+            if let o = owner, o != id { return "another client owns the session (\(engine.currentPhase.rawValue))" }
+            owner = id
+            return nil
+        }
+    }
+
+    func releaseOwner(_ id: Int) { m.withLock { if owner == id { owner = nil } } }
+    func setFrozen(_ f: FrozenFilesystem) { m.withLock { frozen = f } }
+    func thawNow() { thawIfFrozen() }
+
+    func requestStop() { m.withLock { stopping = true } }
+
+    func detachRefusal(force: Bool) -> String? {
+        guard let dev = m.withLock({ protectedDevice }) else { return nil }
+        if let mnt = Mounts.of(device: dev).first {
+            return "\(dev) is mounted on \(mnt.mountPoint); unmount it first"
+        }
+        if !force && engine.currentPhase != .idle {
+            return "a backup session is \(engine.currentPhase.rawValue); end it first (or detach --force)"
+        }
+        return nil
+    }
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in every thread (call before starting
+/// any) and lets one thread wait for them.
+public final class SignalWaiter: @unchecked Sendable {
+    private var set = sigset_t()
+
+    public init() {
+        sigemptyset(&set)
+        sigaddset(&set, SIGTERM)
+        sigaddset(&set, SIGINT)
+        sigaddset(&set, SIGHUP)
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        signal(SIGPIPE, SIG_IGN)
+    }
+
+    public func wait(timeoutSeconds: Int) -> Int32? {
+        var ts = timespec(tv_sec: timeoutSeconds, tv_nsec: 0)
+        let r = sigtimedwait(&set, nil, &ts)
+        return r > 0 ? r : nil
+    }
+}

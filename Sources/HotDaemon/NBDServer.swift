@@ -1,0 +1,99 @@
+// The NBD server of HotCore: fixed newstyle handshake (NBDWire's state
+// machine), then the transmission phase with pipelined requests executed on
+// a shared worker pool. Exports:
+//   "" and "live"  the real device, read-write, through the engine's write
+//                  path (copy-on-write while a session protects blocks);
+//   "snapshot"     read-only point-in-time view, listed only while a session
+//                  is armed or protecting; BLOCK_STATUS marks blocks outside
+//                  the used map as holes (zero), so nbdcopy and qemu-img skip them.
+// A peer's mistakes (bad magic, oversized or out-of-range requests, unknown
+// commands, vanishing mid-request) cost that peer an error reply or its
+// connection, a log line, and nothing else.
+import HotCore
+import HotOS
+import Logging
+import NBDWire
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public final class NBDServer: @unchecked Sendable {
+    public let socketPath: String
+    let engine: SnapshotEngine
+    let logger: Logger
+    let queue: WorkQueue
+    private var listener: UnixSocket?
+    private let m = Monitor()
+    private var connections: [ObjectIdentifier: NBDConnection] = [:]
+    private var nextID = 0
+    public static let maxRequest: UInt32 = 32 << 20
+    public static let maxInFlightPerConnection = 64
+
+    public init(socketPath: String, engine: SnapshotEngine, logger: Logger, workers: Int = 8) {
+        self.socketPath = socketPath
+        self.engine = engine
+        self.logger = logger
+        queue = WorkQueue(threads: workers, name: "nbd-worker")
+    }
+
+    public func start() throws {
+        let l = try UnixSocket.listen(path: socketPath)
+        listener = l
+        Threads.start(name: "nbd-accept") { [self] in
+            while true {
+                let c: UnixSocket
+                do { c = try l.accept() } catch {
+                    if l.closed { return }
+                    logger.warning("nbd: accept failed: \(error)")
+                    usleep(10_000)
+                    continue
+                }
+                let conn = m.withLock { () -> NBDConnection in
+                    nextID += 1
+                    let conn = NBDConnection(socket: c, server: self, id: nextID)
+                    connections[ObjectIdentifier(conn)] = conn
+                    return conn
+                }
+                Threads.start(name: "nbd-conn") { [self] in
+                    conn.run()
+                    _ = m.withLock { connections.removeValue(forKey: ObjectIdentifier(conn)) }
+                }
+            }
+        }
+    }
+
+    public func stop() {
+        listener?.close()
+        unlink(socketPath)
+        let conns = m.withLock { Array(connections.values) }
+        for c in conns { c.socket.shutdownBoth() }
+        queue.stop()
+    }
+
+    public var connectionCount: Int { m.withLock { connections.count } }
+
+    func exportInfo(_ name: String) -> NBDExportInfo? {
+        let base = NBDConst.hasFlags | NBDConst.canMultiConn
+        switch name {
+        case "", "live":
+            let flags = base | NBDConst.sendFlush | NBDConst.sendFUA | NBDConst.sendTrim | NBDConst.sendWriteZeroes
+            return NBDExportInfo(name: name, size: engine.device.size, transmissionFlags: flags,
+                                 description: "live device (HotCore passthrough)",
+                                 minBlock: 1, preferredBlock: UInt32(engine.config.blockSize),
+                                 maxBlock: NBDServer.maxRequest)
+        case "snapshot":
+            guard engine.currentPhase.copiesOnWrite else { return nil }
+            return NBDExportInfo(name: name, size: engine.device.size,
+                                 transmissionFlags: base | NBDConst.readOnly | NBDConst.sendFlush,
+                                 description: "point-in-time snapshot of the backup session",
+                                 minBlock: 1, preferredBlock: UInt32(engine.config.blockSize),
+                                 maxBlock: NBDServer.maxRequest)
+        default:
+            return nil
+        }
+    }
+
+    func exportNames() -> [String] {
+        engine.currentPhase.copiesOnWrite ? ["live", "snapshot"] : ["live"]
+    }
+}

@@ -1,0 +1,158 @@
+// hb_NN.tmp: the file tier of the COW buffer. Fixed-size slots in files of
+// `fileBytes` each, created on demand in the buffer directory (never on a
+// volume being backed up) up to `limitBytes` in all. A slot's location is
+// (file index << 32 | slot index). Freed slots are reused lowest file
+// first; a last file whose slots are all free is deleted, so the files
+// shrink as the imager archives. `removeAll` deletes every file.
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public final class HBFileStore: @unchecked Sendable {
+    public let directory: String
+    public let slotBytes: Int
+    public let fileBytes: UInt64
+    public let limitBytes: UInt64
+    private var mutex = pthread_mutex_t()
+
+    private struct HBFile {
+        var fd: Int32
+        var path: String
+        var nextUnused: UInt32    // slots below this have been handed out at least once
+        var free: [UInt32]
+        var live: Int
+    }
+    private var files: [HBFile?] = []
+    private let slotsPerFile: UInt32
+
+    public enum StoreError: Error, CustomStringConvertible {
+        case full(limit: UInt64)
+        case os(OSError)
+        public var description: String {
+            switch self {
+            case .full(let l): return "the buffer files reached their limit of \(l) bytes"
+            case .os(let e): return e.description
+            }
+        }
+    }
+
+    public init(directory: String, slotBytes: Int, fileBytes: UInt64, limitBytes: UInt64) {
+        self.directory = directory
+        self.slotBytes = slotBytes
+        self.fileBytes = max(fileBytes, UInt64(slotBytes))
+        self.limitBytes = limitBytes
+        slotsPerFile = UInt32(min(self.fileBytes / UInt64(slotBytes), UInt64(UInt32.max)))
+        pthread_mutex_init(&mutex, nil)
+    }
+
+    deinit { removeAll(); pthread_mutex_destroy(&mutex) }
+
+    private func locked<T>(_ body: () throws -> T) rethrows -> T {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        return try body()
+    }
+
+    public static func fileName(_ i: Int) -> String {
+        i < 10 ? "hb_0\(i).tmp" : "hb_\(i).tmp"
+    }
+
+    private func allocate() throws -> (Int32, UInt64) {
+        try locked {
+            for i in files.indices {
+                guard var f = files[i] else { continue }
+                if let s = f.free.popLast() {
+                    f.live += 1; files[i] = f
+                    return (f.fd, UInt64(i) << 32 | UInt64(s))
+                }
+                if f.nextUnused < slotsPerFile {
+                    let s = f.nextUnused
+                    f.nextUnused += 1; f.live += 1; files[i] = f
+                    return (f.fd, UInt64(i) << 32 | UInt64(s))
+                }
+            }
+            // A new file, if the limit allows one more.
+            let count = UInt64(files.compactMap { $0 }.count)
+            if (count + 1) * fileBytes > limitBytes && count > 0 || fileBytes > limitBytes {
+                throw StoreError.full(limit: limitBytes)
+            }
+            let i = files.firstIndex(where: { $0 == nil }) ?? files.count
+            let path = directory + "/" + HBFileStore.fileName(i)
+            let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            if fd < 0 { throw StoreError.os(OSError("open", errno: errno, object: path)) }
+            let f = HBFile(fd: fd, path: path, nextUnused: 1, free: [], live: 1)
+            if i == files.count { files.append(f) } else { files[i] = f }
+            return (fd, UInt64(i) << 32)
+        }
+    }
+
+    /// Stores one slot's bytes; returns its location.
+    public func store(_ data: UnsafeRawPointer, count: Int) throws -> UInt64 {
+        precondition(count <= slotBytes)
+        let (fd, loc) = try allocate()
+        let off = off_t(loc & 0xffff_ffff) * off_t(slotBytes)
+        var done = 0
+        while done < count {
+            let n = pwrite(fd, data + done, count - done, off + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                let e = errno
+                free(loc)
+                throw StoreError.os(OSError("pwrite", errno: e, object: directory + "/" + HBFileStore.fileName(Int(loc >> 32))))
+            }
+            done += n
+        }
+        return loc
+    }
+
+    public func load(_ location: UInt64, into buf: UnsafeMutableRawPointer, count: Int) throws {
+        let i = Int(location >> 32)
+        let fd: Int32 = locked { i < files.count ? files[i]?.fd ?? -1 : -1 }
+        guard fd >= 0 else { throw StoreError.os(OSError("pread", errno: EBADF, object: "hb slot \(location)")) }
+        let off = off_t(location & 0xffff_ffff) * off_t(slotBytes)
+        var done = 0
+        while done < count {
+            let n = pread(fd, buf + done, count - done, off + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw StoreError.os(OSError("pread", errno: errno, object: directory + "/" + HBFileStore.fileName(i)))
+            }
+            if n == 0 { throw StoreError.os(OSError("pread", errno: EIO, object: "short read in " + HBFileStore.fileName(i))) }
+            done += n
+        }
+    }
+
+    public func free(_ location: UInt64) {
+        locked {
+            let i = Int(location >> 32)
+            guard i < files.count, var f = files[i] else { return }
+            f.free.append(UInt32(location & 0xffff_ffff))
+            f.live -= 1
+            files[i] = f
+            // Shrink: delete trailing files with nothing live.
+            while let last = files.last, let lf = last, lf.live == 0 {
+                close(lf.fd); unlink(lf.path)
+                files.removeLast()
+                while let l = files.last, l == nil { files.removeLast() }
+            }
+        }
+    }
+
+    public var bytesInUse: UInt64 {
+        locked { files.reduce(0) { $0 + UInt64($1?.live ?? 0) } * UInt64(slotBytes) }
+    }
+
+    /// Bytes the files occupy (high-water slot of each file).
+    public var bytesAllocated: UInt64 {
+        locked { files.reduce(0) { $0 + UInt64($1?.nextUnused ?? 0) } * UInt64(slotBytes) }
+    }
+
+    public var fileCount: Int { locked { files.compactMap { $0 }.count } }
+
+    public func removeAll() {
+        locked {
+            for f in files.compactMap({ $0 }) { close(f.fd); unlink(f.path) }
+            files.removeAll()
+        }
+    }
+}

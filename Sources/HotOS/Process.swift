@@ -1,0 +1,65 @@
+// Child processes and the process flags of a userspace block server.
+#if canImport(Glibc)
+import Glibc
+#endif
+import CHotShim
+
+public enum ProcessControl {
+    /// PR_SET_IO_FLUSHER: memory reclaim in this process will not recurse
+    /// into filesystem I/O, which could wait on this very server (deadlock).
+    public static func setIOFlusher() throws {
+        try syscall("prctl(PR_SET_IO_FLUSHER)") { hs_set_io_flusher() }
+    }
+
+    /// mlockall(MCL_CURRENT|MCL_FUTURE): the server's pages cannot be paged
+    /// out, so serving a write never waits for a page-in from a device that
+    /// may sit behind this server.
+    public static func lockMemory() throws {
+        try syscall("mlockall") { hs_lock_memory() }
+    }
+
+    public static func setParentDeathSignal(_ sig: Int32) {
+        _ = hs_set_pdeathsig(sig)
+    }
+
+    /// Starts `argv` in a new session with stdin from /dev/null and
+    /// stdout/stderr to `logFD` (or /dev/null). Returns the pid.
+    public static func spawn(_ argv: [String], ioFlusher: Bool = false, logFD: Int32 = -1) throws -> pid_t {
+        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
+        cargs.append(nil)
+        defer { for p in cargs { free(p) } }
+        let pid = hs_spawn(cargs, ioFlusher ? 1 : 0, logFD)
+        if pid < 0 { throw OSError("fork", errno: errno, object: argv.first ?? "") }
+        return pid
+    }
+
+    /// waitpid without blocking: the exit status if the child has ended.
+    public static func reap(_ pid: pid_t, block: Bool = false) -> Int32? {
+        var status: Int32 = 0
+        let r = waitpid(pid, &status, block ? 0 : WNOHANG)
+        if r == pid { return status }
+        return nil
+    }
+
+    /// Runs a command to completion and returns its exit status and output.
+    public static func run(_ argv: [String]) throws -> (status: Int32, output: String) {
+        var fds: [Int32] = [0, 0]
+        try syscall("pipe") { pipe(&fds) }
+        let pid: pid_t
+        do { pid = try spawn(argv, logFD: fds[1]) } catch { close(fds[0]); close(fds[1]); throw error }
+        close(fds[1])
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(fds[0], &buf, buf.count)
+            if n > 0 { out.append(contentsOf: buf[0..<n]); continue }
+            if n < 0 && errno == EINTR { continue }
+            break
+        }
+        close(fds[0])
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let code = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        return (code, String(decoding: out, as: UTF8.self))
+    }
+}
