@@ -106,7 +106,7 @@ int hs_loop_configure(int loopfd, int backingfd, int direct_io, int read_only,
     cfg.fd = (uint32_t)backingfd;
     cfg.block_size = block_size;
     cfg.info.lo_flags = (direct_io ? LO_FLAGS_DIRECT_IO : 0) | (read_only ? LO_FLAGS_READ_ONLY : 0)
-                        | LO_FLAGS_AUTOCLEAR;
+;
     if (file_name) strncpy((char *)cfg.info.lo_file_name, file_name, LO_NAME_SIZE - 1);
     return ioctl(loopfd, LOOP_CONFIGURE, &cfg);
 }
@@ -123,16 +123,23 @@ int hs_set_io_flusher(void) { return prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0); }
 int hs_lock_memory(void) { return mlockall(MCL_CURRENT | MCL_FUTURE); }
 int hs_set_pdeathsig(int sig) { return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0); }
 
-pid_t hs_spawn(char *const argv[], int io_flusher, int log_fd) {
+pid_t hs_spawn(char *const argv[], int io_flusher, int log_fd, int new_session) {
     pid_t pid = fork();
     if (pid != 0) return pid;
     /* child: only async-signal-safe calls from here to exec */
     if (io_flusher) (void)prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
-    (void)setsid();
-    int devnull = open("/dev/null", O_RDWR);
-    if (devnull >= 0) dup2(devnull, 0);
-    if (log_fd >= 0) { dup2(log_fd, 1); dup2(log_fd, 2); }
-    else if (devnull >= 0) { dup2(devnull, 1); dup2(devnull, 2); }
+    if (new_session) (void)setsid();
+    /* the parent may block signals for its signal thread: unblock them */
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    signal(SIGPIPE, SIG_DFL);
+    if (log_fd != -2) {
+        int devnull = open("/dev/null", O_RDWR);
+        if (devnull >= 0) dup2(devnull, 0);
+        if (log_fd >= 0) { dup2(log_fd, 1); dup2(log_fd, 2); }
+        else if (devnull >= 0) { dup2(devnull, 1); dup2(devnull, 2); }
+    }
     /* the child keeps only stdio: no device, socket or pipe leaks into it */
     (void)syscall(SYS_close_range, 3, ~0U, 0);
     execvp(argv[0], argv);

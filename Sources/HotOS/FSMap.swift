@@ -13,9 +13,25 @@ public struct FSExtent: Equatable, Sendable {
 }
 
 public enum FSMap {
-    /// Used extents of the filesystem mounted at `mountPoint` on its data
-    /// device (device index of the first record), merged and sorted.
-    public static func usedExtents(mountPoint: String) throws -> [FSExtent] {
+    /// Used extents of the filesystem mounted at `mountPoint`, over a data
+    /// device of `deviceBytes`: everything that is not reported as free
+    /// space. (ext4 reports metadata and free space but leaves file data as
+    /// gaps between records, so "not free" is the only safe reading.)
+    public static func usedExtents(mountPoint: String, deviceBytes: UInt64) throws -> [FSExtent] {
+        let free = try freeExtents(mountPoint: mountPoint)
+        var out: [FSExtent] = []
+        var pos: UInt64 = 0
+        for f in free {
+            let s = min(f.offset, deviceBytes)
+            if s > pos { out.append(FSExtent(offset: pos, length: s - pos)) }
+            pos = max(pos, min(f.offset + f.length, deviceBytes))
+        }
+        if pos < deviceBytes { out.append(FSExtent(offset: pos, length: deviceBytes - pos)) }
+        return out
+    }
+
+    /// Free-space extents on the data device, merged and sorted.
+    public static func freeExtents(mountPoint: String) throws -> [FSExtent] {
         let fd = try syscall("open", mountPoint) { open(mountPoint, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
         defer { close(fd) }
         guard let it = hs_fsmap_begin(fd, 4096) else {
@@ -31,7 +47,7 @@ public enum FSMap {
             if r == 0 { break }
             if device == nil { device = rec.device }
             // Only the data device; an external log or realtime device is not ours.
-            guard rec.device == device, rec.owner != HS_FMR_OWN_FREE, rec.length > 0 else { continue }
+            guard rec.device == device, rec.owner == HS_FMR_OWN_FREE, rec.length > 0 else { continue }
             if let last = out.last, last.offset + last.length >= rec.physical {
                 let end = max(last.offset + last.length, rec.physical + rec.length)
                 out[out.count - 1].length = end - last.offset
@@ -39,6 +55,6 @@ public enum FSMap {
                 out.append(FSExtent(offset: rec.physical, length: rec.length))
             }
         }
-        return out
+        return out.sorted { $0.offset < $1.offset }
     }
 }

@@ -36,8 +36,7 @@ public enum Loop {
         return try syscall("LOOP_GET_STATUS64", path) { hs_loop_is_direct_io(fd) } == 1
     }
 
-    /// Detaches the loop device (autoclear makes the kernel finish it once
-    /// the last opener closes).
+    /// Detaches the loop device (the kernel finishes once the last opener closes).
     public static func detach(_ path: String) throws {
         let fd = try syscall("open", path) { open(path, O_RDONLY | O_CLOEXEC) }
         defer { close(fd) }

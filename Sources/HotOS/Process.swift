@@ -22,13 +22,14 @@ public enum ProcessControl {
         _ = hs_set_pdeathsig(sig)
     }
 
-    /// Starts `argv` in a new session with stdin from /dev/null and
-    /// stdout/stderr to `logFD` (or /dev/null). Returns the pid.
-    public static func spawn(_ argv: [String], ioFlusher: Bool = false, logFD: Int32 = -1) throws -> pid_t {
+    /// Starts `argv` with stdin from /dev/null and stdout/stderr to `logFD`
+    /// (-1: /dev/null; `inheritStdio`: the caller's). Returns the pid.
+    public static func spawn(_ argv: [String], ioFlusher: Bool = false, logFD: Int32 = -1,
+                             inheritStdio: Bool = false, newSession: Bool = true) throws -> pid_t {
         var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
         cargs.append(nil)
         defer { for p in cargs { free(p) } }
-        let pid = hs_spawn(cargs, ioFlusher ? 1 : 0, logFD)
+        let pid = hs_spawn(cargs, ioFlusher ? 1 : 0, inheritStdio ? -2 : logFD, newSession ? 1 : 0)
         if pid < 0 { throw OSError("fork", errno: errno, object: argv.first ?? "") }
         return pid
     }
@@ -57,9 +58,17 @@ public enum ProcessControl {
             break
         }
         close(fds[0])
+        return (wait(pid), String(decoding: out, as: UTF8.self))
+    }
+
+    /// Waits for `pid` and returns its exit code (128+signal if killed).
+    public static func wait(_ pid: pid_t) -> Int32 {
         var status: Int32 = 0
         while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        let code = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
-        return (code, String(decoding: out, as: UTF8.self))
+        return exitCode(status)
+    }
+
+    public static func exitCode(_ status: Int32) -> Int32 {
+        (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
     }
 }

@@ -8,8 +8,10 @@
 int hs_set_io_flusher(void);
 int hs_lock_memory(void);
 int hs_set_pdeathsig(int sig);
-/* fork + (optionally PR_SET_IO_FLUSHER) + setsid + redirect stdin to
- * /dev/null and stdout/stderr to log_fd (if >= 0) + close every other fd + execvp(argv[0], argv).
+/* fork + (optionally PR_SET_IO_FLUSHER) + (optionally setsid) + stdio:
+ * log_fd >= 0: stdin from /dev/null, stdout/stderr to log_fd;
+ * log_fd == -1: all three to /dev/null; log_fd == -2: inherited;
+ * + close every other fd + execvp(argv[0], argv).
  * Returns the child pid or -1/errno. */
-pid_t hs_spawn(char *const argv[], int io_flusher, int log_fd);
+pid_t hs_spawn(char *const argv[], int io_flusher, int log_fd, int new_session);
 #endif

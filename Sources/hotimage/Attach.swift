@@ -1,0 +1,201 @@
+import ArgumentParser
+import Foundation
+import HotCore
+import HotDaemon
+import HotOS
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Attach: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Put a block device behind HotCore and print the protected device.",
+        discussion: """
+        Opens DEVICE exclusively (it must not be mounted or held), serves it over NBD \
+        on a root-only unix socket in RUN-DIR/NAME, and presents it again as the \
+        protected device, whose path is the last line of the output. Use the \
+        protected device (mount it, point fstab at it) instead of DEVICE from then on: \
+        every write through it reaches HotCore before it completes, which is what \
+        lets 'hotimage snapshot' and 'hotimage backup' take a point-in-time copy.
+
+        --via fuse   libnbd's nbdfuse presents the NBD export as a file and a loop \
+                     device with direct I/O stands over it (works on any kernel with \
+                     FUSE and loop).
+        --via nbd    the kernel NBD client (needs the nbd module).
+
+        The daemon runs in the background (log: RUN-DIR/NAME/daemon.log) unless \
+        --foreground. 'hotimage detach NAME' undoes everything.
+
+        Copy-on-write buffer: originals of overwritten blocks go to memory first \
+        (--memory-buffer), then to hb_NN.tmp files in --buffer-dir (each at most \
+        --hb-file-size, all together at most --buffer-limit). Put --buffer-dir on \
+        a volume that is NOT being backed up. When a limit or deadline is hit the \
+        session fails; the live volume is never harmed.
+
+        Example:
+          hotimage attach /dev/vdb1 --name data --buffer-dir /var/tmp/hb
+        """)
+
+    @Argument(help: "The block device to protect (or a regular file, for tests).")
+    var device: String
+
+    @Option(help: "Name of this attachment (default: the device's base name).")
+    var name: String?
+
+    @Option(help: "How the protected device is presented: fuse or nbd.")
+    var via: String = "fuse"
+
+    @Option(help: ArgumentHelp("Directory for hb_NN.tmp buffer files (default /var/tmp/hotimage-NAME).", valueName: "dir"))
+    var bufferDir: String?
+
+    @Option(help: "Memory tier of the copy-on-write buffer (K, M, G suffixes).")
+    var memoryBuffer: String = "64M"
+
+    @Option(help: "Size of each hb_NN.tmp file.")
+    var hbFileSize: String = "256M"
+
+    @Option(help: "Total size of all hb files; beyond it the session fails.")
+    var bufferLimit: String = "16G"
+
+    @Option(help: "Write-inactivity pause that marks a consistent point, in ms.")
+    var pauseMs: Double = 200
+
+    @Option(help: "The snapshot must be complete within this many seconds.")
+    var snapshotDeadline: Double = 60
+
+    @Option(help: "No block may stay in the memory buffer longer than this many seconds.")
+    var bufferDeadline: Double = 10
+
+    @Option(help: "Drop the session when its client is silent this many seconds.")
+    var heartbeatTimeout: Double = 10
+
+    @Flag(help: "Stay in the foreground (for systemd or debugging).")
+    var foreground = false
+
+    @OptionGroup var paths: RunDirOptions
+
+    func validate() throws {
+        for (flag, v) in [("--memory-buffer", memoryBuffer), ("--hb-file-size", hbFileSize), ("--buffer-limit", bufferLimit)] {
+            guard let n = parseSize(v), n > 0 else { throw ValidationError("\(flag) '\(v)' is not a size (e.g. 64M, 1G)") }
+        }
+        guard via == "fuse" || via == "nbd" else { throw ValidationError("--via must be fuse or nbd") }
+        guard pauseMs >= 0, snapshotDeadline > 0, bufferDeadline > 0, heartbeatTimeout > 0 else {
+            throw ValidationError("pause and deadlines must be positive")
+        }
+        if let n = name, n.isEmpty || n.contains("/") || n.hasPrefix(".") {
+            throw ValidationError("--name must be a plain name without '/'")
+        }
+    }
+
+    var resolvedName: String { name ?? String(device.split(separator: "/").last ?? "disk") }
+
+    func options() -> AttachOptions {
+        var o = AttachOptions(device: device, name: resolvedName)
+        o.via = via
+        o.runDir = paths.runDir
+        o.bufferDir = bufferDir
+        o.hbFileBytes = parseSize(hbFileSize)!
+        o.bufferLimitBytes = parseSize(bufferLimit)!
+        o.engine.memoryBufferBytes = Int(parseSize(memoryBuffer)!)
+        o.engine.pauseNanos = UInt64(pauseMs * 1e6)
+        o.engine.snapshotDeadlineNanos = UInt64(snapshotDeadline * 1e9)
+        o.engine.memoryDeadlineNanos = UInt64(bufferDeadline * 1e9)
+        o.engine.spillAfterNanos = min(o.engine.spillAfterNanos, o.engine.memoryDeadlineNanos / 4)
+        o.engine.heartbeatTimeoutNanos = UInt64(heartbeatTimeout * 1e9)
+        return o
+    }
+
+    func run() throws {
+        guard getuid() == 0 else { throw CLIExit.fail("attach must run as root", code: 2) }
+        if foreground { return try runForeground() }
+        // Background: start ourselves with --foreground, wait until the
+        // protected device is usable (or the daemon gave up), print it.
+        let o = options()
+        mkdir(o.runDir, 0o700)
+        mkdir(o.dir, 0o700)
+        unlink(o.dir + "/device")
+        let logPath = o.dir + "/daemon.log"
+        let logFD = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        var args = [exe] + Array(CommandLine.arguments.dropFirst())
+        args.append("--foreground")
+        let pid = try ProcessControl.spawn(args, logFD: logFD)
+        if logFD >= 0 { close(logFD) }
+        let deadline = Date().addingTimeInterval(60)
+        while Date() < deadline {
+            if let dev = try? String(contentsOfFile: o.dir + "/device", encoding: .utf8) {
+                print("attached \(device) as '\(o.name)' (daemon pid \(pid), log \(logPath))")
+                print(dev.trimmingCharacters(in: .whitespacesAndNewlines))
+                return
+            }
+            if let st = ProcessControl.reap(pid) {
+                // The daemon's own one-line error is the last "hotimage:" line of its log.
+                let log = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
+                let last = log.split(separator: "\n").last(where: { $0.hasPrefix("hotimage: ") })
+                let code = ProcessControl.exitCode(st)
+                let why = last.map { String($0.dropFirst("hotimage: ".count)) } ?? "the daemon exited (status \(code)) before the device was ready; see \(logPath)"
+                throw CLIExit.fail(why, code: code == 2 ? 2 : 1)
+            }
+            usleep(50_000)
+        }
+        kill(pid, SIGTERM)
+        throw CLIExit.fail("the daemon did not become ready within 60 s (log: \(logPath))")
+    }
+
+    func runForeground() throws {
+        let signals = SignalWaiter()
+        let logger = makeLogger("hotcore.\(resolvedName)")
+        let daemon: Daemon
+        do { daemon = try Daemon(options: options(), logger: logger) } catch {
+            logger.error("\(error)")
+            throw CLIExit.fail("\(error)", code: (error as? DaemonError).map { if case .usage = $0 { return 2 } else { return 1 } } ?? 1)
+        }
+        let dev: String
+        do { dev = try daemon.start() } catch {
+            logger.error("\(error)")
+            throw CLIExit.fail("\(error)")
+        }
+        print(dev)
+        fflush(stdout)
+        daemon.waitForShutdown(signals: signals)
+    }
+}
+
+struct Detach: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Remove the protected device and stop its HotCore daemon.",
+        discussion: """
+        Refuses while a filesystem is mounted on the protected device (unmount it \
+        first) or while a backup session runs (unless --force, which ends the \
+        session). Waits until the daemon has exited.
+        """)
+
+    @Argument(help: "Attachment name (or protected device path).")
+    var name: String
+
+    @Flag(help: "End a running backup session first.")
+    var force = false
+
+    @OptionGroup var paths: RunDirOptions
+
+    func run() throws {
+        guard let dir = daemonDir(name, runDir: paths.runDir) else {
+            throw CLIExit.fail("no HotCore daemon '\(name)' in \(paths.runDir)")
+        }
+        let pid = (try? String(contentsOfFile: dir + "/pid", encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        let c = try ControlClient(path: dir + "/control.sock")
+        var req = ControlRequest(op: "detach")
+        req.force = force
+        let r = try c.call(req)
+        c.close()
+        guard r.ok else { throw CLIExit.fail("detach refused: \(r.error ?? "?")") }
+        if let pid {
+            for _ in 0..<600 {
+                if kill(pid, 0) != 0 { break }
+                usleep(50_000)
+            }
+            if kill(pid, 0) == 0 { throw CLIExit.fail("the daemon (pid \(pid)) did not exit within 30 s") }
+        }
+        print("detached \(name)")
+    }
+}

@@ -1,0 +1,98 @@
+// hotimage: the command line. Commands are thin: they parse, validate and
+// call the daemon or the control protocol; errors become one line on
+// stderr and a documented exit code.
+import ArgumentParser
+import Foundation
+import HotCore
+import HotDaemon
+import HotOS
+import Logging
+
+@main
+struct HotImage: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "hotimage",
+        abstract: "Online block-level imaging of live Linux filesystems.",
+        discussion: """
+        HotCore, the write interceptor, stands in front of a block device as a \
+        userspace NBD proxy ('attach'). While idle it passes I/O through; during a \
+        backup session it keeps a point-in-time view of the used blocks by \
+        copy-on-write and serves it as the read-only NBD export "snapshot".
+
+        Typical use (as root):
+          hotimage attach /dev/sdb1 --name data      # prints the protected device, e.g. /dev/loop3
+          mount /dev/loop3 /srv/data                 # use the protected device from now on
+          hotimage snapshot data -- nbdcopy '$HOTIMAGE_SNAPSHOT_URI' /backup/data.raw
+          hotimage status data
+          umount /srv/data && hotimage detach data
+
+        EXIT CODES
+          0  success
+          1  an operation failed (the message says which and why)
+          2  usage error
+          3  the backup session failed (the live volume is unharmed)
+        """,
+        version: hotimageVersion,
+        subcommands: [Attach.self, Detach.self, Status.self, Snapshot.self])
+}
+
+/// Options every command that talks to a daemon shares.
+struct RunDirOptions: ParsableArguments {
+    @Option(name: .customLong("run-dir"), help: ArgumentHelp("Directory of the daemons' sockets.", valueName: "dir"))
+    var runDir: String = "/run/hotimage"
+}
+
+enum CLIExit {
+    static func fail(_ message: String, code: Int32 = 1) -> ExitCode {
+        FileHandle.standardError.write(Data("hotimage: \(message)\n".utf8))
+        return ExitCode(code)
+    }
+}
+
+/// Parses 64M, 1G, 512K, 4096 (bytes; binary multiples).
+func parseSize(_ s: String) -> UInt64? {
+    let t = s.trimmingCharacters(in: .whitespaces).uppercased()
+    var digits = t
+    var mult: UInt64 = 1
+    for (suffix, m) in [("KIB", 1 << 10), ("MIB", 1 << 20), ("GIB", 1 << 30), ("TIB", 1 << 40),
+                        ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40), ("B", 1)] as [(String, UInt64)] {
+        if t.hasSuffix(suffix) { digits = String(t.dropLast(suffix.count)); mult = m; break }
+    }
+    guard let v = UInt64(digits), v <= UInt64.max / mult else { return nil }
+    return v * mult
+}
+
+func formatBytes(_ b: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    var v = Double(b)
+    var i = 0
+    while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
+    return i == 0 ? "\(b) B" : String(format: "%.1f %@", v, units[i])
+}
+
+func makeLogger(_ label: String, level: Logger.Level = .info) -> Logger {
+    LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+    var l = Logger(label: label)
+    l.logLevel = level
+    return l
+}
+
+/// Finds the daemon directory for a name or a protected device path.
+func daemonDir(_ target: String, runDir: String) -> String? {
+    let direct = runDir + "/" + target
+    if FileManager.default.fileExists(atPath: direct + "/control.sock") { return direct }
+    let names = (try? FileManager.default.contentsOfDirectory(atPath: runDir)) ?? []
+    for n in names.sorted() {
+        let d = runDir + "/" + n
+        if let dev = try? String(contentsOfFile: d + "/device", encoding: .utf8),
+           dev.trimmingCharacters(in: .whitespacesAndNewlines) == target || d + "/device" == target {
+            return d
+        }
+        if let m = Mounts.at(mountPoint: target),
+           let dev = try? String(contentsOfFile: d + "/device", encoding: .utf8),
+           Mounts.of(device: dev.trimmingCharacters(in: .whitespacesAndNewlines)).contains(where: { $0.mountPoint == m.mountPoint }) {
+            return d
+        }
+    }
+    return nil
+}

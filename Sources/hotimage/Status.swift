@@ -1,0 +1,78 @@
+import ArgumentParser
+import Foundation
+import HotCore
+import HotDaemon
+import HotOS
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show HotCore daemons and their backup sessions.",
+        discussion: """
+        For each attachment (or the one named): the devices, the session state \
+        (idle, waiting, armed, protecting, failed with the reason), protected, \
+        archived and buffered blocks, memory and hb file bytes, the deadlines, and \
+        counters. --json prints one JSON object per daemon per line.
+        """)
+
+    @Argument(help: "Attachment name (default: all).")
+    var name: String?
+
+    @Flag(help: "Machine-readable output.")
+    var json = false
+
+    @OptionGroup var paths: RunDirOptions
+
+    func run() throws {
+        let dirs: [String]
+        if let name {
+            guard let d = daemonDir(name, runDir: paths.runDir) else { throw CLIExit.fail("no HotCore daemon '\(name)' in \(paths.runDir)") }
+            dirs = [d]
+        } else {
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: paths.runDir)) ?? []
+            dirs = names.sorted().map { paths.runDir + "/" + $0 }.filter { FileManager.default.fileExists(atPath: $0 + "/control.sock") }
+            if dirs.isEmpty && !json { print("no HotCore daemons in \(paths.runDir)") }
+        }
+        var failed = false
+        for d in dirs {
+            do {
+                let c = try ControlClient(path: d + "/control.sock")
+                defer { c.close() }
+                let r = try c.call("status")
+                guard let s = r.status else { throw CLIExit.fail(r.error ?? "no status") }
+                if json {
+                    let enc = JSONEncoder()
+                    enc.outputFormatting = [.sortedKeys]
+                    print(String(decoding: try enc.encode(s), as: UTF8.self))
+                } else {
+                    print(render(s))
+                }
+            } catch {
+                failed = true
+                FileHandle.standardError.write(Data("hotimage: \(d): \(error) (stale run directory? the daemon may have died)\n".utf8))
+            }
+        }
+        if failed { throw ExitCode(1) }
+    }
+
+    func render(_ s: DaemonStatus) -> String {
+        let e = s.engine
+        let bs = UInt64(e.blockSize)
+        var lines = ["\(s.name): \(s.device) → \(s.protectedDevice ?? "(not presented)") via \(s.via), daemon pid \(s.pid), \(s.connections) NBD connection(s)"]
+        var state = "  session: \(e.phase.rawValue)"
+        if let f = e.failure { state += " — \(f)" }
+        if let c = e.consistency { state += " (\(c.rawValue))" }
+        if let fz = s.frozen { state += ", \(fz) frozen" }
+        lines.append(state)
+        if e.phase != .idle {
+            lines.append("  blocks (\(e.blockSize) B): used \(e.usedBlocks), protected \(e.protectedBlocks), archived \(e.counters.archivedBlocks), buffered \(e.bufferedBlocks)")
+            lines.append("  buffer: memory \(formatBytes(e.memoryBytes)) of \(formatBytes(e.memoryCapacityBytes)), hb files \(formatBytes(e.spillBytes)) in \(e.spillFiles) file(s) in \(s.bufferDir)")
+            lines.append("  copies \(e.counters.copies) blocks (\(formatBytes(e.counters.copies * bs))), spilled \(e.counters.spilledBlocks), peak memory \(formatBytes(e.counters.peakMemoryBytes)), peak hb \(formatBytes(e.counters.peakSpillBytes))")
+            if let age = e.oldestMemoryAgeMs { lines.append("  oldest block in memory: \(age) ms") }
+            if e.phase.copiesOnWrite { lines.append("  snapshot: \(s.snapshotURI)") }
+        }
+        lines.append(String(format: "  deadlines: snapshot %.0f s, buffer %.0f s, heartbeat %.0f s; pause %.0f ms; map memory %@",
+                            e.deadlines.snapshotSeconds, e.deadlines.memorySeconds, e.deadlines.heartbeatSeconds,
+                            e.deadlines.pauseMs, formatBytes(UInt64(e.mapMemoryBytes))))
+        return lines.joined(separator: "\n")
+    }
+}
