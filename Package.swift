@@ -59,7 +59,8 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: swift5),
 
-        .testTarget(name: "NBDWireTests", dependencies: ["NBDWire"], swiftSettings: swift5),
+        .testTarget(name: "NBDWireTests", dependencies: ["NBDWire"], exclude: ["Corpus"], swiftSettings: swift5),
         .testTarget(name: "HotCoreTests", dependencies: ["HotCore"], swiftSettings: swift5),
+        .testTarget(name: "HotOSTests", dependencies: ["HotOS"], swiftSettings: swift5),
     ]
 )

@@ -56,6 +56,10 @@ public struct EngineConfig: Sendable, Equatable {
     public var heartbeatTimeoutNanos: UInt64 = 10_000_000_000
     /// Write-inactivity pause length.
     public var pauseNanos: UInt64 = 200_000_000
+    /// With a freeze, how long to wait for a pause before freezing anyway
+    /// (the freeze alone makes the point consistent; the pause only keeps
+    /// the frozen time short, as HotBackup did).
+    public var freezePauseWaitNanos: UInt64 = 5_000_000_000
     /// Longest a live write waits for room in the memory buffer before the
     /// session is failed and the write goes ahead.
     public var maxWriteWaitNanos: UInt64 = 1_000_000_000

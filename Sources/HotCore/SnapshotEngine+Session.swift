@@ -3,6 +3,8 @@
 
 public enum ArmResult: Equatable, Sendable {
     case armed(at: UInt64)
+    /// `maxWaitNanos` passed without a pause (the session goes on waiting).
+    case noPause
     case timedOut
     case notWaiting(SessionPhase)
 }
@@ -52,14 +54,16 @@ extension SnapshotEngine {
     /// snapshot deadline passes). With `arm`, arms copy-on-write at that
     /// instant, atomically with the check. Without, only reports the pause
     /// (the caller freezes, then calls `arm(pauseNanos: 0)`).
-    public func waitForPause(pauseNanos: UInt64, arm: Bool) -> ArmResult {
+    public func waitForPause(pauseNanos: UInt64, arm: Bool, maxWaitNanos: UInt64? = nil) -> ArmResult {
         m.lock()
         defer { m.unlock() }
         waitersForPause += 1
         defer { waitersForPause -= 1 }
+        let started = clock.now()
         while true {
             guard phase == .waiting else { return .notWaiting(phase) }
             let now = clock.now()
+            if let maxWait = maxWaitNanos, now &- started >= maxWait { return .noPause }
             if now >= beganAt &+ config.snapshotDeadlineNanos {
                 failLocked("the snapshot was not complete within \(config.snapshotDeadlineNanos / 1_000_000_000) s: no write-inactivity pause of \(pauseNanos / 1_000_000) ms")
                 return .timedOut
@@ -82,6 +86,7 @@ extension SnapshotEngine {
     func armLocked(_ now: UInt64) {
         phase = .armed
         armedAt = now
+        lastHeartbeat = now
         writesSinceArm = 0
         used.fill()
         protected.fill()
@@ -201,7 +206,9 @@ extension SnapshotEngine {
             case .idle, .failed:
                 return []
             case .waiting, .armed, .protecting:
-                if now &- lastHeartbeat > config.heartbeatTimeoutNanos {
+                // While waiting for a pause the client is blocked in `begin`
+                // and cannot heart-beat; the snapshot deadline bounds that phase.
+                if phase != .waiting && now &- lastHeartbeat > config.heartbeatTimeoutNanos {
                     let reason = "no heartbeat from the session client for \(config.heartbeatTimeoutNanos / 1_000_000_000) s"
                     resetLocked()
                     phase = .idle

@@ -69,8 +69,10 @@ extension Daemon {
         logger.info("session: begin (\(consistency.rawValue)\(req.mountPoint.map { " " + $0 } ?? ""), pause \(pause / 1_000_000) ms)")
         var frozenNow = false
         if consistency == .freeze, let mp = req.mountPoint {
-            switch engine.waitForPause(pauseNanos: pause, arm: false) {
+            switch engine.waitForPause(pauseNanos: pause, arm: false, maxWaitNanos: engine.config.freezePauseWaitNanos) {
             case .armed: break
+            case .noPause:
+                logger.info("session: no pause of \(pause / 1_000_000) ms within \(engine.config.freezePauseWaitNanos / 1_000_000_000) s; freezing anyway")
             case .timedOut: return .failure(engine.failureReason ?? "no write-inactivity pause before the snapshot deadline")
             case .notWaiting(let p): return .failure("the session became \(p.rawValue) while waiting for a pause")
             }

@@ -118,7 +118,9 @@ struct NBDInputBuffer {
 
     private mutating func compactIfWorthwhile() {
         if head == storage.count {
-            storage.removeAll(keepingCapacity: true)
+            // Keep a modest buffer for the next message; release the memory
+            // of a large WRITE payload.
+            storage.removeAll(keepingCapacity: storage.capacity <= 1 << 20)
             head = 0
         } else if head >= 4096 && head >= storage.count - head {
             // Moving the live tail costs no more than the bytes already consumed.
