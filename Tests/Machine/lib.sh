@@ -26,7 +26,9 @@ cleanup() {
     [ -d "$d" ] || continue
     local n; n=$(basename "$d")
     if [ -S "$d/control.sock" ]; then "$HOTIMAGE" detach "$n" --force --run-dir "$RUN" >/dev/null 2>&1; fi
-    if [ -f "$d/pid" ]; then kill -9 "$(cat "$d/pid")" 2>/dev/null; fi
+    if [ -f "$d/pid" ]; then kill -9 "$(cat "$d/pid")" 2>/dev/null; sleep 0.2; fi
+    # A daemon that had to be killed leaves its loop over the nbdfuse file.
+    if [ -f "$d/device" ]; then losetup -d "$(cat "$d/device")" 2>/dev/null; fi
     if [ -d "$d/fuse" ]; then fusermount3 -u "$d/fuse" 2>/dev/null; fi
   done
   drop_loops_under "$W"
