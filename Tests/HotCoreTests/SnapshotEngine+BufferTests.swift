@@ -207,6 +207,7 @@ struct SnapshotEngineBufferTests {
             #expect(f.engine.spillStep() == 4)
             try f.writeBlocks(4, 2, seed: 2)
             #expect(f.spill.bytesInUse == 4 * 4096)
+            f.engine.heartbeat()
         }
         f.manual.advance(seconds: 9)
         #expect(f.engine.tick() == [])

@@ -20,6 +20,9 @@ assert() { local what=$1; shift; "$@" || fail "$what"; }
 
 cleanup() {
   set +e
+  # Background jobs of the test (writers, clients) first.
+  for j in $(jobs -p); do kill -9 "$j" 2>/dev/null; done
+  wait 2>/dev/null
   # Unmount anything under our directory, then our daemons, then our loops.
   grep " $W" /proc/self/mounts | awk '{print $2}' | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
   for d in "$RUN"/*/; do
