@@ -148,7 +148,7 @@ struct SnapshotEngineStressTests {
     @Test("Stress: writers, snapshot readers and the mover; the snapshot never changes",
           arguments: [EngPhase.armed, .protecting])
     func writersReadersMover(_ phase: EngPhase) throws {
-        let f = EngFixture(size: blocks * 4096, memoryBlocks: 16, clock: MonotonicClock()) {
+        let f = EngFixture(size: Self.blocks * 4096, memoryBlocks: 16, clock: MonotonicClock()) {
             $0.spillAfterNanos = engMS
             $0.maxWriteWaitNanos = 20 * engSecond
         }
@@ -170,7 +170,7 @@ struct SnapshotEngineStressTests {
 
     @Test("Stress: release concurrent with writers and readers: archived or right, never wrong")
     func releaseUnderLoad() throws {
-        let f = EngFixture(size: blocks * 4096, memoryBlocks: 16, clock: MonotonicClock()) {
+        let f = EngFixture(size: Self.blocks * 4096, memoryBlocks: 16, clock: MonotonicClock()) {
             $0.spillAfterNanos = engMS
             $0.maxWriteWaitNanos = 20 * engSecond
         }
