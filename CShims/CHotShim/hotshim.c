@@ -14,6 +14,7 @@
 #include <linux/loop.h>
 #include <linux/falloc.h>
 #include <signal.h>
+#include <malloc.h>
 #include <sys/syscall.h>
 
 #ifndef PR_SET_IO_FLUSHER
@@ -120,6 +121,10 @@ int hs_loop_is_direct_io(int loopfd) {
 }
 
 int hs_set_io_flusher(void) { return prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0); }
+void hs_malloc_keep_large(void) {
+    mallopt(M_MMAP_THRESHOLD, 256 << 20);
+    mallopt(M_TRIM_THRESHOLD, 512 << 20);
+}
 int hs_lock_memory(void) { return mlockall(MCL_CURRENT | MCL_FUTURE); }
 int hs_set_pdeathsig(int sig) { return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0); }
 

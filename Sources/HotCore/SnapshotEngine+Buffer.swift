@@ -74,13 +74,11 @@ extension SnapshotEngine {
 
         var stored: [UInt64?] = Array(repeating: nil, count: batch.count)
         var failure: Error?
-        for (i, item) in batch.enumerated() {
-            do {
-                stored[i] = try spill.store(slotPointer(item.slot), count: blockLength(item.block))
-            } catch {
-                failure = error
-                break
-            }
+        do {
+            let locs = try spill.store(batch: batch.map { (UnsafeRawPointer(slotPointer($0.slot)), blockLength($0.block)) })
+            for i in locs.indices { stored[i] = locs[i] }
+        } catch {
+            failure = error
         }
 
         m.lock()

@@ -104,8 +104,14 @@ extension SnapshotEngine {
             if consistency == .wip && writesSinceArm > 0 {
                 let w = writesSinceArm
                 disarmLocked()
+                // Reads still running hold slots just freed: make them fail
+                // rather than return a slot reused after the next arm.
+                generation &+= 1
                 phase = .waiting
                 return .retry(writes: w)
+            }
+            for r in usedRanges + excluded where r.upperBound > r.lowerBound {
+                try checkRange(r.lowerBound, r.upperBound - r.lowerBound)
             }
             var map = BlockBitmap(blockCount: blockCount)
             for r in usedRanges where r.upperBound > r.lowerBound {
@@ -140,8 +146,17 @@ extension SnapshotEngine {
                 if phase == .failed { throw EngineError.sessionFailed(failure ?? "") }
                 throw EngineError.wrongPhase(expected: "protecting", actual: phase)
             }
-            // Wait for copies and reads of these blocks to finish.
-            while anyBusy([r]) { m.wait() }
+            // Wait for copies and reads of these blocks to finish; the
+            // session may end (or a new one begin) meanwhile.
+            let gen = generation
+            while anyBusy([r]) {
+                m.wait()
+                guard phase == .protecting, generation == gen else {
+                    if phase == .failed { throw EngineError.sessionFailed(failure ?? "") }
+                    if phase == .protecting { throw EngineError.sessionFailed("the session ended during the release") }
+                    throw EngineError.wrongPhase(expected: "protecting", actual: phase)
+                }
+            }
             let before = protected.countSet(in: r) + buffered.countSet(in: r)
             protected.remove(range: r)
             var drop: [UInt64] = []

@@ -43,6 +43,12 @@ extension SnapshotEngine {
                 sources.append(.device)
                 markShared(b)
             } else if used.contains(b) {
+                // Drop the marks taken for the blocks before this one.
+                for (k, s) in sources.enumerated() {
+                    if case .zeros = s { continue }
+                    unmark(range.lowerBound + UInt64(k))
+                }
+                m.broadcast()
                 m.unlock()
                 throw EngineError.archived(block: b)
             } else {

@@ -95,15 +95,16 @@ extension SnapshotEngine {
         var readError: Error?
         var i = 0
         for r in need {
+            var iov: [(UnsafeMutableRawPointer, Int)] = []
+            iov.reserveCapacity(r.count)
             for b in r {
-                do {
-                    try device.read(into: slotPointer(slots[i]), count: blockLength(b), offset: b << blockShift)
-                } catch {
-                    readError = error
-                }
+                iov.append((slotPointer(slots[i]), blockLength(b)))
                 i += 1
             }
-            if readError != nil { break }
+            do { try device.read(into: iov, offset: r.lowerBound << blockShift) } catch {
+                readError = error
+                break
+            }
         }
 
         m.lock()
@@ -116,11 +117,16 @@ extension SnapshotEngine {
             i = 0
             for r in need {
                 for b in r {
-                    index[b] = BufferEntry(inMemory: true, location: UInt64(slots[i]))
-                    fifo.append(FifoItem(block: b, slot: slots[i], storedAt: now))
+                    if used.contains(b) {
+                        index[b] = BufferEntry(inMemory: true, location: UInt64(slots[i]))
+                        fifo.append(FifoItem(block: b, slot: slots[i], storedAt: now))
+                        buffered.insert(b)
+                    } else {
+                        // The map arrived during the copy and left this block out.
+                        freeSlots.append(slots[i])
+                    }
                     i += 1
                 }
-                buffered.insert(range: r)
                 protected.remove(range: r)
             }
             stats.copies += UInt64(count)

@@ -11,6 +11,18 @@ public protocol BlockIO: AnyObject, Sendable {
     /// Makes the range read as zeros (`unmap`: may deallocate).
     func zero(offset: UInt64, length: UInt64, unmap: Bool) throws
     func flush() throws
+    /// Reads consecutive bytes from `offset` into several buffers (preadv).
+    func read(into buffers: [(UnsafeMutableRawPointer, Int)], offset: UInt64) throws
+}
+
+extension BlockIO {
+    public func read(into buffers: [(UnsafeMutableRawPointer, Int)], offset: UInt64) throws {
+        var off = offset
+        for (p, n) in buffers {
+            try read(into: p, count: n, offset: off)
+            off += UInt64(n)
+        }
+    }
 }
 
 public enum SpillError: Error, Equatable, CustomStringConvertible {
@@ -29,6 +41,9 @@ public enum SpillError: Error, Equatable, CustomStringConvertible {
 public protocol SpillStore: AnyObject, Sendable {
     /// Stores `count` bytes (one block) and returns where.
     func store(_ data: UnsafeRawPointer, count: Int) throws -> UInt64
+    /// Stores several blocks at once (one write where the store can);
+    /// all or nothing.
+    func store(batch: [(UnsafeRawPointer, Int)]) throws -> [UInt64]
     func load(_ location: UInt64, into buf: UnsafeMutableRawPointer, count: Int) throws
     func free(_ location: UInt64)
     /// Bytes held by live slots.
@@ -38,6 +53,20 @@ public protocol SpillStore: AnyObject, Sendable {
     var fileCount: Int { get }
     /// Frees everything and deletes the files.
     func removeAll()
+}
+
+extension SpillStore {
+    public func store(batch: [(UnsafeRawPointer, Int)]) throws -> [UInt64] {
+        var out: [UInt64] = []
+        out.reserveCapacity(batch.count)
+        do {
+            for (p, n) in batch { out.append(try store(p, count: n)) }
+        } catch {
+            for l in out { free(l) }
+            throw error
+        }
+        return out
+    }
 }
 
 /// A device in memory, for tests and benchmarks of the engine.

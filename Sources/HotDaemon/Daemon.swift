@@ -118,6 +118,7 @@ public final class Daemon: @unchecked Sendable {
         control.onClose = { [unowned self] id in connectionClosed(id) }
         try control.start()
         do { try ProcessControl.setIOFlusher() } catch { logger.warning("\(error) (continuing without PR_SET_IO_FLUSHER)") }
+        ProcessControl.keepLargeAllocationsInHeap()
         do { try ProcessControl.lockMemory() } catch { logger.warning("\(error) (continuing without locked memory)") }
         Threads.start(name: "ticker") { [self] in tickLoop() }
         Threads.start(name: "mover") { [self] in moverLoop() }

@@ -77,6 +77,32 @@ public final class BlockDevice: @unchecked Sendable {
         }
     }
 
+    /// Reads consecutive bytes from `offset` into several buffers with
+    /// preadv (IOV_MAX at a time), continuing short reads.
+    public func read(into buffers: [(UnsafeMutableRawPointer, Int)], offset: UInt64) throws {
+        var iov = buffers.map { iovec(iov_base: $0.0, iov_len: $0.1) }
+        var off = offset
+        var start = 0
+        while start < iov.count {
+            let n = min(iov.count - start, 1024)
+            let got = try iov.withUnsafeMutableBufferPointer { p in
+                try syscall("preadv", path) { preadv(fd, p.baseAddress! + start, Int32(n), off_t(off)) }
+            }
+            if got == 0 { throw OSError("preadv", errno: EIO, object: "\(path) (short read at \(off))") }
+            // Advance over what was read; a short read resumes mid-buffer.
+            var left = got
+            off += UInt64(got)
+            while left > 0 && start < iov.count {
+                if left >= iov[start].iov_len { left -= iov[start].iov_len; start += 1 }
+                else {
+                    iov[start].iov_base = iov[start].iov_base! + left
+                    iov[start].iov_len -= left
+                    left = 0
+                }
+            }
+        }
+    }
+
     public func write(from buf: UnsafeRawPointer, count: Int, offset: UInt64) throws {
         var done = 0
         while done < count {

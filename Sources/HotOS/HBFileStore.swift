@@ -105,6 +105,69 @@ public final class HBFileStore: @unchecked Sendable {
         return loc
     }
 
+    /// Stores several slots: fresh contiguous slots where possible, written
+    /// with one pwritev per contiguous run. All or nothing.
+    public func store(batch: [(UnsafeRawPointer, Int)]) throws -> [UInt64] {
+        var locs: [UInt64] = []
+        locs.reserveCapacity(batch.count)
+        do {
+            while locs.count < batch.count {
+                locs.append(contentsOf: try allocateRun(batch.count - locs.count))
+            }
+            // Write runs of consecutive slots in one file together.
+            var i = 0
+            while i < locs.count {
+                var j = i
+                while j + 1 < locs.count && locs[j + 1] == locs[j] + 1 && batch[j].1 == slotBytes { j += 1 }
+                try writeRun(locs[i], Array(batch[i...j]))
+                i = j + 1
+            }
+        } catch {
+            for l in locs { free(l) }
+            throw error
+        }
+        return locs
+    }
+
+    /// Up to `n` fresh consecutive slots of one file (at least one slot).
+    private func allocateRun(_ n: Int) throws -> [UInt64] {
+        let run: [UInt64]? = locked {
+            for i in files.indices {
+                guard var f = files[i], f.nextUnused < slotsPerFile, f.free.isEmpty else { continue }
+                let k = UInt32(min(UInt64(n), UInt64(slotsPerFile - f.nextUnused)))
+                let first = f.nextUnused
+                f.nextUnused += k; f.live += Int(k); files[i] = f
+                return (0..<UInt64(k)).map { UInt64(i) << 32 | (UInt64(first) + $0) }
+            }
+            return nil
+        }
+        if let run { return run }
+        return [try allocate().1]
+    }
+
+    private func writeRun(_ first: UInt64, _ items: [(UnsafeRawPointer, Int)]) throws {
+        let i = Int(first >> 32)
+        let fd: Int32 = locked { i < files.count ? files[i]?.fd ?? -1 : -1 }
+        guard fd >= 0 else { throw StoreError.os(OSError("pwritev", errno: EBADF, object: HBFileStore.fileName(i))) }
+        var iov = items.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.0), iov_len: $0.1) }
+        var off = off_t(first & 0xffff_ffff) * off_t(slotBytes)
+        var start = 0
+        while start < iov.count {
+            let n = min(iov.count - start, 1024)
+            let put = iov.withUnsafeMutableBufferPointer { p in pwritev(fd, p.baseAddress! + start, Int32(n), off) }
+            if put < 0 {
+                if errno == EINTR { continue }
+                throw StoreError.os(OSError("pwritev", errno: errno, object: directory + "/" + HBFileStore.fileName(i)))
+            }
+            var left = put
+            off += off_t(put)
+            while left > 0 && start < iov.count {
+                if left >= iov[start].iov_len { left -= iov[start].iov_len; start += 1 }
+                else { iov[start].iov_base = iov[start].iov_base! + left; iov[start].iov_len -= left; left = 0 }
+            }
+        }
+    }
+
     public func load(_ location: UInt64, into buf: UnsafeMutableRawPointer, count: Int) throws {
         let i = Int(location >> 32)
         let fd: Int32 = locked { i < files.count ? files[i]?.fd ?? -1 : -1 }

@@ -18,6 +18,10 @@ public enum ProcessControl {
         try syscall("mlockall") { hs_lock_memory() }
     }
 
+    /// Large request buffers come from the heap and are reused, instead of
+    /// a fresh (locked, zeroed) mapping per request.
+    public static func keepLargeAllocationsInHeap() { hs_malloc_keep_large() }
+
     public static func setParentDeathSignal(_ sig: Int32) {
         _ = hs_set_pdeathsig(sig)
     }

@@ -194,21 +194,19 @@ struct SnapshotEngineBufferTests {
     // MARK: - Deadlines via tick()
 
     @Test("Heartbeat loss drops the session to idle and empties the spill store",
-          arguments: [EngPhase.waiting, .armed, .protecting])
+          arguments: [EngPhase.armed, .protecting])
     func heartbeatLoss(_ phase: EngPhase) throws {
         let f = EngFixture(memoryBlocks: 16) {
             $0.heartbeatTimeoutNanos = 10 * engSecond
             $0.spillAfterNanos = engSecond
         }
         try f.enter(phase)
-        if phase != .waiting {
-            try f.writeBlocks(0, 4, seed: 2)
-            f.manual.advance(seconds: 2)
-            #expect(f.engine.spillStep() == 4)
-            try f.writeBlocks(4, 2, seed: 2)
-            #expect(f.spill.bytesInUse == 4 * 4096)
-            f.engine.heartbeat()
-        }
+        try f.writeBlocks(0, 4, seed: 2)
+        f.manual.advance(seconds: 2)
+        #expect(f.engine.spillStep() == 4)
+        try f.writeBlocks(4, 2, seed: 2)
+        #expect(f.spill.bytesInUse == 4 * 4096)
+        f.engine.heartbeat()
         f.manual.advance(seconds: 9)
         #expect(f.engine.tick() == [])
         f.manual.advance(seconds: 2)
@@ -227,6 +225,40 @@ struct SnapshotEngineBufferTests {
         #expect(f.engine.tick() == [])
         try f.writeBlocks(0, 2, seed: 4)                     // passthrough
         #expect(f.deviceBytes() == f.live)
+    }
+
+    @Test("While waiting for a pause no heartbeat is needed; the snapshot deadline bounds the wait")
+    func noHeartbeatWhileWaiting() throws {
+        let f = EngFixture {
+            $0.heartbeatTimeoutNanos = 10 * engSecond
+            $0.snapshotDeadlineNanos = 30 * engSecond
+        }
+        try f.engine.begin(consistency: .freeze)
+        f.manual.advance(seconds: 20)
+        #expect(f.engine.tick() == [])
+        #expect(f.phase == .waiting)
+        f.manual.advance(seconds: 11)
+        let events = f.engine.tick()
+        guard case .failed(let reason)? = events.first, events.count == 1 else { Issue.record("not failed: \(events)"); return }
+        #expect(reason.contains("not complete within 30 s"))
+        #expect(f.phase == .failed)
+    }
+
+    @Test("Arming counts as a heartbeat")
+    func armingIsAHeartbeat() throws {
+        let f = EngFixture {
+            $0.heartbeatTimeoutNanos = 10 * engSecond
+            $0.memoryDeadlineNanos = 100 * engSecond
+        }
+        try f.engine.begin(consistency: .freeze)
+        f.manual.advance(seconds: 9)
+        f.armAgain()
+        f.manual.advance(seconds: 9)
+        #expect(f.engine.tick() == [])
+        #expect(f.phase == .armed)
+        f.manual.advance(seconds: 2)
+        #expect(f.engine.tick().count == 1)
+        #expect(f.phase == .idle)
     }
 
     @Test("Heartbeats keep a session alive past the timeout")

@@ -176,6 +176,36 @@ struct SnapshotEngineNarrowTests {
         #expect(try f.snapBlock(6) == f.imageBlock(6))
     }
 
+    @Test("wip retry: a snapshot read in flight across the retry and the next arm never returns another block's data")
+    func readAcrossRetry() throws {
+        let g = GatedBlockIO(size: EngFixture.defaultSize)
+        let f = EngFixture(gated: g)
+        try f.arm(.wip)
+        try f.writeBlocks(5, 1, seed: 2)             // block 5's original goes to a memory slot
+        g.holdNextRead()
+        let result = EngBox<Result<[UInt8], Error>?>(nil)
+        // Block 4 comes from the device (held), block 5 from its memory slot.
+        let reader = engSpawn { result.value = Result { try f.snap(blk(4), 2 * 4096) } }
+        #expect(engWait(g.entered))
+        #expect(try f.engine.narrow(used: [0..<f.size]) == .retry(writes: 1))
+        f.armAgain()
+        try f.writeBlocks(9, 1, seed: 3)             // a new copy, into whatever slot is free
+        g.open()
+        #expect(engWait(reader))
+        switch result.value {
+        case .success(let bytes)?:
+            #expect(Array(bytes[0..<4096]) == f.imageBlock(4))
+            let five = Array(bytes[4096...])
+            #expect(five == f.imageBlock(5) || five == engBytes(offset: blk(5), count: 4096, seed: 2),
+                    "block 5 came back with foreign data")
+        case .failure(let e)?:
+            #expect(e is EngineError)
+        case nil:
+            Issue.record("no result")
+        }
+        #expect(try f.snapBlock(9) == f.imageBlock(9))
+    }
+
     @Test("wip without writes between arm and narrow: no retry")
     func wipNoWrites() throws {
         let f = EngFixture()

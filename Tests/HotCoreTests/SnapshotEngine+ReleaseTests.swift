@@ -89,6 +89,39 @@ struct SnapshotEngineReleaseTests {
         #expect(engWait(releaser, seconds: 3), "release hung on a stale busy mark")
     }
 
+    @Test("A release waiting for a read does not touch a session begun meanwhile")
+    func releaseWaitingAcrossSessions() throws {
+        let g = GatedBlockIO(size: EngFixture.defaultSize)
+        let f = EngFixture(gated: g)
+        try f.protect()
+        g.holdNextRead()
+        let reader = engSpawn { _ = try? f.snapBlock(5) }    // holds block 5 (device read)
+        #expect(engWait(g.entered))
+        let released = EngBox<Result<UInt64, Error>?>(nil)
+        let releaser = engSpawn { released.value = Result { try f.engine.release(offset: blk(5), length: 4096) } }
+        Thread.sleep(forTimeInterval: 0.05)
+        #expect(released.value == nil)                       // waits for the read
+        f.engine.end()
+        // begin waits up to 5 s (engine clock) for the old session's marks: let that pass.
+        let beginner = engSpawn { _ = try? f.engine.begin(consistency: .freeze) }
+        Thread.sleep(forTimeInterval: 0.1)
+        f.manual.advance(seconds: 6)
+        #expect(engWait(beginner))
+        f.armAgain()
+        #expect(f.phase == .armed)
+        g.open()
+        #expect(engWait(reader))
+        #expect(engWait(releaser))
+        guard case .failure? = released.value else {
+            Issue.record("the old session's release applied to the new session: \(String(describing: released.value))")
+            return
+        }
+        #expect(f.status.protectedBlocks == 65)
+        #expect(f.status.counters.archivedBlocks == 0)
+        try f.writeBlocks(5, 1, seed: 3)
+        #expect(try f.snapBlock(5) == f.imageBlock(5))
+    }
+
     @Test("Releasing frees buffered copies in memory and in the spill store")
     func releaseFreesBuffers() throws {
         let f = EngFixture(memoryBlocks: 32) { $0.spillAfterNanos = engSecond }

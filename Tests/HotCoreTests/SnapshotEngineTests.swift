@@ -151,9 +151,11 @@ final class EngFixture {
             mem = MemoryBlockIO(size: size)
             device = mem
         }
-        image = engBytes(offset: 0, count: Int(mem.size), seed: 1)
-        image.withUnsafeBytes { mem.bytes.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-        live = image
+        let img = engBytes(offset: 0, count: Int(mem.size), seed: 1)
+        let bytes = mem.bytes
+        img.withUnsafeBytes { bytes.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        image = img
+        live = img
         self.clock = clock
         self.spill = spill
         engine = SnapshotEngine(device: device, spill: spill, config: c, clock: clock)
@@ -361,6 +363,34 @@ struct SnapshotEngineSessionTests {
         #expect(engWait(waiter))
         #expect(result.value == .armed(at: end + 200 * engMS))
         #expect(f.status.writesInFlight == 0)
+    }
+
+    @Test("maxWaitNanos: no pause within the bound answers noPause and the session keeps waiting")
+    func maxWaitNoPause() throws {
+        let f = EngFixture()
+        try f.engine.begin(consistency: .freeze)
+        try f.write(0, 1, seed: 2)
+        let start = f.manual.now()
+        let result = EngBox<ArmResult?>(nil)
+        let waiter = engSpawn {
+            result.value = f.engine.waitForPause(pauseNanos: 200 * engMS, arm: true, maxWaitNanos: engSecond)
+        }
+        var finished = false
+        for _ in 0..<40 {
+            try f.write(blk(2), 512, seed: 3)
+            f.manual.advance(nanos: 100 * engMS)
+            if waiter.wait(timeout: .now() + 0.01) == .success { finished = true; break }
+        }
+        if !finished { finished = engWait(waiter) }
+        #expect(finished)
+        #expect(result.value == .noPause)
+        #expect(f.manual.now() - start >= engSecond)
+        #expect(f.phase == .waiting)
+        #expect(f.engine.failureReason == nil)
+        // A pause within the bound still arms.
+        f.manual.advance(nanos: 200 * engMS)
+        let t = f.manual.now()
+        #expect(f.engine.waitForPause(pauseNanos: 200 * engMS, arm: true, maxWaitNanos: engSecond) == .armed(at: t))
     }
 
     @Test("A pause that has already passed arms at once, at the current clock")

@@ -68,7 +68,8 @@ struct HBFileStoreTests {
         for i in 0..<10 { locs.append(try s.store(slotData(i))) }
         #expect(Set(locs).count == 10)
         // Locations are (file << 32 | slot), slots handed out in order.
-        #expect(locs == (0..<10).map { UInt64($0 / 4) << 32 | UInt64($0 % 4) })
+        let expected: [UInt64] = (0..<10).map { (i: Int) -> UInt64 in UInt64(i / 4) << 32 | UInt64(i % 4) }
+        #expect(locs == expected)
         #expect(dir.files == ["hb_00.tmp", "hb_01.tmp", "hb_02.tmp"])
         #expect(s.fileCount == 3)
         #expect(s.bytesInUse == 10 * 512)
@@ -136,7 +137,8 @@ struct HBFileStoreTests {
         #expect(s.fileCount == 3)
         #expect(try s.store(slotData(100)) == locs[1])        // file 0 first
         #expect(try s.store(slotData(101)) == locs[6])        // then file 1
-        #expect(try s.store(slotData(102)) == 2 << 32 | 2)   // then the unused tail of file 2
+        let tail: UInt64 = 2 << 32 | 2
+        #expect(try s.store(slotData(102)) == tail)          // then the unused tail of file 2
         #expect(try s.load(locs[1]) == slotData(100))
         #expect(try s.load(locs[6]) == slotData(101))
         #expect(try s.load(locs[0]) == slotData(0))

@@ -7,6 +7,9 @@
 #include <sys/types.h>
 int hs_set_io_flusher(void);
 int hs_lock_memory(void);
+/* Keep large allocations (request buffers) in the heap instead of fresh
+ * mmaps: under mlockall every fresh mapping is populated and zeroed. */
+void hs_malloc_keep_large(void);
 int hs_set_pdeathsig(int sig);
 /* fork + (optionally PR_SET_IO_FLUSHER) + (optionally setsid) + stdio:
  * log_fd >= 0: stdin from /dev/null, stdout/stderr to log_fd;
