@@ -91,9 +91,18 @@ final class NBDConnection: @unchecked Sendable {
                     reply(neg, req, error: err, message: "invalid request")
                     continue
                 }
-                flight.withLock {
+                // A lone request (nothing else in flight or buffered: a
+                // queue-depth-1 client such as each nbdfuse connection) runs
+                // here, saving two thread hand-offs; pipelined ones go to the pool.
+                let alone = flight.withLock { () -> Bool in
                     while inFlight >= NBDServer.maxInFlightPerConnection { flight.wait() }
                     inFlight += 1
+                    return inFlight == 1 && decoder.bufferedBytes == 0
+                }
+                if alone {
+                    execute(neg, req, payload: payload, snapshot: snapshot)
+                    flight.withLock { inFlight -= 1; flight.broadcast() }
+                    continue
                 }
                 server.queue.submit { [self] in
                     execute(neg, req, payload: payload, snapshot: snapshot)
