@@ -128,6 +128,15 @@ extension SnapshotEngine {
             buffered.forEachRun(in: 0..<blockCount) { r in
                 for b in r where !map.contains(b) { drop.append(b) }
             }
+            // A snapshot read or a move to hb files may be using those
+            // copies right now: let it finish before the slots are reused.
+            let gen = generation
+            while drop.contains(where: { busy[$0] != nil }) {
+                m.wait()
+                guard phase == .armed, generation == gen else {
+                    throw EngineError.sessionFailed(failure ?? "the session ended while the map was applied")
+                }
+            }
             for b in drop { freeEntryLocked(b) }
             phase = .protecting
             return .protecting(usedBlocks: map.count)

@@ -172,7 +172,8 @@ public final class Daemon: @unchecked Sendable {
         shutdownServers()
         hb.removeAll()
         rmdir(options.resolvedBufferDir)
-        for f in ["device", "pid", "nbdfuse.log"] { unlink(options.dir + "/" + f) }
+        for f in ["device", "pid", "nbdfuse.log", "lock"] { unlink(options.dir + "/" + f) }
+        rmdir(options.dir)   // stays while daemon.log (background mode) is there
         logger.info("detached \(options.device)")
     }
 

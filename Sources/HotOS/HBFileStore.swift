@@ -23,6 +23,11 @@ public final class HBFileStore: @unchecked Sendable {
         var live: Int
     }
     private var files: [HBFile?] = []
+    /// I/O running outside the lock, and descriptors whose close waits for it:
+    /// closing a descriptor under a running pread/pwrite could let the number
+    /// be reused by another open and the I/O land in the wrong file.
+    private var ioInFlight = 0
+    private var pendingClose: [Int32] = []
     private let slotsPerFile: UInt32
 
     public enum StoreError: Error, CustomStringConvertible {
@@ -51,6 +56,27 @@ public final class HBFileStore: @unchecked Sendable {
         pthread_mutex_lock(&mutex)
         defer { pthread_mutex_unlock(&mutex) }
         return try body()
+    }
+
+    /// Takes a file's descriptor for I/O outside the lock; pair with `endIO`.
+    private func beginIO(_ i: Int) -> Int32 {
+        locked {
+            guard i < files.count, let f = files[i] else { return -1 }
+            ioInFlight += 1
+            return f.fd
+        }
+    }
+
+    private func endIO() {
+        locked {
+            ioInFlight -= 1
+            if ioInFlight == 0 { for fd in pendingClose { close(fd) }; pendingClose.removeAll() }
+        }
+    }
+
+    /// Closes now, or once the I/O in flight is done. Lock held.
+    private func closeLater(_ fd: Int32) {
+        if ioInFlight == 0 { close(fd) } else { pendingClose.append(fd) }
     }
 
     public static func fileName(_ i: Int) -> String {
@@ -89,7 +115,10 @@ public final class HBFileStore: @unchecked Sendable {
     /// Stores one slot's bytes; returns its location.
     public func store(_ data: UnsafeRawPointer, count: Int) throws -> UInt64 {
         precondition(count <= slotBytes)
-        let (fd, loc) = try allocate()
+        let (_, loc) = try allocate()
+        let fd = beginIO(Int(loc >> 32))
+        defer { if fd >= 0 { endIO() } }
+        guard fd >= 0 else { throw StoreError.os(OSError("pwrite", errno: EBADF, object: "hb slot \(loc) (buffer files removed)")) }
         let off = off_t(loc & 0xffff_ffff) * off_t(slotBytes)
         var done = 0
         while done < count {
@@ -147,8 +176,9 @@ public final class HBFileStore: @unchecked Sendable {
 
     private func writeRun(_ first: UInt64, _ items: [(UnsafeRawPointer, Int)]) throws {
         let i = Int(first >> 32)
-        let fd: Int32 = locked { i < files.count ? files[i]?.fd ?? -1 : -1 }
+        let fd = beginIO(i)
         guard fd >= 0 else { throw StoreError.os(OSError("pwritev", errno: EBADF, object: HBFileStore.fileName(i))) }
+        defer { endIO() }
         var iov = items.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.0), iov_len: $0.1) }
         var off = off_t(first & 0xffff_ffff) * off_t(slotBytes)
         var start = 0
@@ -170,8 +200,9 @@ public final class HBFileStore: @unchecked Sendable {
 
     public func load(_ location: UInt64, into buf: UnsafeMutableRawPointer, count: Int) throws {
         let i = Int(location >> 32)
-        let fd: Int32 = locked { i < files.count ? files[i]?.fd ?? -1 : -1 }
+        let fd = beginIO(i)
         guard fd >= 0 else { throw StoreError.os(OSError("pread", errno: EBADF, object: "hb slot \(location)")) }
+        defer { endIO() }
         let off = off_t(location & 0xffff_ffff) * off_t(slotBytes)
         var done = 0
         while done < count {
@@ -194,7 +225,7 @@ public final class HBFileStore: @unchecked Sendable {
             files[i] = f
             // Shrink: delete trailing files with nothing live.
             while let last = files.last, let lf = last, lf.live == 0 {
-                close(lf.fd); unlink(lf.path)
+                closeLater(lf.fd); unlink(lf.path)
                 files.removeLast()
                 while let l = files.last, l == nil { files.removeLast() }
             }
@@ -214,7 +245,7 @@ public final class HBFileStore: @unchecked Sendable {
 
     public func removeAll() {
         locked {
-            for f in files.compactMap({ $0 }) { close(f.fd); unlink(f.path) }
+            for f in files.compactMap({ $0 }) { closeLater(f.fd); unlink(f.path) }
             files.removeAll()
         }
     }

@@ -34,6 +34,21 @@ struct HotImage: ParsableCommand {
         """,
         version: hotimageVersion,
         subcommands: [Attach.self, Detach.self, Status.self, Snapshot.self])
+
+    /// As ParsableCommand's, but usage errors exit 2 (documented) instead of
+    /// ArgumentParser's 64.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            if exitCode(for: error).rawValue == 64 {
+                FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+                Foundation.exit(2)
+            }
+            exit(withError: error)
+        }
+    }
 }
 
 /// Options every command that talks to a daemon shares.

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The CLI's help texts (golden files in Tests/Machine/golden; regenerate with
+# Tests/Machine/t_cli.sh --update after a deliberate change) and its usage
+# errors: exit code 2 and one clear line.
+source "$(dirname "$0")/lib.sh"
+G=$(dirname "$0")/golden
+for c in main attach detach status snapshot; do
+  sub=$c; [ $c = main ] && sub=
+  COLUMNS=100 "$HOTIMAGE" $sub --help > "$W/help-$c.txt" 2>&1
+  if [ "${1:-}" = --update ]; then cp "$W/help-$c.txt" "$G/help-$c.txt"; continue; fi
+  diff -u "$G/help-$c.txt" "$W/help-$c.txt" || fail "help of '${sub:-hotimage}' differs from its golden file"
+done
+
+expect() {  # code pattern cmd...
+  local code=$1 pat=$2; shift 2
+  local out rc
+  out=$("$@" 2>&1); rc=$?
+  [ $rc = "$code" ] || fail "'$*' exited $rc, expected $code: $out"
+  echo "$out" | grep -q -- "$pat" || fail "'$*' said '$out', expected /$pat/"
+}
+expect 2 "is not a size" "$HOTIMAGE" attach /dev/null --memory-buffer lots
+expect 2 "must be fuse or nbd" "$HOTIMAGE" attach /dev/null --via carrier-pigeon
+expect 2 "plain name" "$HOTIMAGE" attach /dev/null --name ../x
+expect 2 "give the command to run" "$HOTIMAGE" snapshot data
+expect 2 "consistency must be" "$HOTIMAGE" snapshot data --consistency maybe -- true
+expect 1 "no HotCore daemon 'nope'" "$HOTIMAGE" status nope --run-dir "$RUN"
+expect 1 "no HotCore daemon 'nope'" "$HOTIMAGE" detach nope --run-dir "$RUN"
+expect 1 "neither a block device nor a regular file" "$HOTIMAGE" attach /dev/null --name hit-null --run-dir "$RUN"
+log "ok"
