@@ -89,17 +89,9 @@ public final class BlockDevice: @unchecked Sendable {
                 try syscall("preadv", path) { preadv(fd, p.baseAddress! + start, Int32(n), off_t(off)) }
             }
             if got == 0 { throw OSError("preadv", errno: EIO, object: "\(path) (short read at \(off))") }
-            // Advance over what was read; a short read resumes mid-buffer.
-            var left = got
+            // A short read resumes mid-buffer.
             off += UInt64(got)
-            while left > 0 && start < iov.count {
-                if left >= iov[start].iov_len { left -= iov[start].iov_len; start += 1 }
-                else {
-                    iov[start].iov_base = iov[start].iov_base! + left
-                    iov[start].iov_len -= left
-                    left = 0
-                }
-            }
+            advance(&iov, start: &start, by: got)
         }
     }
 

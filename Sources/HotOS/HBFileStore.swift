@@ -189,12 +189,8 @@ public final class HBFileStore: @unchecked Sendable {
                 if errno == EINTR { continue }
                 throw StoreError.os(OSError("pwritev", errno: errno, object: directory + "/" + HBFileStore.fileName(i)))
             }
-            var left = put
             off += off_t(put)
-            while left > 0 && start < iov.count {
-                if left >= iov[start].iov_len { left -= iov[start].iov_len; start += 1 }
-                else { iov[start].iov_base = iov[start].iov_base! + left; iov[start].iov_len -= left; left = 0 }
-            }
+            advance(&iov, start: &start, by: put)
         }
     }
 

@@ -50,3 +50,19 @@ public func wallSeconds() -> Double {
     clock_gettime(CLOCK_REALTIME, &ts)
     return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
+
+/// Moves past `n` bytes that a readv/writev-style call transferred:
+/// `start` skips finished buffers, a partly done one is trimmed in place.
+func advance(_ iov: inout [iovec], start: inout Int, by n: Int) {
+    var left = n
+    while left > 0 && start < iov.count {
+        if left >= iov[start].iov_len {
+            left -= iov[start].iov_len
+            start += 1
+        } else {
+            iov[start].iov_base = iov[start].iov_base! + left
+            iov[start].iov_len -= left
+            left = 0
+        }
+    }
+}

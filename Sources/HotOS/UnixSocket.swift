@@ -107,17 +107,13 @@ public final class UnixSocket: @unchecked Sendable {
                        iovec(iov_base: UnsafeMutableRawPointer(mutating: data), iov_len: count)]
             let total = h.count + count
             var done = 0
+            var start = 0
             while done < total {
-                let n = try syscall("writev") { writev(fd, &iov, Int32(iov.count)) }
-                done += n
-                if done >= total { break }
-                // Advance the iovecs past what was written.
-                var skip = n
-                var k = 0
-                while skip > 0 {
-                    if skip >= iov[k].iov_len { skip -= iov[k].iov_len; iov[k].iov_len = 0; k += 1 }
-                    else { iov[k].iov_base = iov[k].iov_base! + skip; iov[k].iov_len -= skip; skip = 0 }
+                let n = try iov.withUnsafeMutableBufferPointer { p in
+                    try syscall("writev") { writev(fd, p.baseAddress! + start, Int32(p.count - start)) }
                 }
+                done += n
+                advance(&iov, start: &start, by: n)
             }
         }
     }
