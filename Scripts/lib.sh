@@ -4,7 +4,7 @@
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PATH=/opt/swift/usr/bin:$PATH
-APT_PACKAGES="libnbd-dev libnbd-bin nbdkit libzstd-dev libext2fs-dev libdevmapper-dev qemu-utils fuse3 fio xfsprogs e2fsprogs util-linux python3 psmisc"
+APT_PACKAGES="libnbd-dev libnbd-bin nbdkit libzstd-dev libext2fs-dev libdevmapper-dev qemu-utils fuse3 fio xfsprogs e2fsprogs util-linux python3 psmisc bc procps"
 
 die() { echo "error: $*" >&2; exit 1; }
 
