@@ -73,9 +73,6 @@ extension SpillStore {
 public final class MemoryBlockIO: BlockIO, @unchecked Sendable {
     public let size: UInt64
     public let bytes: UnsafeMutableRawPointer
-    private let m = Monitor()
-    public private(set) var writes = 0
-
     public init(size: UInt64) {
         self.size = size
         bytes = UnsafeMutableRawPointer.allocate(byteCount: Int(size), alignment: 4096)
@@ -90,7 +87,6 @@ public final class MemoryBlockIO: BlockIO, @unchecked Sendable {
     public func write(from buf: UnsafeRawPointer, count: Int, offset: UInt64) throws {
         precondition(offset + UInt64(count) <= size)
         (bytes + Int(offset)).copyMemory(from: buf, byteCount: count)
-        m.withLock { writes += 1 }
     }
     public func zero(offset: UInt64, length: UInt64, unmap: Bool) throws {
         (bytes + Int(offset)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(length))

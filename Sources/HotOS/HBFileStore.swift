@@ -83,18 +83,18 @@ public final class HBFileStore: @unchecked Sendable {
         i < 10 ? "hb_0\(i).tmp" : "hb_\(i).tmp"
     }
 
-    private func allocate() throws -> (Int32, UInt64) {
+    private func allocate() throws -> UInt64 {
         try locked {
             for i in files.indices {
                 guard var f = files[i] else { continue }
                 if let s = f.free.popLast() {
                     f.live += 1; files[i] = f
-                    return (f.fd, UInt64(i) << 32 | UInt64(s))
+                    return UInt64(i) << 32 | UInt64(s)
                 }
                 if f.nextUnused < slotsPerFile {
                     let s = f.nextUnused
                     f.nextUnused += 1; f.live += 1; files[i] = f
-                    return (f.fd, UInt64(i) << 32 | UInt64(s))
+                    return UInt64(i) << 32 | UInt64(s)
                 }
             }
             // A new file, if the limit allows one more.
@@ -108,14 +108,14 @@ public final class HBFileStore: @unchecked Sendable {
             if fd < 0 { throw StoreError.os(OSError("open", errno: errno, object: path)) }
             let f = HBFile(fd: fd, path: path, nextUnused: 1, free: [], live: 1)
             if i == files.count { files.append(f) } else { files[i] = f }
-            return (fd, UInt64(i) << 32)
+            return UInt64(i) << 32
         }
     }
 
     /// Stores one slot's bytes; returns its location.
     public func store(_ data: UnsafeRawPointer, count: Int) throws -> UInt64 {
         precondition(count <= slotBytes)
-        let (_, loc) = try allocate()
+        let loc = try allocate()
         let fd = beginIO(Int(loc >> 32))
         defer { if fd >= 0 { endIO() } }
         guard fd >= 0 else { throw StoreError.os(OSError("pwrite", errno: EBADF, object: "hb slot \(loc) (buffer files removed)")) }
@@ -171,7 +171,7 @@ public final class HBFileStore: @unchecked Sendable {
             return nil
         }
         if let run { return run }
-        return [try allocate().1]
+        return [try allocate()]
     }
 
     private func writeRun(_ first: UInt64, _ items: [(UnsafeRawPointer, Int)]) throws {

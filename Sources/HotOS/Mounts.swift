@@ -61,7 +61,7 @@ public enum Mounts {
         let u = Array(s.utf8)
         var i = 0
         while i < u.count {
-            if u[i] == 0x5c, i + 3 < u.count + 0, i + 3 <= u.count - 1 || i + 3 == u.count - 0,
+            if u[i] == 0x5c, i + 3 < u.count,
                let v = UInt8(String(decoding: u[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
                 out.append(v); i += 4
             } else { out.append(u[i]); i += 1 }

@@ -101,14 +101,7 @@ extension NBDHandshake {
             requested.insert(type)
         }
         guard r.isAtEnd else { return invalid(option, "trailing bytes after information requests", &s) }
-        guard let name = validString(nameBytes) else {
-            return invalid(option, "export name is not a valid string", &s)
-        }
-        guard let info = resolve(name) else {
-            NBDOptionReply.error(option: option, type: NBDConst.repErrUnknown,
-                                 message: "unknown export '\(clip(name))'", into: &s.pending)
-            return
-        }
+        guard let info = exportForOption(option, nameBytes, &s) else { return }
         let advertised = advertise(info)
 
         var payload: [UInt8] = []
@@ -168,14 +161,7 @@ extension NBDHandshake {
             left -= 1
         }
         guard r.isAtEnd else { return invalid(option, "trailing bytes after meta context queries", &s) }
-        guard let name = validString(nameBytes) else {
-            return invalid(option, "export name is not a valid string", &s)
-        }
-        guard let info = resolve(name) else {
-            NBDOptionReply.error(option: option, type: NBDConst.repErrUnknown,
-                                 message: "unknown export '\(clip(name))'", into: &s.pending)
-            return
-        }
+        guard let info = exportForOption(option, nameBytes, &s) else { return }
 
         if set {
             if queries.contains(NBDConst.baseAllocation) {
@@ -191,6 +177,21 @@ extension NBDHandshake {
     }
 
     // MARK: Helpers
+
+    /// The export an INFO/GO/META_CONTEXT option names, or nil after
+    /// queuing ERR_INVALID (bad string) or ERR_UNKNOWN (no such export).
+    private func exportForOption(_ option: UInt32, _ nameBytes: [UInt8], _ s: inout Session) -> NBDExportInfo? {
+        guard let name = validString(nameBytes) else {
+            invalid(option, "export name is not a valid string", &s)
+            return nil
+        }
+        guard let info = resolve(name) else {
+            NBDOptionReply.error(option: option, type: NBDConst.repErrUnknown,
+                                 message: "unknown export '\(clip(name))'", into: &s.pending)
+            return nil
+        }
+        return info
+    }
 
     private func resolve(_ name: String) -> NBDExportInfo? {
         lookup(name.isEmpty ? defaultExport : name)
