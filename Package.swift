@@ -29,6 +29,8 @@ let package = Package(
                        providers: [.apt(["libnbd-dev"])]),
         .systemLibrary(name: "CZstd", path: "CShims/CZstd", pkgConfig: "libzstd",
                        providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CZlib", path: "CShims/CZlib", pkgConfig: "zlib",
+                       providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CExt2fs", path: "CShims/CExt2fs", pkgConfig: "ext2fs",
                        providers: [.apt(["libext2fs-dev"])]),
         .systemLibrary(name: "CDevMapper", path: "CShims/CDevMapper", pkgConfig: "devmapper",
@@ -36,10 +38,12 @@ let package = Package(
         .target(name: "CHotShim", path: "CShims/CHotShim"),
 
         .target(name: "HotOS", dependencies: [
-            "CHotShim",
+            "CHotShim", "CExt2fs",
             .product(name: "SystemPackage", package: "swift-system"),
         ], swiftSettings: swift5),
         .target(name: "NBDWire", swiftSettings: swift5),
+        // qcow2 v3 writer, reader and verifier (pure Swift over libzstd/zlib).
+        .target(name: "QCow2", dependencies: ["CZstd", "CZlib"], swiftSettings: swift5),
         .target(name: "HotCore", dependencies: [
             .product(name: "DequeModule", package: "swift-collections"),
         ], swiftSettings: swift5),
@@ -48,8 +52,13 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "DequeModule", package: "swift-collections"),
         ], swiftSettings: swift5),
+        // The backup side: used-block maps, the imager, restore, hooks, progress.
+        .target(name: "HotImager", dependencies: [
+            "HotDaemon", "HotOS", "QCow2", "CNBD",
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: swift5),
         .executableTarget(name: "hotimage", dependencies: [
-            "HotDaemon", "HotOS", "HotCore",
+            "HotDaemon", "HotOS", "HotCore", "HotImager", "QCow2",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: swift5),
@@ -62,5 +71,7 @@ let package = Package(
         .testTarget(name: "NBDWireTests", dependencies: ["NBDWire"], exclude: ["Corpus"], swiftSettings: swift5),
         .testTarget(name: "HotCoreTests", dependencies: ["HotCore"], swiftSettings: swift5),
         .testTarget(name: "HotOSTests", dependencies: ["HotOS"], swiftSettings: swift5),
+        .testTarget(name: "QCow2Tests", dependencies: ["QCow2"], exclude: ["Corpus"], swiftSettings: swift5),
+        .testTarget(name: "HotImagerTests", dependencies: ["HotImager"], swiftSettings: swift5),
     ]
 )

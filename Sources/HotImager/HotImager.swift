@@ -1,0 +1,2 @@
+// Placeholder so the target builds.
+enum HotImagerPlaceholder {}

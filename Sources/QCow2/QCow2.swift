@@ -1,0 +1,2 @@
+// Placeholder so the target builds; replaced by the qcow2 implementation.
+enum QCow2Placeholder {}
