@@ -158,3 +158,48 @@ const int HS_FALLOC_ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
 int hs_fallocate(int fd, int mode, uint64_t offset, uint64_t len) {
     return fallocate(fd, mode, (off_t)offset, (off_t)len);
 }
+
+/* FIEMAP (hs_fiemap.h) */
+#include <linux/fiemap.h>
+
+const uint32_t HS_FIEMAP_FLAG_SYNC = FIEMAP_FLAG_SYNC;
+const uint32_t HS_FIEMAP_EXTENT_LAST = FIEMAP_EXTENT_LAST;
+const uint32_t HS_FIEMAP_EXTENT_UNKNOWN = FIEMAP_EXTENT_UNKNOWN;
+const uint32_t HS_FIEMAP_EXTENT_DELALLOC = FIEMAP_EXTENT_DELALLOC;
+const uint32_t HS_FIEMAP_EXTENT_ENCODED = FIEMAP_EXTENT_ENCODED;
+const uint32_t HS_FIEMAP_EXTENT_DATA_ENCRYPTED = FIEMAP_EXTENT_DATA_ENCRYPTED;
+const uint32_t HS_FIEMAP_EXTENT_NOT_ALIGNED = FIEMAP_EXTENT_NOT_ALIGNED;
+const uint32_t HS_FIEMAP_EXTENT_DATA_INLINE = FIEMAP_EXTENT_DATA_INLINE;
+const uint32_t HS_FIEMAP_EXTENT_DATA_TAIL = FIEMAP_EXTENT_DATA_TAIL;
+const uint32_t HS_FIEMAP_EXTENT_UNWRITTEN = FIEMAP_EXTENT_UNWRITTEN;
+const uint32_t HS_FIEMAP_EXTENT_MERGED = FIEMAP_EXTENT_MERGED;
+const uint32_t HS_FIEMAP_EXTENT_SHARED = FIEMAP_EXTENT_SHARED;
+
+_Static_assert(sizeof(struct fiemap) == 32, "struct fiemap layout");
+_Static_assert(sizeof(struct fiemap_extent) == 56, "struct fiemap_extent layout");
+
+int hs_fiemap(int fd, uint64_t start, uint64_t length, uint32_t flags,
+              hs_fiemap_extent *out, uint32_t max, uint32_t *mapped) {
+    union {
+        struct fiemap head;
+        char raw[sizeof(struct fiemap) + HS_FIEMAP_BATCH_MAX * sizeof(struct fiemap_extent)];
+    } buf;
+    if (max > HS_FIEMAP_BATCH_MAX) max = HS_FIEMAP_BATCH_MAX;
+    memset(&buf.head, 0, sizeof buf.head);
+    buf.head.fm_start = start;
+    buf.head.fm_length = length;
+    buf.head.fm_flags = flags;
+    buf.head.fm_extent_count = max;
+    if (ioctl(fd, FS_IOC_FIEMAP, &buf) < 0) return -1;
+    uint32_t n = buf.head.fm_mapped_extents;
+    if (n > max) n = max;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct fiemap_extent *e = &buf.head.fm_extents[i];
+        out[i].logical = e->fe_logical;
+        out[i].physical = e->fe_physical;
+        out[i].length = e->fe_length;
+        out[i].flags = e->fe_flags;
+    }
+    *mapped = n;
+    return 0;
+}

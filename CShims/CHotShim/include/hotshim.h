@@ -7,6 +7,7 @@
 #include "hs_blkdev.h"
 #include "hs_freeze.h"
 #include "hs_fsmap.h"
+#include "hs_fiemap.h"
 #include "hs_loop.h"
 #include "hs_process.h"
 #include "hs_file.h"
