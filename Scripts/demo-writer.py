@@ -6,11 +6,15 @@ directory; every file is 64 KiB whose first line holds its own SHA-256 of the
 rest. Each operation is fsync'd (file and directory) and then recorded in the
 journal (outside the volume) as: K OP SEQ START_NS END_NS SHA, with
 CLOCK_MONOTONIC times, so a checker can compute the state at any cut.
-Runs until STOPFILE exists.
+Runs until STOPFILE exists. With PAUSEFILE and ACKFILE, it stops between
+operations while PAUSEFILE exists and says so by creating ACKFILE (removed
+when it goes on): a before-snapshot hook can hold it at a known state.
 """
 import hashlib, os, random, sys, time
 
 d, journal, stopfile = sys.argv[1], sys.argv[2], sys.argv[3]
+pausefile = sys.argv[4] if len(sys.argv) > 4 else None
+ackfile = sys.argv[5] if len(sys.argv) > 5 else None
 FILES = 200
 rnd = random.Random(1)
 j = open(journal, "w")
@@ -39,5 +43,10 @@ while not os.path.exists(stopfile):
         os.fsync(dfd)
         j.write("%d %s %d %d %d %s\n" % (k, op, seq, start, time.monotonic_ns(), sha))
     j.flush()
+    if pausefile and os.path.exists(pausefile):
+        open(ackfile, "w").close()
+        while os.path.exists(pausefile) and not os.path.exists(stopfile):
+            time.sleep(0.01)
+        os.unlink(ackfile)
     time.sleep(rnd.choice([0.01, 0.05, 0.3]))
 j.close()

@@ -53,6 +53,20 @@ extension SnapshotEngine {
     /// Copies the originals of the protected blocks in `range` into memory
     /// slots. Lock held on entry and on return; dropped for the device read.
     func copyBeforeWriteLocked(_ range: Range<UInt64>) {
+        // A write larger than half the memory buffer is copied in pieces, so
+        // the mover can empty slots between them (a 1 MiB request against a
+        // 1 MiB buffer must not fail the session). The write itself goes on
+        // only after every piece is copied.
+        let piece = UInt64(max(1, slotCount / 2))
+        if UInt64(range.count) > piece {
+            var lo = range.lowerBound
+            while lo < range.upperBound {
+                let hi = min(range.upperBound, lo + piece)
+                copyBeforeWriteLocked(lo..<hi)
+                lo = hi
+            }
+            return
+        }
         let gen = generation
         var need: [Range<UInt64>] = []
         while true {

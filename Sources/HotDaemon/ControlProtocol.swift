@@ -48,6 +48,8 @@ public struct DaemonStatus: Codable, Sendable {
     public var snapshotURI: String
     public var connections: Int
     public var frozen: String?
+    /// The hb files may hold at most this many bytes before the session fails.
+    public var bufferLimitBytes: UInt64?
     public var engine: EngineStatus
 }
 

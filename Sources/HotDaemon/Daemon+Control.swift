@@ -45,7 +45,8 @@ extension Daemon {
         DaemonStatus(name: options.name, device: options.device, protectedDevice: currentProtectedDevice,
                      via: options.via, pid: getpid(), bufferDir: options.resolvedBufferDir,
                      nbdSocket: nbd.socketPath, snapshotURI: snapshotURI,
-                     connections: nbd.connectionCount, frozen: frozenMountPoint, engine: engine.status())
+                     connections: nbd.connectionCount, frozen: frozenMountPoint,
+                     bufferLimitBytes: options.bufferLimitBytes, engine: engine.status())
     }
 
     private func begin(_ id: Int, _ req: ControlRequest) -> ControlReply {

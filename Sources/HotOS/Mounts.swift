@@ -48,6 +48,14 @@ public enum Mounts {
     }
 
     /// The mount whose mount point is exactly `path`.
+    /// The mount whose filesystem holds `path` (by st_dev), if any.
+    public static func holding(path: String) -> MountEntry? {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        let ma = UInt32(hs_major(UInt64(st.st_dev))), mi = UInt32(hs_minor(UInt64(st.st_dev)))
+        return all().last { $0.major == ma && $0.minor == mi }
+    }
+
     public static func at(mountPoint path: String) -> MountEntry? {
         var resolved = [CChar](repeating: 0, count: Int(PATH_MAX))
         let p = realpath(path, &resolved) != nil ? String(cString: resolved) : path

@@ -5,6 +5,7 @@ import ArgumentParser
 import Foundation
 import HotCore
 import HotDaemon
+import HotImager
 import HotOS
 import Logging
 
@@ -33,7 +34,8 @@ struct HotImage: ParsableCommand {
           3  the backup session failed (the live volume is unharmed)
         """,
         version: hotimageVersion,
-        subcommands: [Attach.self, Detach.self, Status.self, Snapshot.self])
+        subcommands: [Attach.self, Detach.self, Status.self, Snapshot.self,
+                      BackupCommand.self, RestoreCommand.self, InfoCommand.self, VerifyCommand.self])
 
     /// As ParsableCommand's, but usage errors exit 2 (documented) instead of
     /// ArgumentParser's 64.
@@ -59,7 +61,7 @@ struct RunDirOptions: ParsableArguments {
 
 enum CLIExit {
     static func fail(_ message: String, code: Int32 = 1) -> ExitCode {
-        FileHandle.standardError.write(Data("hotimage: \(message)\n".utf8))
+        writeStderr("hotimage: \(message)\n")
         return ExitCode(code)
     }
 }
@@ -77,14 +79,6 @@ func parseSize(_ s: String) -> UInt64? {
     return v * mult
 }
 
-func formatBytes(_ b: UInt64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
-    var v = Double(b)
-    var i = 0
-    while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
-    return i == 0 ? "\(b) B" : String(format: "%.1f %@", v, units[i])
-}
-
 func makeLogger(_ label: String, level: Logger.Level = .info) -> Logger {
     LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
     var l = Logger(label: label)
@@ -92,22 +86,5 @@ func makeLogger(_ label: String, level: Logger.Level = .info) -> Logger {
     return l
 }
 
-/// Finds the daemon directory for a name or a protected device path.
-func daemonDir(_ target: String, runDir: String) -> String? {
-    let direct = runDir + "/" + target
-    if FileManager.default.fileExists(atPath: direct + "/control.sock") { return direct }
-    let names = (try? FileManager.default.contentsOfDirectory(atPath: runDir)) ?? []
-    for n in names.sorted() {
-        let d = runDir + "/" + n
-        if let dev = try? String(contentsOfFile: d + "/device", encoding: .utf8),
-           dev.trimmingCharacters(in: .whitespacesAndNewlines) == target || d + "/device" == target {
-            return d
-        }
-        if let m = Mounts.at(mountPoint: target),
-           let dev = try? String(contentsOfFile: d + "/device", encoding: .utf8),
-           Mounts.of(device: dev.trimmingCharacters(in: .whitespacesAndNewlines)).contains(where: { $0.mountPoint == m.mountPoint }) {
-            return d
-        }
-    }
-    return nil
-}
+/// Finds the daemon directory for a name, a protected device or a mount point.
+func daemonDir(_ target: String, runDir: String) -> String? { findDaemon(target, runDir: runDir) }

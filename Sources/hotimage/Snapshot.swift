@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import HotCore
 import HotDaemon
+import HotImager
 import HotOS
 #if canImport(Glibc)
 import Glibc
@@ -64,79 +65,44 @@ struct Snapshot: ParsableCommand {
         guard let dir = daemonDir(target, runDir: paths.runDir) else {
             throw CLIExit.fail("no HotCore daemon for '\(target)' in \(paths.runDir)")
         }
-        let client = try ControlClient(path: dir + "/control.sock")
-        let hello = try client.call("hello")
-        guard let dev = hello.protectedDevice, let size = hello.size else { throw CLIExit.fail("the daemon is not ready") }
-        let mount = Mounts.of(device: dev).first
+        let vol: AttachedVolume
+        do { vol = try SessionClient.locate(runDir: dir) } catch { throw CLIExit.fail("\(error)") }
+        let mount = Mounts.of(device: vol.protectedDevice).first
         let mode = consistency.flatMap(Consistency.init(rawValue:)) ?? (mount == nil ? .raw : .freeze)
-        if mode != .raw && mount == nil { throw CLIExit.fail("\(dev) is not mounted: use --consistency raw", code: 2) }
+        if mode != .raw && mount == nil { throw CLIExit.fail("\(vol.protectedDevice) is not mounted: use --consistency raw", code: 2) }
 
-        var armedAt: UInt64 = 0
-        var usedBytes: UInt64 = 0
-        var attempt = 0
-        while true {
-            attempt += 1
-            var req = ControlRequest(op: "begin")
-            req.consistency = mode.rawValue
-            req.mountPoint = mount?.mountPoint
-            req.pauseMs = pauseMs
-            let b = try client.call(req)
-            guard b.ok, let at = b.armedAtNanos else { throw CLIExit.fail("snapshot failed: \(b.error ?? "?")", code: 3) }
-            armedAt = at
-            var used: [[UInt64]]
-            if let m = mount {
-                do {
-                    used = try FSMap.usedExtents(mountPoint: m.mountPoint, deviceBytes: size).map { [$0.offset, $0.offset + $0.length] }
-                } catch {
-                    _ = try? client.call("end")
-                    throw CLIExit.fail("reading the used-block map of \(m.mountPoint): \(error)", code: 3)
-                }
-            } else {
-                used = [[0, size]]
-            }
-            usedBytes = used.reduce(0) { $0 + $1[1] - $1[0] }
-            var mreq = ControlRequest(op: "map")
-            mreq.used = used
-            let r = try client.call(mreq)
-            if r.ok { break }
-            if r.retry == true && attempt < retries {
-                FileHandle.standardError.write(Data("hotimage: \(r.error ?? "writes during the map read"); retrying\n".utf8))
-                continue
-            }
-            _ = try? client.call("end")
-            throw CLIExit.fail("snapshot failed: \(r.error ?? "?")", code: 3)
+        let session = try SessionClient(volume: vol)
+        let snap: TakenSnapshot
+        do {
+            snap = try session.take(consistency: mode, mountPoint: mount?.mountPoint, pauseMs: pauseMs, retries: retries, readMap: {
+                guard let m = mount else { return ([0..<vol.size], []) }
+                return (try FSMap.usedExtents(mountPoint: m.mountPoint, deviceBytes: vol.size).map { $0.offset..<($0.offset + $0.length) }, [])
+            }, onRetry: { FileHandle.standardError.write(Data("hotimage: \($0); retrying\n".utf8)) })
+        } catch {
+            throw CLIExit.fail("\(error)", code: 3)
         }
-        FileHandle.standardError.write(Data("hotimage: snapshot of \(dev) taken (\(mode.rawValue), \(formatBytes(usedBytes)) used, armed at \(armedAt) ns)\n".utf8))
+        FileHandle.standardError.write(Data("hotimage: snapshot of \(vol.protectedDevice) taken (\(mode.rawValue), \(formatBytes(snap.usedBytes)) used, armed at \(snap.armedAtNanos) ns)\n".utf8))
+        session.startHeartbeat()
 
-        setenv("HOTIMAGE_SNAPSHOT_URI", hello.snapshotURI ?? "", 1)
-        setenv("HOTIMAGE_NBD_SOCKET", dir + "/nbd.sock", 1)
-        setenv("HOTIMAGE_ARMED_NS", "\(armedAt)", 1)
-        setenv("HOTIMAGE_USED_BYTES", "\(usedBytes)", 1)
+        let env = [
+            "HOTIMAGE_SNAPSHOT_URI": vol.snapshotURI,
+            "HOTIMAGE_NBD_SOCKET": vol.nbdSocket,
+            "HOTIMAGE_ARMED_NS": "\(snap.armedAtNanos)",
+            "HOTIMAGE_USED_BYTES": "\(snap.usedBytes)",
+        ]
+        for (k, v) in env { setenv(k, v, 1) }
         // Arguments may name the variables literally ('$HOTIMAGE_SNAPSHOT_URI'),
         // so no shell is needed for the common case.
-        let vars = ["HOTIMAGE_SNAPSHOT_URI", "HOTIMAGE_NBD_SOCKET", "HOTIMAGE_ARMED_NS", "HOTIMAGE_USED_BYTES"]
-        let argv = command.map { arg in
-            vars.reduce(arg) { a, v in a.replacingOccurrences(of: "$" + v, with: String(cString: getenv(v))) }
-        }
+        let argv = command.map { arg in env.reduce(arg) { a, kv in a.replacingOccurrences(of: "$" + kv.key, with: kv.value) } }
         let pid = try ProcessControl.spawn(argv, inheritStdio: true, newSession: false)
-        var code: Int32 = 0
-        var sessionError: String?
-        var lastBeat = monotonicNanos()
-        while true {
-            if let st = ProcessControl.reap(pid) { code = ProcessControl.exitCode(st); break }
-            if monotonicNanos() - lastBeat > 1_000_000_000 {
-                lastBeat = monotonicNanos()
-                let h = try? client.call("heartbeat")
-                if let h, !h.ok, sessionError == nil { sessionError = h.error }
-            }
-            usleep(20_000)
-        }
+        let code = ProcessControl.wait(pid)
         // A failure while the command ran: the snapshot it read may be incomplete.
-        if let st = try? client.call("status"), let s = st.status, s.engine.phase == .failed {
+        var sessionError = session.lastError
+        if let s = try? session.status(), s.engine.phase == .failed {
             sessionError = s.engine.failure ?? "failed"
         }
-        _ = try? client.call("end")
-        client.close()
+        session.end()
+        session.close()
         if let e = sessionError {
             throw CLIExit.fail("the session failed while the command ran: \(e)", code: 3)
         }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import HotCore
 import HotDaemon
+import HotImager
 import HotOS
 
 struct Status: ParsableCommand {

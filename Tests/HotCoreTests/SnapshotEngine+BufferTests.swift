@@ -180,13 +180,29 @@ struct SnapshotEngineBufferTests {
         #expect(f.deviceBytes() == f.live)
     }
 
-    @Test("A write needing more slots than the whole buffer fails the session at once and lands")
+    @Test("A write larger than the whole buffer is copied in pieces while the mover spills; the session survives")
     func writeLargerThanBuffer() throws {
         let f = EngFixture(memoryBlocks: 4, clock: MonotonicClock()) { $0.maxWriteWaitNanos = 5 * engSecond }
         try f.protect()
+        let mover = engSpawn {
+            var moved = 0
+            while moved < 10 { moved += f.engine.spillStep(); Thread.sleep(forTimeInterval: 0.002) }
+        }
+        try f.writeBlocks(0, 12, seed: 2)
+        #expect(engWait(mover))
+        #expect(f.phase == .protecting)
+        #expect(f.status.counters.copies == 12)
+        for b: UInt64 in 0..<12 { #expect(try f.snapBlock(b) == f.imageBlock(b), "block \(b)") }
+        #expect(f.deviceBytes() == f.live)
+    }
+
+    @Test("A write larger than the buffer with no mover fails the session after maxWriteWaitNanos and lands")
+    func writeLargerThanBufferNoMover() throws {
+        let f = EngFixture(memoryBlocks: 4, clock: MonotonicClock()) { $0.maxWriteWaitNanos = 200 * engMS }
+        try f.protect()
         let start = Date()
-        try f.writeBlocks(0, 5, seed: 2)
-        #expect(Date().timeIntervalSince(start) < 1.0)
+        try f.writeBlocks(0, 12, seed: 2)
+        #expect(Date().timeIntervalSince(start) < 2.0)
         #expect(f.phase == .failed)
         #expect(f.deviceBytes() == f.live)
     }

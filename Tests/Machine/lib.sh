@@ -11,6 +11,7 @@ mkdir -p "$RUN"
 HOTIMAGE=${HOTIMAGE:-$ROOT/.build/release/hotimage}
 STAMP=${STAMP:-$ROOT/.build/release/hotimage-stamp}
 H() { local sub=$1; shift; "$HOTIMAGE" "$sub" --run-dir "$RUN" "$@"; }
+HI() { "$HOTIMAGE" "$@"; }  # commands without a daemon (info, verify, restore)
 HOTIMAGE_RUN=$RUN
 
 log() { echo "[$T] $*"; }

@@ -1,0 +1,434 @@
+// `hotimage backup`: the HotBackup routine on Linux.
+//
+//   resolve SOURCE (attach name, protected device, mount point, device)
+//   choose the mode (online: a HotCore session; offline: exclusive read)
+//   before-snapshot hooks          (a failure aborts: exit 4)
+//   snapshot: pause, freeze, used-block map minus exclusions, thaw
+//                                  (a failure: after-snapshot and
+//                                   after-backup still run; exit 3)
+//   after-snapshot hooks           (their result is recorded, never stops the backup)
+//   the imager streams used clusters into the qcow2 image, archived ranges
+//   shrink HotCore's protection, emergency mode when hb files grow
+//   finish the image (metadata, checksums), end the session
+//   after-backup hooks with the exit code so far
+//
+// Exit codes: 0 done; 1 reading or writing failed; 2 refused (usage, a
+// volume mounted read-write in offline mode, no HotCore for online mode,
+// the image exists); 3 the snapshot or the session failed (the live volume
+// is unharmed); 4 a before-snapshot hook failed; 6 the image is complete
+// but an after-snapshot or after-backup hook failed; 130 interrupted.
+import Foundation
+import HotCore
+import HotDaemon
+import HotOS
+import QCow2
+
+public enum BackupMode: String, Sendable { case online, auto, offline }
+
+public struct BackupOptions: Sendable {
+    public var source: String
+    public var output: String
+    public var mode: BackupMode = .auto
+    public var consistency: Consistency?
+    public var compression: QCow2Compression = .zstd(level: 1)
+    public var clusterBits = 16
+    public var excludes: [String] = []
+    public var hooks = HookSet()
+    public var keepPartial = false
+    public var overwrite = false
+    public var runDir = "/run/hotimage"
+    public var pauseMs: Double?
+    public var imager = ImagerConfig()
+    public var toolVersion = "0"
+    public init(source: String, output: String) { self.source = source; self.output = output }
+}
+
+public enum BackupExit: Int32 {
+    case ok = 0, failed = 1, refused = 2, session = 3, hookAbort = 4, hookFailed = 6, interrupted = 130
+}
+
+public struct BackupSummary: Codable, Sendable {
+    public var image: String
+    public var exitCode: Int32
+    public var error: String?
+    public var mode: String
+    public var consistency: String
+    public var mapMethod: String
+    public var seconds: Double
+    public var snapshotSeconds: Double
+    public var usedBytes: UInt64
+    public var imagedBytes: UInt64
+    public var imageBytes: UInt64
+    public var ratio: Double
+    public var megabytesPerSecond: Double
+    public var cowPeakBytes: UInt64
+    public var spillPeakBytes: UInt64
+    public var emergencyEpisodes: [EmergencyEpisode]
+    public var hooks: [HookResult]
+    public var partialKept: Bool
+}
+
+struct BackupFailure: Error, CustomStringConvertible {
+    var code: BackupExit
+    var description: String
+}
+
+/// Finds the daemon directory for an attachment name, a protected device
+/// path, or a mount point of a protected device.
+public func findDaemon(_ target: String, runDir: String) -> String? {
+    let direct = runDir + "/" + target
+    if !target.contains("/"), FileManager.default.fileExists(atPath: direct + "/control.sock") { return direct }
+    let names = (try? FileManager.default.contentsOfDirectory(atPath: runDir)) ?? []
+    let mount = Mounts.at(mountPoint: target)
+    for n in names.sorted() {
+        let d = runDir + "/" + n
+        guard FileManager.default.fileExists(atPath: d + "/control.sock"),
+              let raw = try? String(contentsOfFile: d + "/device", encoding: .utf8) else { continue }
+        let dev = raw.trimmingCharacters(in: .whitespacesAndNewlines)
+        if dev == target { return d }
+        if let m = mount, Mounts.of(device: dev).contains(where: { $0.mountPoint == m.mountPoint }) { return d }
+    }
+    return nil
+}
+
+public final class BackupJob: @unchecked Sendable {
+    let o: BackupOptions
+    let r: Reporter
+    private var imager: Imager?
+    private let m = Monitor()
+    private var interrupted = false
+    private var hookResults: [HookResult] = []
+
+    public init(options: BackupOptions, reporter: Reporter) {
+        o = options
+        r = reporter
+    }
+
+    /// Called from a signal thread: stop, clean up, exit 130.
+    public func interrupt(_ why: String) {
+        m.withLock { interrupted = true }
+        imager?.cancel(why)
+    }
+
+    struct Plan {
+        var daemon: String?
+        var volume: AttachedVolume?
+        var readDevice: String        // what the imager reads (offline) or the protected device (online)
+        var realDevice: String?
+        var mount: MountEntry?
+        var online: Bool
+        var size: UInt64
+    }
+
+    public func run() -> (BackupExit, BackupSummary?) {
+        let t0 = monotonicNanos()
+        let plan: Plan
+        do { plan = try resolve() } catch let f as BackupFailure {
+            r.log(f.description); r.event("error", ["message": .string(f.description), "exitCode": .int(Int64(f.code.rawValue))])
+            return (f.code, nil)
+        } catch {
+            r.log("\(error)"); return (.failed, nil)
+        }
+        let volumes = [plan.mount?.mountPoint ?? plan.readDevice]
+        let consistency: String = plan.online
+            ? (plan.mount == nil ? "raw" : (o.consistency ?? .freeze).rawValue) : "offline"
+        let ctx = HookContext(volumes: volumes, freeze: plan.online && consistency == "freeze", image: o.output)
+        r.event("start", ["source": .string(o.source), "image": .string(o.output), "mode": .string(plan.online ? "online" : "offline"),
+                          "device": .string(plan.readDevice), "deviceBytes": .uint(plan.size)])
+        r.log("backing up \(plan.readDevice)\(plan.mount.map { " (mounted at \($0.mountPoint))" } ?? "") \(plan.online ? "online" : "offline") to \(o.output)")
+
+        // 1. before-snapshot: a failure aborts at once.
+        let before = HookRunner.run(o.hooks, .beforeSnapshot, error: 0, context: ctx, stopOnFailure: true, log: hookLog)
+        hookResults += before
+        if let bad = before.first(where: { !$0.ok }) {
+            let msg = "before-snapshot hook '\(bad.command)' failed (\(bad.timedOut ? "timed out" : "exit \(bad.exitCode)")); backup aborted"
+            r.log(msg)
+            r.event("error", ["message": .string(msg), "exitCode": .int(Int64(BackupExit.hookAbort.rawValue))])
+            return (.hookAbort, nil)
+        }
+
+        // The image file.
+        let probe = (try? probeFilesystem(path: plan.readDevice)) ?? nil
+        let writer: QCow2Writer
+        do {
+            writer = try QCow2Writer(path: o.output, virtualSize: plan.size, clusterBits: o.clusterBits,
+                                     compression: o.compression, overwrite: o.overwrite)
+        } catch {
+            return afterFailedSnapshot(.refused, "cannot create the image \(o.output): \(error)", ctx: ctx)
+        }
+
+        // 2. The snapshot (or, offline, the map).
+        var session: SessionClient?
+        let snap: TakenSnapshot
+        var mapMethod = "raw"
+        var excludedList: [ImageMetadata.Excluded] = []
+        let tSnap = monotonicNanos()
+        do {
+            if plan.online, let vol = plan.volume {
+                let s = try SessionClient(volume: vol)
+                session = s
+                let mode: Consistency = plan.mount == nil ? .raw : (o.consistency ?? .freeze)
+                if plan.mount == nil { r.log("\(vol.protectedDevice) is not mounted: every block is imaged (raw map)") }
+                snap = try s.take(consistency: mode, mountPoint: plan.mount?.mountPoint, pauseMs: o.pauseMs, readMap: {
+                    let (used, method) = try usedMap(plan)
+                    mapMethod = method
+                    let (ex, list) = try exclusions(plan)
+                    excludedList = list
+                    return (used, ex)
+                }, onRetry: { self.r.log("\($0); waiting for the next pause") })
+                s.startHeartbeat()
+            } else {
+                let (used, method) = try usedMap(plan)
+                mapMethod = method
+                let (ex, list) = try exclusions(plan)
+                excludedList = list
+                let u = RangeSet.normalize(used)
+                let p = RangeSet.subtract(u, RangeSet.normalize(ex))
+                snap = TakenSnapshot(armedAtNanos: monotonicNanos(), wallTime: Date(), frozen: false, attempts: 1,
+                                     protected: p, usedBytes: RangeSet.total(u), excludedBytes: RangeSet.total(u) - RangeSet.total(p))
+            }
+        } catch {
+            writer.abandon()
+            session?.end(); session?.close()
+            let code: BackupExit = (error as? BackupFailure)?.code ?? .session
+            return afterFailedSnapshot(code, "snapshot failed: \(error)", ctx: ctx)
+        }
+        let snapSeconds = Double(monotonicNanos() - tSnap) / 1e9
+        if mapMethod == "raw" { r.log("no used-block map for this volume: imaging every block (raw)") }
+        r.log(String(format: "snapshot taken in %.2f s (%@, map %@): %@ used, %@ excluded, %d attempt(s)", snapSeconds, consistency,
+                     mapMethod, formatBytes(snap.usedBytes), formatBytes(snap.excludedBytes), snap.attempts))
+        r.event("snapshot", ["seconds": .double(snapSeconds), "consistency": .string(consistency), "mapMethod": .string(mapMethod),
+                             "usedBytes": .uint(snap.usedBytes), "excludedBytes": .uint(snap.excludedBytes),
+                             "attempts": .int(Int64(snap.attempts)), "time": .string(iso8601(snap.wallTime))])
+
+        // 3. after-snapshot: recorded, never stops the backup.
+        let after = HookRunner.run(o.hooks, .afterSnapshot, error: 0, context: ctx, stopOnFailure: false, log: hookLog)
+        hookResults += after
+
+        // 4. The imager.
+        var code: BackupExit = .ok
+        var errorText: String?
+        var result: ImagerResult?
+        do {
+            let source: BlockSource = plan.online ? try NBDSource(uri: plan.volume!.snapshotURI)
+                                                  : try DeviceSource(path: plan.readDevice, exclusive: plan.mount == nil)
+            let im = Imager(source: source, ranges: snap.protected, writer: writer, compression: o.compression,
+                            clusterSize: 1 << o.clusterBits, config: o.imager, session: session, log: { self.r.log($0) })
+            m.withLock { imager = im }
+            if m.withLock({ interrupted }) { im.cancel("interrupted") }
+            result = try im.run { self.r.progress($0, phase: "imaging") }
+            r.finishProgress()
+        } catch {
+            r.finishProgress()
+            code = m.withLock({ interrupted }) ? .interrupted : ((error as? ImagerError)?.sessionFailed == true ? .session : .failed)
+            errorText = "\(error)"
+        }
+
+        // 5. Finish or discard the image; end the session.
+        let meta = ImageMetadata(
+            toolVersion: o.toolVersion, host: ProcessInfo.processInfo.hostName,
+            source: .init(device: plan.readDevice, realDevice: plan.realDevice, attachName: plan.volume?.name,
+                          mountPoint: plan.mount?.mountPoint, deviceBytes: plan.size),
+            filesystem: .init(type: probe?.type ?? plan.mount?.fsType, uuid: probe?.uuid, label: probe?.label, blockSize: probe?.blockSize),
+            snapshotTime: iso8601(snap.wallTime), consistency: consistency, mode: plan.online ? "online" : "offline",
+            mapMethod: mapMethod, blockSize: plan.volume?.blockSize ?? 4096, clusterSize: 1 << o.clusterBits,
+            compression: o.compression.description, usedBytes: snap.usedBytes, imagedBytes: RangeSet.total(snap.protected),
+            excluded: excludedList, hooks: hookResults, emergencyEpisodes: result?.episodes ?? [])
+        var partialKept = false
+        if code == .ok {
+            do { _ = try writer.finish(metadata: meta.encoded(), complete: true) } catch {
+                code = .failed
+                errorText = "finishing the image: \(error)"
+                writer.abandon()
+            }
+        } else if o.keepPartial {
+            do { _ = try writer.finish(metadata: meta.encoded(), complete: false); partialKept = true } catch { writer.abandon() }
+        } else {
+            writer.abandon()
+        }
+        session?.end()
+        session?.close()
+        if let e = errorText {
+            r.log("backup failed: \(e)" + (partialKept ? "; the partial image is kept, marked incomplete" : "; the partial image was removed"))
+        }
+
+        // 6. after-backup, with the error code.
+        let afterBackup = HookRunner.run(o.hooks, .afterBackup, error: code.rawValue, context: ctx, stopOnFailure: false, log: hookLog)
+        hookResults += afterBackup
+        if code == .ok && (after + afterBackup).contains(where: { !$0.ok }) { code = .hookFailed }
+
+        let seconds = Double(monotonicNanos() - t0) / 1e9
+        let imageBytes = (try? FileManager.default.attributesOfItem(atPath: o.output)[.size] as? UInt64) ?? 0
+        let imaged = result?.bytesRead ?? 0
+        let summary = BackupSummary(
+            image: o.output, exitCode: code.rawValue, error: errorText, mode: plan.online ? "online" : "offline",
+            consistency: consistency, mapMethod: mapMethod, seconds: seconds, snapshotSeconds: snapSeconds,
+            usedBytes: snap.usedBytes, imagedBytes: imaged, imageBytes: imageBytes,
+            ratio: imaged > 0 ? Double(imageBytes) / Double(imaged) : 0,
+            megabytesPerSecond: (result?.seconds ?? 0) > 0 ? Double(imaged) / result!.seconds / 1e6 : 0,
+            cowPeakBytes: result?.peakBufferBytes ?? 0, spillPeakBytes: result?.peakSpillBytes ?? 0,
+            emergencyEpisodes: result?.episodes ?? [], hooks: hookResults, partialKept: partialKept)
+        r.event("summary", ["summary": .value(summary)])
+        printSummary(summary)
+        return (code, summary)
+    }
+
+    private func hookLog(_ s: String) {
+        r.log(s)
+    }
+
+    /// The snapshot failed (or never started): no data; after-snapshot and
+    /// after-backup still run, with the error code.
+    private func afterFailedSnapshot(_ code: BackupExit, _ msg: String, ctx: HookContext) -> (BackupExit, BackupSummary?) {
+        r.log(msg)
+        r.event("error", ["message": .string(msg), "exitCode": .int(Int64(code.rawValue))])
+        hookResults += HookRunner.run(o.hooks, .afterSnapshot, error: code.rawValue, context: ctx, stopOnFailure: false, log: hookLog)
+        hookResults += HookRunner.run(o.hooks, .afterBackup, error: code.rawValue, context: ctx, stopOnFailure: false, log: hookLog)
+        return (code, nil)
+    }
+
+    private func printSummary(_ s: BackupSummary) {
+        var lines = [
+            String(format: "summary: %@ in %.1f s (snapshot %.2f s), %@ used, %@ imaged at %.0f MB/s",
+                   s.exitCode == 0 || s.exitCode == 6 ? "image complete" : "FAILED", s.seconds, s.snapshotSeconds,
+                   formatBytes(s.usedBytes), formatBytes(s.imagedBytes), s.megabytesPerSecond),
+            String(format: "summary: image %@ (%.1f%% of the imaged data), COW buffer peak %@ (hb files %@)",
+                   formatBytes(s.imageBytes), s.ratio * 100, formatBytes(s.cowPeakBytes), formatBytes(s.spillPeakBytes)),
+        ]
+        if s.emergencyEpisodes.isEmpty {
+            lines.append("summary: no emergency mode")
+        } else {
+            let t = s.emergencyEpisodes.reduce(0) { $0 + $1.seconds }
+            lines.append(String(format: "summary: emergency mode %d time(s), %.1f s in all", s.emergencyEpisodes.count, t))
+        }
+        for l in lines { r.log(l) }
+    }
+
+    // MARK: resolving the source
+
+    func resolve() throws -> Plan {
+        if let d = findDaemon(o.source, runDir: o.runDir) {
+            let vol: AttachedVolume
+            do { vol = try SessionClient.locate(runDir: d) } catch { throw BackupFailure(code: .failed, description: "\(error)") }
+            let mount = Mounts.of(device: vol.protectedDevice).first
+            let real = vol.realDevice
+            let inUse = mount.map { !$0.readOnly } ?? false
+            let online: Bool
+            switch o.mode {
+            case .online: online = true
+            case .auto: online = inUse
+            case .offline:
+                if inUse { throw BackupFailure(code: .refused, description: "\(vol.protectedDevice) is mounted read-write at \(mount!.mountPoint): offline mode refuses it (use --mode online or auto)") }
+                online = false
+            }
+            try checkOutput(mount: mount, device: vol.protectedDevice)
+            return Plan(daemon: d, volume: vol, readDevice: vol.protectedDevice, realDevice: real, mount: mount, online: online, size: vol.size)
+        }
+        // Not behind HotCore: a mount point or a device.
+        var device = o.source
+        var mount: MountEntry?
+        if let me = Mounts.at(mountPoint: o.source) {
+            mount = me
+            device = me.source
+        } else {
+            mount = Mounts.of(device: o.source).first
+        }
+        var st = stat()
+        guard stat(device, &st) == 0 else {
+            throw BackupFailure(code: .refused, description: "'\(o.source)' is neither an attachment in \(o.runDir), a mount point, nor a device")
+        }
+        guard (st.st_mode & S_IFMT) == S_IFBLK || (st.st_mode & S_IFMT) == S_IFREG else {
+            throw BackupFailure(code: .refused, description: "\(device) is not a block device or image file")
+        }
+        let inUse = mount.map { !$0.readOnly } ?? false
+        if o.mode == .online || (o.mode == .auto && inUse) {
+            throw BackupFailure(code: .refused, description: inUse
+                ? "\(device) is mounted read-write at \(mount!.mountPoint) and not behind HotCore: attach it first (hotimage attach), or unmount it for an offline backup"
+                : "\(device) is not behind HotCore: online mode needs 'hotimage attach \(device)' (or use --mode offline)")
+        }
+        if inUse {
+            throw BackupFailure(code: .refused, description: "\(device) is mounted read-write at \(mount!.mountPoint): offline mode refuses it")
+        }
+        try checkOutput(mount: mount, device: device)
+        let size: UInt64
+        do {
+            let probeDev = try BlockDevice(path: device, readOnly: true, exclusive: false)
+            size = probeDev.size
+        } catch { throw BackupFailure(code: .refused, description: "\(error)") }
+        return Plan(daemon: nil, volume: nil, readDevice: device, realDevice: nil, mount: mount, online: false, size: size)
+    }
+
+    /// The image must not live on the volume being backed up.
+    func checkOutput(mount: MountEntry?, device: String) throws {
+        let dir = (o.output as NSString).deletingLastPathComponent.isEmpty ? "." : (o.output as NSString).deletingLastPathComponent
+        guard FileManager.default.fileExists(atPath: dir) else { throw BackupFailure(code: .refused, description: "the image directory \(dir) does not exist") }
+        if let m = mount, let h = Mounts.holding(path: dir), h.major == m.major && h.minor == m.minor {
+            throw BackupFailure(code: .refused, description: "the image \(o.output) would be written into the volume being backed up (\(m.mountPoint))")
+        }
+        if !o.overwrite && FileManager.default.fileExists(atPath: o.output) {
+            throw BackupFailure(code: .refused, description: "\(o.output) exists (use --force to overwrite it)")
+        }
+        if !o.excludes.isEmpty && mount == nil {
+            throw BackupFailure(code: .refused, description: "--exclude needs the filesystem mounted (it reads file extents with FIEMAP); \(device) is not mounted")
+        }
+    }
+
+    // MARK: maps
+
+    /// Used byte ranges and how they were found.
+    func usedMap(_ p: Plan) throws -> ([Range<UInt64>], String) {
+        if let mnt = p.mount {
+            do {
+                let ex = try FSMap.usedExtents(mountPoint: mnt.mountPoint, deviceBytes: p.size)
+                return (ex.map { $0.offset..<($0.offset + $0.length) }, "getfsmap")
+            } catch {
+                // Filesystems without GETFSMAP: every block.
+                return ([0..<p.size], "raw")
+            }
+        }
+        if p.mount == nil, !p.online, let fs = try? probeFilesystem(path: p.readDevice), ["ext2", "ext3", "ext4"].contains(fs.type) {
+            let m = try ext2UsedExtents(devicePath: p.readDevice)
+            if m.needsRecovery {
+                throw BackupFailure(code: .refused, description: "\(p.readDevice): the ext journal needs recovery (mount it once, or run e2fsck) before an offline backup")
+            }
+            return (m.used, "ext2fs")
+        }
+        return ([0..<p.size], "raw")
+    }
+
+    /// Swap files on the volume (always) and --exclude paths, as device
+    /// byte ranges, with what each covered.
+    func exclusions(_ p: Plan) throws -> ([Range<UInt64>], [ImageMetadata.Excluded]) {
+        guard let mnt = p.mount else { return ([], []) }
+        var ranges: [Range<UInt64>] = []
+        var list: [ImageMetadata.Excluded] = []
+        var mst = stat()
+        guard stat(mnt.mountPoint, &mst) == 0 else { return ([], []) }
+        func add(_ ex: [FileExtent], path: String, reason: String, files: Int) {
+            var bytes: UInt64 = 0
+            for e in ex where e.isExcludable {
+                ranges.append(e.physical..<(e.physical + e.length))
+                bytes += e.length
+            }
+            list.append(.init(path: path, reason: reason, bytes: bytes, files: files))
+        }
+        for sw in swapFiles(onDevice: mst.st_dev) {
+            add(try fileExtents(path: sw), path: sw, reason: "swap file", files: 1)
+        }
+        for path in o.excludes {
+            let abs = path.hasPrefix("/") ? path : mnt.mountPoint + "/" + path
+            var st = stat()
+            guard lstat(abs, &st) == 0 else { throw BackupFailure(code: .refused, description: "--exclude \(path): \(String(cString: strerror(errno)))") }
+            guard st.st_dev == mst.st_dev else {
+                throw BackupFailure(code: .refused, description: "--exclude \(path) is not on the volume mounted at \(mnt.mountPoint)")
+            }
+            if (st.st_mode & S_IFMT) == S_IFDIR {
+                let d = try directoryExtents(path: abs)
+                add(d.extents, path: abs, reason: "--exclude", files: d.files)
+            } else if (st.st_mode & S_IFMT) == S_IFREG {
+                add(try fileExtents(path: abs), path: abs, reason: "--exclude", files: 1)
+            }
+        }
+        return (RangeSet.normalize(ranges), list)
+    }
+}

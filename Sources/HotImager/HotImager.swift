@@ -1,2 +1,0 @@
-// Placeholder so the target builds.
-enum HotImagerPlaceholder {}

@@ -1,0 +1,85 @@
+// `hotimage info` and `hotimage verify`.
+import Foundation
+import HotOS
+import QCow2
+
+public struct ImageInfo: Codable, Sendable {
+    public var path: String
+    public var fileBytes: UInt64
+    public var virtualSize: UInt64
+    public var clusterSize: Int
+    public var compressionType: String
+    public var madeByHotimage: Bool
+    public var complete: Bool?
+    public var allocatedClusters: UInt64
+    public var metadata: ImageMetadata?
+
+    public static func read(_ path: String) throws -> ImageInfo {
+        let r = try QCow2Reader(path: path)
+        var st = stat()
+        _ = stat(path, &st)
+        let meta = r.hotimage.flatMap { ImageMetadata.decode($0.metadata) }
+        return ImageInfo(path: path, fileBytes: UInt64(st.st_size), virtualSize: r.virtualSize, clusterSize: r.clusterSize,
+                         compressionType: r.compressionType, madeByHotimage: r.hotimage != nil, complete: r.hotimage?.complete,
+                         allocatedClusters: UInt64(try r.allocatedClusters().count), metadata: meta)
+    }
+
+    public var text: String {
+        var s = ""
+        func line(_ k: String, _ v: String) { s += k.padding(toLength: 18, withPad: " ", startingAt: 0) + v + "\n" }
+        line("image:", path)
+        line("file size:", "\(formatBytes(fileBytes)) (\(fileBytes) bytes)")
+        line("virtual size:", "\(formatBytes(virtualSize)) (\(virtualSize) bytes)")
+        line("cluster size:", "\(clusterSize)")
+        line("compression type:", compressionType)
+        line("data clusters:", "\(allocatedClusters) (\(formatBytes(allocatedClusters * UInt64(clusterSize))))")
+        guard madeByHotimage else { line("made by:", "not hotimage (no metadata, no checksums)"); return s }
+        line("complete:", complete == true ? "yes" : "NO (a partial image kept after a failed backup; restore refuses it)")
+        guard let m = metadata else { line("metadata:", "unreadable"); return s }
+        line("made by:", "\(m.tool) \(m.toolVersion) on \(m.host)")
+        line("source device:", m.source.device + (m.source.realDevice.map { " (behind HotCore: \($0))" } ?? ""))
+        if let a = m.source.attachName { line("attachment:", a) }
+        if let mp = m.source.mountPoint { line("mount point:", mp) }
+        line("filesystem:", [m.filesystem.type, m.filesystem.uuid.map { "UUID \($0)" }, m.filesystem.label.map { "label '\($0)'" }]
+            .compactMap { $0 }.joined(separator: ", ").ifEmpty("unknown"))
+        line("snapshot time:", m.snapshotTime)
+        line("mode:", "\(m.mode), consistency \(m.consistency), map \(m.mapMethod)")
+        line("compression:", m.compression)
+        line("block size:", "\(m.blockSize)")
+        line("used bytes:", "\(formatBytes(m.usedBytes)) (\(m.usedBytes))")
+        line("imaged bytes:", "\(formatBytes(m.imagedBytes)) (\(m.imagedBytes))")
+        if m.excluded.isEmpty { line("excluded:", "nothing") }
+        for e in m.excluded { line("excluded:", "\(e.path) (\(e.reason), \(e.files) file(s), \(formatBytes(e.bytes)))") }
+        for h in m.hooks {
+            line("hook:", "\(h.phase.rawValue) '\(h.command)' → \(h.timedOut ? "timed out" : "exit \(h.exitCode)")")
+        }
+        for e in m.emergencyEpisodes {
+            line("emergency:", String(format: "at %.1f s for %.1f s, %llu clusters (%@)", e.startSeconds, e.seconds, e.clusters, e.reason))
+        }
+        return s
+    }
+}
+
+extension String {
+    func ifEmpty(_ d: String) -> String { isEmpty ? d : self }
+}
+
+public struct VerifyOutcome: Codable, Sendable {
+    public var image: String
+    public var problems: [String]
+    public var notes: [String]
+    public var clustersChecked: UInt64
+    public var seconds: Double
+
+    public static func run(_ path: String) throws -> VerifyOutcome {
+        let t0 = monotonicNanos()
+        let r = try QCow2Reader(path: path)
+        let rep = r.verify()
+        var problems = rep.problems.map { "\($0)" }
+        var notes: [String] = []
+        if r.hotimage == nil { notes.append("not made by hotimage: the structure was checked, the data has no checksums to check") }
+        if let h = r.hotimage, !h.complete { problems.insert("the image is incomplete (a failed backup kept with --keep-partial)", at: 0) }
+        return VerifyOutcome(image: path, problems: problems, notes: notes, clustersChecked: rep.clustersChecked,
+                             seconds: Double(monotonicNanos() - t0) / 1e9)
+    }
+}

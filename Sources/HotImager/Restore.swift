@@ -1,0 +1,148 @@
+// `hotimage restore IMAGE TARGET`: the volume back from an image.
+//
+// Refuses: an incomplete image (a kept partial), a mounted or busy target
+// (block devices are opened O_EXCL), a target smaller than the image's
+// volume, and a target that already holds a filesystem unless --force.
+// Writes every allocated cluster (decoded on all cores), then discards or
+// zeroes the rest so the target reads exactly as the image (--no-discard
+// leaves the rest as it was: faster on a target known to be zero), then
+// flushes. A new regular file is created with the volume's size.
+import Foundation
+import HotCore
+import HotOS
+import QCow2
+
+public struct RestoreOptions: Sendable {
+    public var image: String
+    public var target: String
+    public var force = false
+    public var discard = true
+    public var workers = 4
+    public init(image: String, target: String) { self.image = image; self.target = target }
+}
+
+public struct RestoreFailure: Error, CustomStringConvertible {
+    public var refused: Bool
+    public var description: String
+}
+
+public struct RestoreSummary: Codable, Sendable {
+    public var target: String
+    public var bytes: UInt64
+    public var clusters: UInt64
+    public var zeroedBytes: UInt64
+    public var seconds: Double
+    public var discarded: Bool
+}
+
+public enum RestoreJob {
+    public static func run(_ o: RestoreOptions, reporter r: Reporter) throws -> RestoreSummary {
+        let t0 = monotonicNanos()
+        let img: QCow2Reader
+        do { img = try QCow2Reader(path: o.image) } catch {
+            throw RestoreFailure(refused: true, description: "\(o.image): \(error)")
+        }
+        if let h = img.hotimage, !h.complete {
+            throw RestoreFailure(refused: true, description: "\(o.image) is an incomplete image (a failed backup kept with --keep-partial); it cannot be restored")
+        }
+        if img.hotimage == nil { r.log("\(o.image) was not made by hotimage: restoring it without checksums") }
+        let size = img.virtualSize
+
+        // The target.
+        var st = stat()
+        let exists = stat(o.target, &st) == 0
+        if exists && (st.st_mode & S_IFMT) != S_IFBLK && (st.st_mode & S_IFMT) != S_IFREG {
+            throw RestoreFailure(refused: true, description: "\(o.target) is not a block device or a regular file")
+        }
+        if exists && (st.st_mode & S_IFMT) == S_IFBLK, let mnt = Mounts.of(device: o.target).first {
+            throw RestoreFailure(refused: true, description: "\(o.target) is mounted at \(mnt.mountPoint); unmount it first")
+        }
+        if !exists {
+            let fd = open(o.target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            if fd < 0 { throw RestoreFailure(refused: true, description: "creating \(o.target): \(String(cString: strerror(errno)))") }
+            let ok = ftruncate(fd, off_t(size)) == 0
+            close(fd)
+            if !ok { unlink(o.target); throw RestoreFailure(refused: false, description: "sizing \(o.target): \(String(cString: strerror(errno)))") }
+        }
+        let dev: BlockDevice
+        do { dev = try BlockDevice(path: o.target, readOnly: false, exclusive: true) } catch {
+            throw RestoreFailure(refused: true, description: "\(error) (is it in use?)")
+        }
+        if dev.size < size {
+            throw RestoreFailure(refused: true, description: "\(o.target) holds \(dev.size) bytes, the image's volume \(size): too small")
+        }
+        if exists && !o.force, let fs = try? probeFilesystem(path: o.target) {
+            throw RestoreFailure(refused: true, description: "\(o.target) already holds a filesystem (\(fs.type)\(fs.uuid.map { " \($0)" } ?? "")); use --force to overwrite it")
+        }
+
+        // Allocated clusters, written by workers in parallel.
+        let clusters = try img.allocatedClusters()
+        let cs = UInt64(img.clusterSize)
+        let m = Monitor()
+        var next = 0
+        var failure: Error?
+        var written: UInt64 = 0
+        var active = o.workers
+        let total = UInt64(clusters.count) * cs
+        for _ in 0..<max(1, o.workers) {
+            Threads.start(name: "restore") {
+                let dec = ClusterDecoder()
+                let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(cs), alignment: 4096)
+                defer { buf.deallocate() }
+                while true {
+                    let i: Int? = m.withLock {
+                        guard failure == nil, next < clusters.count else { return nil }
+                        next += 1
+                        return next - 1
+                    }
+                    guard let i else { break }
+                    let c = clusters[i]
+                    do {
+                        _ = try img.readCluster(c, into: buf, decoder: dec)
+                        let off = c * cs
+                        let n = Int(min(cs, size - off))
+                        try dev.write(from: buf.baseAddress!, count: n, offset: off)
+                        m.withLock { written += UInt64(n) }
+                    } catch {
+                        m.withLock { if failure == nil { failure = error } }
+                    }
+                }
+                m.withLock { active -= 1; m.broadcast() }
+            }
+        }
+        while true {
+            let (left, w) = m.withLock { () -> (Int, UInt64) in
+                if active > 0 { _ = m.wait(timeoutNanos: 200_000_000) }
+                return (active, written)
+            }
+            r.progress(ImagerProgress(doneBytes: w, totalBytes: total, imageBytes: 0,
+                                      elapsed: Double(monotonicNanos() - t0) / 1e9, emergency: false,
+                                      bufferBytes: 0, bufferLimit: 0), phase: "restoring")
+            if left == 0 { break }
+        }
+        r.finishProgress()
+        if let f = failure { throw RestoreFailure(refused: false, description: "restoring \(o.target): \(f)") }
+
+        // The rest reads as zeros.
+        var zeroed: UInt64 = 0
+        if o.discard {
+            var pos: UInt64 = 0
+            var gaps: [Range<UInt64>] = []
+            for c in clusters {
+                let s = c * cs
+                if s > pos { gaps.append(pos..<s) }
+                pos = s + cs
+            }
+            if pos < size { gaps.append(pos..<size) }
+            for g in gaps {
+                do { try dev.zero(offset: g.lowerBound, length: UInt64(g.count), unmap: true) } catch {
+                    throw RestoreFailure(refused: false, description: "zeroing unused space of \(o.target): \(error)")
+                }
+                zeroed += UInt64(g.count)
+            }
+        }
+        do { try dev.flush() } catch { throw RestoreFailure(refused: false, description: "flushing \(o.target): \(error)") }
+        return RestoreSummary(target: o.target, bytes: written, clusters: UInt64(clusters.count), zeroedBytes: zeroed,
+                              seconds: Double(monotonicNanos() - t0) / 1e9, discarded: o.discard)
+    }
+}

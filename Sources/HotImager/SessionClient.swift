@@ -1,0 +1,214 @@
+// The client side of a HotCore backup session: take the snapshot (begin →
+// used-block map → map, repeated under --consistency wip when writes land
+// during the map read), keep the session alive with heartbeats, report
+// archived ranges, ask for buffered ranges, end. Shared by `hotimage
+// snapshot` and `hotimage backup`.
+import Foundation
+import HotCore
+import HotDaemon
+import HotOS
+
+public struct SessionError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ d: String) { description = d }
+}
+
+/// Where the daemon of an attachment lives and what it protects.
+public struct AttachedVolume: Sendable {
+    public var runDir: String          // RUN/NAME
+    public var name: String
+    public var protectedDevice: String
+    /// The device HotCore stands in front of.
+    public var realDevice: String?
+    public var size: UInt64
+    public var blockSize: Int
+    public var snapshotURI: String
+    public var nbdSocket: String { runDir + "/nbd.sock" }
+}
+
+/// The snapshot as taken: the cut and the map protected by HotCore.
+public struct TakenSnapshot: Sendable {
+    public var armedAtNanos: UInt64
+    public var wallTime: Date
+    public var frozen: Bool
+    public var attempts: Int
+    /// Used byte ranges minus exclusions, sorted and merged.
+    public var protected: [Range<UInt64>]
+    public var usedBytes: UInt64
+    public var excludedBytes: UInt64
+}
+
+public final class SessionClient: @unchecked Sendable {
+    public let volume: AttachedVolume
+    let client: ControlClient
+    private let m = Monitor()
+    private var beating = false
+    private var stopBeat = false
+    private(set) public var lastError: String?
+
+    public init(volume: AttachedVolume) throws {
+        self.volume = volume
+        client = try ControlClient(path: volume.runDir + "/control.sock")
+    }
+
+    /// Reads a daemon's facts (hello).
+    public static func locate(runDir: String) throws -> AttachedVolume {
+        let c = try ControlClient(path: runDir + "/control.sock")
+        defer { c.close() }
+        let h = try c.call("hello")
+        guard h.ok, let dev = h.protectedDevice, let size = h.size else {
+            throw SessionError("the HotCore daemon in \(runDir) is not ready: \(h.error ?? "no protected device yet")")
+        }
+        let real = (try? c.call("status"))?.status?.device
+        return AttachedVolume(runDir: runDir, name: (runDir as NSString).lastPathComponent,
+                              protectedDevice: dev, realDevice: real, size: size, blockSize: h.blockSize ?? 4096,
+                              snapshotURI: h.snapshotURI ?? "nbd+unix:///snapshot?socket=\(runDir)/nbd.sock")
+    }
+
+    /// Takes the snapshot. `readMap` runs inside the consistent window (the
+    /// filesystem is frozen, or the pause holds) and returns the used and
+    /// excluded byte ranges. Under wip a write during the map read means a
+    /// new pause and another try, up to `retries` times.
+    public func take(consistency: Consistency, mountPoint: String?, pauseMs: Double?, retries: Int = 20,
+                     readMap: () throws -> (used: [Range<UInt64>], excluded: [Range<UInt64>]),
+                     onRetry: (String) -> Void = { _ in }) throws -> TakenSnapshot {
+        var attempt = 0
+        while true {
+            attempt += 1
+            var req = ControlRequest(op: "begin")
+            req.consistency = consistency.rawValue
+            req.mountPoint = mountPoint
+            req.pauseMs = pauseMs
+            let b = try client.call(req)
+            guard b.ok, let at = b.armedAtNanos else { throw SessionError("snapshot failed: \(b.error ?? "no reply")") }
+            let wall = Date()
+            let used: [Range<UInt64>], excluded: [Range<UInt64>]
+            do {
+                (used, excluded) = try readMap()
+            } catch {
+                _ = try? client.call("end")
+                throw SessionError("reading the used-block map: \(error)")
+            }
+            var mreq = ControlRequest(op: "map")
+            mreq.used = used.map { [$0.lowerBound, $0.upperBound] }
+            mreq.excluded = excluded.map { [$0.lowerBound, $0.upperBound] }
+            let r = try client.call(mreq)
+            if r.ok {
+                let prot = RangeSet.subtract(RangeSet.normalize(used), RangeSet.normalize(excluded))
+                let usedBytes = RangeSet.total(RangeSet.normalize(used))
+                let protBytes = RangeSet.total(prot)
+                return TakenSnapshot(armedAtNanos: at, wallTime: wall, frozen: b.frozen ?? false, attempts: attempt,
+                                     protected: prot, usedBytes: usedBytes, excludedBytes: usedBytes - protBytes)
+            }
+            if r.retry == true && attempt < retries {
+                onRetry(r.error ?? "writes during the map read")
+                continue
+            }
+            _ = try? client.call("end")
+            throw SessionError("snapshot failed: \(r.error ?? "no reply")")
+        }
+    }
+
+    /// Heart-beats every `interval` seconds on a thread until `end`.
+    public func startHeartbeat(interval: Double = 1.0) {
+        m.withLock { beating = true; stopBeat = false }
+        Threads.start(name: "heartbeat") { [self] in
+            while true {
+                let stop = m.withLock { () -> Bool in
+                    if !stopBeat { _ = m.wait(timeoutNanos: UInt64(interval * 1e9)) }
+                    return stopBeat
+                }
+                if stop { break }
+                do {
+                    let h = try client.call("heartbeat")
+                    if !h.ok { m.withLock { if lastError == nil { lastError = h.error } } }
+                } catch {
+                    m.withLock { if lastError == nil { lastError = "\(error)" } }
+                }
+            }
+            m.withLock { beating = false; m.broadcast() }
+        }
+    }
+
+    /// Tells HotCore these byte ranges are in the image: they leave the
+    /// protection area and their buffered copies are freed.
+    public func archived(_ ranges: [Range<UInt64>]) throws {
+        guard !ranges.isEmpty else { return }
+        var req = ControlRequest(op: "archived")
+        req.ranges = ranges.map { [$0.lowerBound, $0.upperBound] }
+        let r = try client.call(req)
+        if !r.ok { throw SessionError("archived: \(r.error ?? "refused")") }
+    }
+
+    /// Byte ranges whose originals sit in the COW buffer (oldest layout first).
+    public func buffered(limit: Int = 4096) throws -> [Range<UInt64>] {
+        var req = ControlRequest(op: "buffered")
+        req.limit = limit
+        let r = try client.call(req)
+        if !r.ok { throw SessionError("buffered: \(r.error ?? "refused")") }
+        return (r.ranges ?? []).compactMap { $0.count == 2 && $0[0] < $0[1] ? $0[0]..<$0[1] : nil }
+    }
+
+    public func status() throws -> DaemonStatus {
+        let r = try client.call("status")
+        guard r.ok, let s = r.status else { throw SessionError("status: \(r.error ?? "no status")") }
+        return s
+    }
+
+    /// Ends the session (back to passthrough) and stops heart-beating.
+    public func end() {
+        m.withLock {
+            stopBeat = true
+            m.broadcast()
+            while beating { _ = m.wait(timeoutNanos: 100_000_000) }
+        }
+        _ = try? client.call("end")
+    }
+
+    public func close() { client.close() }
+}
+
+/// Byte-range set helpers over sorted, merged arrays.
+public enum RangeSet {
+    public static func normalize(_ rs: [Range<UInt64>]) -> [Range<UInt64>] {
+        let s = rs.filter { !$0.isEmpty }.sorted { $0.lowerBound < $1.lowerBound }
+        var out: [Range<UInt64>] = []
+        for r in s {
+            if let last = out.last, r.lowerBound <= last.upperBound {
+                out[out.count - 1] = last.lowerBound..<max(last.upperBound, r.upperBound)
+            } else {
+                out.append(r)
+            }
+        }
+        return out
+    }
+
+    /// a minus b; both normalized.
+    public static func subtract(_ a: [Range<UInt64>], _ b: [Range<UInt64>]) -> [Range<UInt64>] {
+        var out: [Range<UInt64>] = []
+        var j = 0
+        for r in a {
+            var lo = r.lowerBound
+            while j < b.count && b[j].upperBound <= lo { j += 1 }
+            var k = j
+            while k < b.count && b[k].lowerBound < r.upperBound {
+                if b[k].lowerBound > lo { out.append(lo..<b[k].lowerBound) }
+                lo = max(lo, b[k].upperBound)
+                k += 1
+            }
+            if lo < r.upperBound { out.append(lo..<r.upperBound) }
+        }
+        return out
+    }
+
+    public static func total(_ rs: [Range<UInt64>]) -> UInt64 { rs.reduce(0) { $0 + UInt64($1.count) } }
+
+    /// Rounds ranges out to multiples of `unit` (clipped to `limit`) and merges.
+    public static func align(_ rs: [Range<UInt64>], unit: UInt64, limit: UInt64) -> [Range<UInt64>] {
+        normalize(rs.map { r in
+            let lo = r.lowerBound / unit * unit
+            let hi = min(limit, (r.upperBound + unit - 1) / unit * unit)
+            return lo..<max(lo, hi)
+        })
+    }
+}

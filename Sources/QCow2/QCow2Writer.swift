@@ -1,0 +1,714 @@
+// QCow2Writer.swift — writes a qcow2 version 3 image in one pass.
+//
+// ============================================================================
+// FILE LAYOUT (what finish() leaves on disk)
+// ============================================================================
+//
+//   cluster 0        header (112 bytes) + the "HOTI" header extension + end marker
+//   data area        guest data, in the order it arrived:
+//                      - compressed streams packed back to back, byte-tight,
+//                        across cluster boundaries (staged in a multi-MiB run
+//                        and written with one pwrite per run)
+//                      - standard clusters, cluster-aligned, in batches
+//                    Consecutive compressed runs continue at the exact byte
+//                    where the previous one ended; only where a batch of
+//                    standard clusters follows compressed data is the rest of
+//                    one cluster left unused.
+//   L2 tables        one cluster each, for every 512 MiB-ish region (l2 entries
+//                    x cluster size) that holds at least one written cluster
+//   L1 table         l1_size entries, padded to whole clusters
+//   refcount table   followed by the refcount blocks, which cover every
+//                    cluster above (including themselves)
+//   tail blob        hotimage's own data, NOT refcounted (see below)
+//
+// qcow2 header: version 3, refcount_order 4 (16-bit refcounts), no backing
+// file, no encryption, no extended L2, no snapshots, header_length 112.
+// compression_type (byte 104) is 1 for zstd, with incompatible feature bit 3
+// ("compression type") set; 0 for zlib and for uncompressed images.
+// Autoclear feature bit 63 is set: "hotimage checksums valid". qemu clears
+// unknown autoclear bits when it opens an image for writing, so the reader
+// can tell when another program has written to the image.
+//
+// L2 entries: standard cluster = host offset | bit 63 (COPIED, refcount 1);
+// compressed cluster = bit 62 | (additional 512-byte sectors << (62 -
+// (cluster_bits - 8))) | byte offset, where the sector count runs from
+// (offset & ~511) to the end of the stream; written all-zero cluster = 1
+// (the zero flag, no host cluster); never-written cluster = 0. L1 entries =
+// L2 table offset | bit 63.
+//
+// Refcounts (what qemu-img check recomputes): header cluster 1, each L2
+// table 1, each L1/refcount table/refcount block cluster 1, each standard
+// data cluster 1, and each host cluster touched by the sector-rounded range
+// of a compressed cluster +1 per compressed cluster touching it (a host
+// cluster shared by 30 compressed clusters has refcount 30; the writer never
+// lets one exceed 65535). The tail blob's clusters have refcount 0 and no
+// references, which qemu-img check accepts (neither leak nor error).
+//
+// ============================================================================
+// HOTI HEADER EXTENSION (type 0x484F5449 "HOTI", 32 data bytes, big-endian)
+// ============================================================================
+//
+//   0  u32  hotimage format version (1)
+//   4  u32  flags: bit 0 = complete (0: partial image kept for diagnosis)
+//   8  u64  tail blob file offset
+//  16  u64  tail blob length in bytes
+//  24  u32  CRC of the whole tail blob
+//  28  u32  header CRC: CRC of the whole of cluster 0 with bytes 24..<32 of
+//           this extension (the two CRC fields) read as zeros
+//
+// The extension is small on purpose: qemu keeps unknown header extensions
+// only within cluster 0 (it must fit a 512-byte cluster with the header).
+//
+// ============================================================================
+// TAIL BLOB (at the extension's offset, after all refcounted structures)
+// ============================================================================
+//
+// Tail header, 128 bytes, big-endian:
+//   0  "HOTITAIL"             8 bytes
+//   8  u32 tail version (1)   12 u32 cluster_bits       16 u64 virtual size
+//  24  u32 header CRC (as in the extension)              28 u32 L1 CRC
+//  32  u64 L1 offset          40 u32 l1_size            44 u32 refcount table CRC
+//  48  u64 refcount table offset                         56 u32 refcount table clusters
+//  60  u32 refcount block count
+//  64  u64 metadata offset (from tail start)             72 u64 metadata length
+//  80  u32 metadata CRC       84 u32 group size (bytes)
+//  88  u64 refcount block list offset (from tail start)
+//  96  u64 group list offset (from tail start)          104 u64 group count
+// 112  u64 clusters written (including zero clusters)   120 u64 zero clusters
+// Then, each section 8-byte aligned:
+//   metadata          the opaque bytes given to finish() (hotimage's JSON)
+//   refcount blocks   per block: u64 file offset, u32 CRC of the block, u32 0
+//   groups            one per L2 table, ascending L1 index, fixed size
+//                     16 + l2_entries/8 + 4 * l2_entries bytes:
+//                       0 u32 L1 index   4 u32 CRC of the L2 table (one cluster)
+//                       8 u64 L2 table file offset
+//                      16 written bitmap: bit j (byte j/8, LSB first) = guest
+//                         cluster (L1 index * l2_entries + j) was written
+//                         (data or zero)
+//                      16 + l2_entries/8: l2_entries x u32 checksum of the
+//                         cluster (0 where not written): the CRC of the guest
+//                         cluster's bytes, XORed for compressed clusters with
+//                         the CRC of the compressed stream itself (so damage
+//                         to stream bits that do not change the output, such
+//                         as deflate padding, is caught too)
+// Structure CRCs cover whole clusters: the L1 table (all its clusters,
+// padding included), the refcount table (all its clusters), each refcount
+// block and each L2 table.
+// All CRCs are zlib's CRC-32 (IEEE).
+//
+// Writing into the image with qemu (or anything else) voids these
+// checksums: qemu keeps the extension and the tail bytes but not their
+// meaning, may reuse the unrefcounted tail clusters, and clears autoclear
+// bit 63 when it opens the image for writing, which the reader reports.
+//
+// ============================================================================
+// MEMORY
+// ============================================================================
+// Per guest cluster in each touched L2 region: 8 bytes (L2 entry) + 4 bytes
+// (CRC). At 64 KiB clusters that is 192 MiB per TiB of guest space the
+// image touches (128 MiB of L2 entries + 64 MiB of CRCs); at 4 KiB clusters
+// 3 GiB per TiB. Plus 2 bytes of refcount per host data cluster (32 MiB per
+// TiB of data at 64 KiB clusters), the compressed run buffer (max(8 MiB,
+// 4 clusters)) and the standard-cluster batch (max(4 MiB, 1 cluster)).
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// What finish() wrote.
+public struct QCow2WriteSummary: Sendable, CustomStringConvertible {
+    public let path: String
+    public let virtualSize: UInt64
+    public let clusterSize: Int
+    public let compression: QCow2Compression
+    public let complete: Bool
+    /// Guest clusters written (data and zero).
+    public let clustersWritten: UInt64
+    public let zeroClusters: UInt64
+    public let rawClusters: UInt64
+    public let compressedClusters: UInt64
+    /// Sum of the compressed streams' lengths.
+    public let compressedBytes: UInt64
+    /// End of the data area (cluster-aligned).
+    public let dataAreaBytes: UInt64
+    public let l2Tables: UInt64
+    public let refcountBlocks: UInt64
+    public let tailOffset: UInt64
+    public let tailLength: UInt64
+    /// Final file length.
+    public let fileSize: UInt64
+    public let hostBytesWritten: UInt64
+
+    public var description: String {
+        "\(path): \(virtualSize) bytes virtual, \(clustersWritten) clusters written (\(compressedClusters) compressed, \(rawClusters) raw, \(zeroClusters) zero), file \(fileSize) bytes\(complete ? "" : ", INCOMPLETE")"
+    }
+}
+
+final class L2Region {
+    var entries: [UInt64]
+    var crcs: [UInt32]
+    init(_ n: Int) {
+        entries = [UInt64](repeating: 0, count: n)
+        crcs = [UInt32](repeating: 0, count: n)
+    }
+}
+
+/// Writes a qcow2 v3 image. Thread-safe: every method takes an internal lock
+/// (the data is already encoded; the lock covers staging and large pwrites).
+public final class QCow2Writer: @unchecked Sendable {
+    public let path: String
+    public let virtualSize: UInt64
+    public let clusterBits: Int
+    public let clusterSize: Int
+    public let compression: QCow2Compression
+
+    private let cs: UInt64
+    private let guestClusters: UInt64
+    private let l2Entries: Int
+    private let l1Size: Int
+    private let csizeShift: UInt64
+    private let lock = QLock()
+
+    private enum State { case open, failed(QCow2Error), finished, abandoned }
+    private var state = State.open
+    private var fd: Int32
+    private var created = true
+
+    private var regions: [L2Region?]
+    /// Refcount of each host cluster below the end of the data area.
+    private var dataRefcounts: [UInt16] = [1]      // cluster 0: the header
+    private var fileEnd: UInt64                     // end of the last byte written
+    private var lastWasCompressed = false
+
+    private let runCapacity: Int
+    private var runBuf: UnsafeMutableRawPointer?
+    private var runStart: UInt64 = 0
+    private var runLen = 0
+
+    private let rawCapacity: Int                    // clusters per batch
+    private var rawBuf: UnsafeMutableRawPointer?
+    private var rawIndices: [UInt64] = []
+
+    private var bytesWritten: UInt64 = 0
+    private var nZero: UInt64 = 0, nRaw: UInt64 = 0, nCompressed: UInt64 = 0, compressedBytes: UInt64 = 0
+
+    /// Placeholder L2 entry of a standard cluster waiting in the batch (a
+    /// reserved bit, never left in a finished image).
+    private static let pendingRaw: UInt64 = 1 << 61
+    /// qemu's refcount_max for 16-bit refcounts.
+    static let refcountMax: UInt16 = 0xFFFF
+
+    /// Creates the image file (O_EXCL unless `overwrite`). `clusterBits` is
+    /// 9...21; `virtualSize` must be a multiple of 512 (qemu counts sectors)
+    /// and within qemu's limits for the cluster size (32 MiB of L1 table).
+    public init(path: String, virtualSize: UInt64, clusterBits: Int = 16,
+                compression: QCow2Compression, overwrite: Bool = false) throws {
+        guard (Q.minClusterBits...Q.maxClusterBits).contains(clusterBits) else {
+            throw QCow2Error("cluster_bits \(clusterBits) is out of range: qcow2 images need 9...21 (512 bytes to 2 MiB clusters)", path: path)
+        }
+        guard virtualSize % Q.sectorSize == 0 else {
+            throw QCow2Error("virtual size \(virtualSize) is not a multiple of 512 bytes (qemu counts qcow2 disks in 512-byte sectors)", path: path)
+        }
+        guard virtualSize <= UInt64(Int64.max) else {
+            throw QCow2Error("virtual size \(virtualSize) is too large", path: path)
+        }
+        switch compression {
+        case .zstd(let level) where !QCow2Compression.zstdLevels.contains(level) || level == 0:
+            throw QCow2Error("zstd level \(level) is out of range \(QCow2Compression.zstdLevels)", path: path)
+        case .zlib(let level) where !QCow2Compression.zlibLevels.contains(level):
+            throw QCow2Error("zlib level \(level) is out of range \(QCow2Compression.zlibLevels)", path: path)
+        default: break
+        }
+        let cs = UInt64(1) << UInt64(clusterBits)
+        let l2e = Int(cs / 8)
+        let gc = divRoundUp(virtualSize, cs)
+        let l1 = divRoundUp(gc, UInt64(l2e))
+        guard l1 * 8 <= Q.maxL1Bytes else {
+            throw QCow2Error("virtual size \(virtualSize) needs an L1 table of \(l1 * 8) bytes with \(cs)-byte clusters; qemu allows at most \(Q.maxL1Bytes) (use a larger cluster size)", path: path)
+        }
+        self.path = path
+        self.virtualSize = virtualSize
+        self.clusterBits = clusterBits
+        self.clusterSize = Int(cs)
+        self.compression = compression
+        self.cs = cs
+        self.guestClusters = gc
+        self.l2Entries = l2e
+        self.l1Size = Int(l1)
+        self.csizeShift = UInt64(62 - (clusterBits - 8))
+        self.regions = [L2Region?](repeating: nil, count: Int(l1))
+        self.fileEnd = cs
+        self.runCapacity = max(8 << 20, 4 * Int(cs))
+        self.rawCapacity = max(1, (4 << 20) / Int(cs))
+
+        let flags = O_WRONLY | O_CREAT | O_CLOEXEC | (overwrite ? O_TRUNC : O_EXCL)
+        let fd = open(path, flags, 0o644)
+        if fd < 0 {
+            let e = errno
+            if e == EEXIST {
+                throw QCow2Error("cannot create the image: the file already exists (not overwriting it)", path: path)
+            }
+            throw QCow2Error("cannot create the image: \(errnoText(e))", path: path)
+        }
+        self.fd = fd
+    }
+
+    deinit {
+        if fd >= 0 { close(fd) }
+        runBuf?.deallocate()
+        rawBuf?.deallocate()
+    }
+
+    /// Bytes written to the file so far.
+    public var hostBytesWritten: UInt64 { lock.withLock { bytesWritten } }
+
+    private func err(_ message: String) -> QCow2Error { QCow2Error(message, path: path) }
+
+    private func checkOpen() throws {
+        switch state {
+        case .open: return
+        case .failed(let e): throw err("the writer failed earlier and cannot continue (\(e.message))")
+        case .finished: throw err("the image is already finished")
+        case .abandoned: throw err("the image was abandoned")
+        }
+    }
+
+    private func guestRange(_ index: UInt64) -> String {
+        let start = index &* cs
+        let end = min(start &+ cs, virtualSize)
+        return "guest bytes \(hex(start))–\(hex(end &- 1)) (cluster \(index))"
+    }
+
+    /// Stores one encoded cluster. Clusters may arrive in any order; each
+    /// index at most once.
+    public func write(_ c: EncodedCluster) throws {
+        try lock.withLock {
+            try checkOpen()
+            guard c.index < guestClusters else {
+                throw err("cluster \(c.index) (guest offset \(hex(c.index &* cs))) lies beyond the virtual size \(virtualSize)")
+            }
+            switch c.payload {
+            case .zero:
+                break
+            case .raw(let bytes):
+                guard bytes.count == clusterSize else {
+                    throw err("\(guestRange(c.index)): raw payload has \(bytes.count) bytes, expected exactly \(clusterSize)")
+                }
+            case .compressed(let bytes):
+                guard bytes.count > 0, bytes.count < clusterSize else {
+                    throw err("\(guestRange(c.index)): compressed payload has \(bytes.count) bytes, expected 1...\(clusterSize - 1)")
+                }
+            }
+            let l1i = Int(c.index / UInt64(l2Entries))
+            let j = Int(c.index % UInt64(l2Entries))
+            if let r = regions[l1i], r.entries[j] != 0 {
+                throw err("\(guestRange(c.index)) was written twice")
+            }
+            let region: L2Region
+            if let r = regions[l1i] {
+                region = r
+            } else {
+                region = L2Region(l2Entries)
+                regions[l1i] = region
+            }
+            switch c.payload {
+            case .zero:
+                region.entries[j] = Q.oflagZero
+                nZero += 1
+            case .raw(let bytes):
+                try stageRaw(bytes, index: c.index, region: region, slot: j)
+                nRaw += 1
+            case .compressed(let bytes):
+                region.entries[j] = try stageCompressed(bytes, index: c.index)
+                nCompressed += 1
+                compressedBytes += UInt64(bytes.count)
+            }
+            if case .compressed(let bytes) = c.payload {
+                // Also covers bits of the stream that do not change its output.
+                region.crcs[j] = c.crc ^ crc32Of(bytes)
+            } else {
+                region.crcs[j] = c.crc
+            }
+        }
+    }
+
+    // MARK: Staging
+
+    private func bumpRefcount(_ k: UInt64) {
+        let i = Int(k)
+        if i >= dataRefcounts.count {
+            dataRefcounts.append(contentsOf: repeatElement(0, count: i + 1 - dataRefcounts.count))
+        }
+        if dataRefcounts[i] < Self.refcountMax { dataRefcounts[i] += 1 }
+    }
+
+    private func refcount(_ k: UInt64) -> UInt16 {
+        let i = Int(k)
+        return i < dataRefcounts.count ? dataRefcounts[i] : 0
+    }
+
+    private func stageCompressed(_ bytes: [UInt8], index: UInt64) throws -> UInt64 {
+        let n = bytes.count
+        if runBuf == nil { runBuf = .allocate(byteCount: runCapacity, alignment: 4096) }
+        if runLen == 0 { runStart = lastWasCompressed ? fileEnd : alignUp(fileEnd, cs) }
+        var p = runStart + UInt64(runLen)
+        // Keep every host cluster's refcount within 16 bits.
+        var padding = refcount(p / cs) >= Self.refcountMax ? Int(alignUp(p, cs) - p) : 0
+        if runLen + padding + n > runCapacity {
+            try flushRun()
+            runStart = fileEnd
+            p = runStart
+            padding = refcount(p / cs) >= Self.refcountMax ? Int(alignUp(p, cs) - p) : 0
+        }
+        let buf = runBuf!
+        if padding > 0 {
+            (buf + runLen).initializeMemory(as: UInt8.self, repeating: 0, count: padding)
+            runLen += padding
+            p += UInt64(padding)
+        }
+        bytes.withUnsafeBytes { (buf + runLen).copyMemory(from: $0.baseAddress!, byteCount: n) }
+        runLen += n
+        guard p < (UInt64(1) << csizeShift) else {
+            state = .failed(err("host offset \(hex(p)) too large"))
+            throw err("\(guestRange(index)): host offset \(hex(p)) exceeds what a compressed cluster descriptor can address with \(clusterSize)-byte clusters")
+        }
+        let last = p + UInt64(n) - 1
+        let extraSectors = (last >> 9) - (p >> 9)
+        for k in (p / cs)...(last / cs) { bumpRefcount(k) }
+        return Q.oflagCompressed | (extraSectors << csizeShift) | p
+    }
+
+    private func stageRaw(_ bytes: [UInt8], index: UInt64, region: L2Region, slot: Int) throws {
+        if rawBuf == nil { rawBuf = .allocate(byteCount: rawCapacity * clusterSize, alignment: 4096) }
+        let buf = rawBuf! + rawIndices.count * clusterSize
+        bytes.withUnsafeBytes { buf.copyMemory(from: $0.baseAddress!, byteCount: clusterSize) }
+        rawIndices.append(index)
+        region.entries[slot] = Self.pendingRaw
+        if rawIndices.count == rawCapacity { try flushRaw() }
+    }
+
+    private func flushRun() throws {
+        guard runLen > 0, let buf = runBuf else { return }
+        do {
+            try pwriteFull(fd, buf, runLen, runStart)
+        } catch let e as QCow2Error {
+            state = .failed(e)
+            throw e.with(path: path)
+        }
+        bytesWritten += UInt64(runLen)
+        fileEnd = runStart + UInt64(runLen)
+        lastWasCompressed = true
+        runLen = 0
+    }
+
+    private func flushRaw() throws {
+        guard !rawIndices.isEmpty, let buf = rawBuf else { return }
+        try flushRun()
+        let start = alignUp(fileEnd, cs)
+        let count = rawIndices.count
+        guard start + UInt64(count) * cs <= Q.offsetMask else {
+            let e = err("the image grew beyond the 64 PiB a standard cluster descriptor can address")
+            state = .failed(e)
+            throw e
+        }
+        do {
+            try pwriteFull(fd, buf, count * clusterSize, start)
+        } catch let e as QCow2Error {
+            state = .failed(e)
+            throw e.with(path: path)
+        }
+        for (k, index) in rawIndices.enumerated() {
+            let host = start + UInt64(k) * cs
+            let r = regions[Int(index / UInt64(l2Entries))]!
+            r.entries[Int(index % UInt64(l2Entries))] = host | Q.oflagCopied
+            bumpRefcount(host / cs)
+        }
+        bytesWritten += UInt64(count * clusterSize)
+        fileEnd = start + UInt64(count) * cs
+        lastWasCompressed = false
+        rawIndices.removeAll(keepingCapacity: true)
+    }
+
+    // MARK: Finish
+
+    /// Writes the L2 tables, L1 table, refcount structures, the tail blob
+    /// and finally the header; fsyncs and closes. `complete: false` marks a
+    /// partial image kept for diagnosis.
+    public func finish(metadata: [UInt8], complete: Bool) throws -> QCow2WriteSummary {
+        try lock.withLock {
+            try checkOpen()
+            guard UInt64(metadata.count) <= Q.maxMetadataBytes else {
+                throw err("metadata of \(metadata.count) bytes exceeds the \(Q.maxMetadataBytes)-byte limit")
+            }
+            do {
+                let s = try finishLocked(metadata: metadata, complete: complete)
+                state = .finished
+                return s
+            } catch let e as QCow2Error {
+                state = .failed(e)
+                throw e.with(path: path)
+            }
+        }
+    }
+
+    private func writeChunked(_ totalBytes: UInt64, at offset: UInt64, chunk: Int,
+                              fill: (UnsafeMutableRawBufferPointer, UInt64) -> Void) throws {
+        guard totalBytes > 0 else { return }
+        let cap = Int(min(UInt64(chunk), totalBytes))
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: cap, alignment: 4096)
+        defer { buf.deallocate() }
+        var done: UInt64 = 0
+        while done < totalBytes {
+            let n = Int(min(UInt64(cap), totalBytes - done))
+            let slice = UnsafeMutableRawBufferPointer(rebasing: buf[0..<n])
+            fill(slice, done)
+            try pwriteFull(fd, slice.baseAddress!, n, offset + done)
+            bytesWritten += UInt64(n)
+            done += UInt64(n)
+        }
+    }
+
+    private func finishLocked(metadata: [UInt8], complete: Bool) throws -> QCow2WriteSummary {
+        try flushRun()
+        try flushRaw()
+        let dataEnd = alignUp(fileEnd, cs)
+        let dataClusters = dataEnd / cs
+        let tables = regions.indices.filter { regions[$0] != nil }
+        let nL2 = UInt64(tables.count)
+        let l1Bytes = UInt64(l1Size) * 8
+        let l1Clusters = divRoundUp(l1Bytes, cs)
+        let epb = cs / 2                                   // 16-bit refcounts
+        var rtc: UInt64 = 1, nrb: UInt64 = 1
+        while true {
+            let total = dataClusters + nL2 + l1Clusters + rtc + nrb
+            let nrb2 = divRoundUp(total, epb)
+            let rtc2 = divRoundUp(nrb2 * 8, cs)
+            if nrb2 == nrb && rtc2 == rtc { break }
+            nrb = nrb2
+            rtc = rtc2
+        }
+        guard rtc * cs <= Q.maxRefTableBytes else {
+            throw err("the refcount table would need \(rtc * cs) bytes; qemu allows at most \(Q.maxRefTableBytes) (use a larger cluster size)")
+        }
+        let l2Start = dataEnd
+        let l1Off = l2Start + nL2 * cs
+        let rtOff = l1Off + l1Clusters * cs
+        let rbOff = rtOff + rtc * cs
+        let metaEnd = rbOff + nrb * cs
+        let metaClusters = metaEnd / cs
+        guard metaEnd <= Q.offsetMask else {
+            throw err("the image grew beyond the 64 PiB qcow2 metadata can address")
+        }
+
+        // L2 tables, in L1 order.
+        var l1 = [UInt64](repeating: 0, count: l1Size)
+        var l2CRCs = [UInt32](repeating: 0, count: tables.count)
+        let tablesPerChunk = max(1, (8 << 20) / clusterSize)
+        try writeChunked(nL2 * cs, at: l2Start, chunk: tablesPerChunk * clusterSize) { buf, done in
+            let first = Int(done / cs)
+            for t in 0..<(buf.count / clusterSize) {
+                let k = first + t
+                let region = regions[tables[k]]!
+                let base = t * clusterSize
+                for j in 0..<l2Entries {
+                    let e = region.entries[j]
+                    precondition(e != Self.pendingRaw, "standard cluster left pending at finish")
+                    buf.putBE64(e, at: base + j * 8)
+                }
+                l2CRCs[k] = crc32Update(0, buf.baseAddress! + base, clusterSize)
+                l1[tables[k]] = (l2Start + UInt64(k) * cs) | Q.oflagCopied
+            }
+        }
+
+        // L1 table.
+        var l1Buf = [UInt8](repeating: 0, count: Int(l1Clusters * cs))
+        for i in 0..<l1Size { l1Buf.putBE64(l1[i], at: i * 8) }
+        let l1CRC = crc32Of(l1Buf)
+        if l1Clusters > 0 {
+            try l1Buf.withUnsafeBytes { try pwriteFull(fd, $0.baseAddress!, $0.count, l1Off) }
+            bytesWritten += UInt64(l1Buf.count)
+        }
+        l1Buf = []
+
+        // Refcount blocks.
+        var rbCRCs = [UInt32](repeating: 0, count: Int(nrb))
+        let blocksPerChunk = max(1, (8 << 20) / clusterSize)
+        let dataRefs = dataRefcounts
+        try writeChunked(nrb * cs, at: rbOff, chunk: blocksPerChunk * clusterSize) { buf, done in
+            let firstBlock = done / cs
+            for t in 0..<(buf.count / clusterSize) {
+                let b = firstBlock + UInt64(t)
+                let base = t * clusterSize
+                buf.baseAddress!.advanced(by: base).initializeMemory(as: UInt8.self, repeating: 0, count: clusterSize)
+                let p = buf.baseAddress!.advanced(by: base).assumingMemoryBound(to: UInt16.self)
+                for e in 0..<Int(epb) {
+                    let k = b * epb + UInt64(e)
+                    let v: UInt16
+                    if k < dataClusters {
+                        v = k < UInt64(dataRefs.count) ? dataRefs[Int(k)] : 0
+                    } else {
+                        v = k < metaClusters ? 1 : 0
+                    }
+                    p[e] = v.bigEndian
+                }
+                rbCRCs[Int(b)] = crc32Update(0, buf.baseAddress! + base, clusterSize)
+            }
+        }
+
+        // Refcount table.
+        var rt = [UInt8](repeating: 0, count: Int(rtc * cs))
+        for b in 0..<Int(nrb) { rt.putBE64(rbOff + UInt64(b) * cs, at: b * 8) }
+        let rtCRC = crc32Of(rt)
+        try rt.withUnsafeBytes { try pwriteFull(fd, $0.baseAddress!, $0.count, rtOff) }
+        bytesWritten += UInt64(rt.count)
+        rt = []
+
+        // Tail blob geometry.
+        let groupSize = 16 + l2Entries / 8 + 4 * l2Entries
+        let metaOffRel = UInt64(Q.tailHeaderLength)
+        let metaLen = UInt64(metadata.count)
+        let rbListRel = metaOffRel + alignUp(metaLen, 8)
+        let groupsRel = rbListRel + nrb * 16
+        let tailLen = groupsRel + nL2 * UInt64(groupSize)
+        let tailOff = metaEnd
+
+        // Header cluster, CRC fields zero for now.
+        var hdr = [UInt8](repeating: 0, count: clusterSize)
+        hdr.putBE32(Q.magic, at: 0)
+        hdr.putBE32(3, at: 4)
+        hdr.putBE32(UInt32(clusterBits), at: 20)
+        hdr.putBE64(virtualSize, at: 24)
+        hdr.putBE32(UInt32(l1Size), at: 36)
+        hdr.putBE64(l1Size > 0 ? l1Off : 0, at: 40)
+        hdr.putBE64(rtOff, at: 48)
+        hdr.putBE32(UInt32(rtc), at: 56)
+        hdr.putBE64(compression.headerType == .zstd ? Q.incompatCompression : 0, at: 72)
+        hdr.putBE64(Q.autoclearHotimage, at: 88)
+        hdr.putBE32(4, at: 96)                               // refcount_order
+        hdr.putBE32(UInt32(Q.headerLength), at: 100)
+        hdr[104] = compression.headerType.rawValue
+        let ext = Q.headerLength + 8
+        hdr.putBE32(Q.extHotimage, at: Q.headerLength)
+        hdr.putBE32(UInt32(Q.hotiExtLength), at: Q.headerLength + 4)
+        hdr.putBE32(Q.hotiFormatVersion, at: ext)
+        hdr.putBE32(complete ? Q.hotiFlagComplete : 0, at: ext + 4)
+        hdr.putBE64(tailOff, at: ext + 8)
+        hdr.putBE64(tailLen, at: ext + 16)
+        // End-of-extensions marker: 8 zero bytes at ext + 32 (already zero).
+        let headerCRC = crc32Of(hdr)
+
+        // Tail header.
+        var th = [UInt8](repeating: 0, count: Q.tailHeaderLength)
+        for (i, b) in Q.tailMagic.enumerated() { th[i] = b }
+        th.putBE32(Q.tailVersion, at: 8)
+        th.putBE32(UInt32(clusterBits), at: 12)
+        th.putBE64(virtualSize, at: 16)
+        th.putBE32(headerCRC, at: 24)
+        th.putBE32(l1CRC, at: 28)
+        th.putBE64(l1Size > 0 ? l1Off : 0, at: 32)
+        th.putBE32(UInt32(l1Size), at: 40)
+        th.putBE32(rtCRC, at: 44)
+        th.putBE64(rtOff, at: 48)
+        th.putBE32(UInt32(rtc), at: 56)
+        th.putBE32(UInt32(nrb), at: 60)
+        th.putBE64(metaOffRel, at: 64)
+        th.putBE64(metaLen, at: 72)
+        th.putBE32(crc32Of(metadata), at: 80)
+        th.putBE32(UInt32(groupSize), at: 84)
+        th.putBE64(rbListRel, at: 88)
+        th.putBE64(groupsRel, at: 96)
+        th.putBE64(nL2, at: 104)
+        th.putBE64(nZero + nRaw + nCompressed, at: 112)
+        th.putBE64(nZero, at: 120)
+
+        // Stream the tail: header + metadata + refcount block list + groups.
+        var tailCRC: UInt32 = 0
+        let fixedPart: [UInt8] = {
+            var b = th
+            b.append(contentsOf: metadata)
+            b.append(contentsOf: repeatElement(0, count: Int(rbListRel - metaOffRel - metaLen)))
+            var list = [UInt8](repeating: 0, count: Int(nrb) * 16)
+            for i in 0..<Int(nrb) {
+                list.putBE64(rbOff + UInt64(i) * cs, at: i * 16)
+                list.putBE32(rbCRCs[i], at: i * 16 + 8)
+            }
+            b.append(contentsOf: list)
+            return b
+        }()
+        tailCRC = crc32Of(fixedPart)
+        try fixedPart.withUnsafeBytes { try pwriteFull(fd, $0.baseAddress!, $0.count, tailOff) }
+        bytesWritten += UInt64(fixedPart.count)
+        let groupsPerChunk = max(1, (8 << 20) / groupSize)
+        let bitmapBytes = l2Entries / 8
+        try writeChunked(nL2 * UInt64(groupSize), at: tailOff + groupsRel, chunk: groupsPerChunk * groupSize) { buf, done in
+            let first = Int(done / UInt64(groupSize))
+            buf.baseAddress!.initializeMemory(as: UInt8.self, repeating: 0, count: buf.count)
+            for t in 0..<(buf.count / groupSize) {
+                let k = first + t
+                let region = regions[tables[k]]!
+                let g = t * groupSize
+                buf.storeBytes(of: UInt32(tables[k]).bigEndian, toByteOffset: g, as: UInt32.self)
+                buf.storeBytes(of: l2CRCs[k].bigEndian, toByteOffset: g + 4, as: UInt32.self)
+                buf.putBE64(l2Start + UInt64(k) * cs, at: g + 8)
+                for j in 0..<l2Entries where region.entries[j] != 0 {
+                    buf[g + 16 + j / 8] |= UInt8(1) << UInt8(j % 8)
+                    buf.storeBytes(of: region.crcs[j].bigEndian, toByteOffset: g + 16 + bitmapBytes + 4 * j, as: UInt32.self)
+                }
+            }
+            tailCRC = crc32Update(tailCRC, buf.baseAddress, buf.count)
+        }
+
+        guard fsync(fd) == 0 else { throw err("fsync failed: \(errnoText(errno))") }
+        hdr.putBE32(tailCRC, at: ext + 24)
+        hdr.putBE32(headerCRC, at: ext + 28)
+        try hdr.withUnsafeBytes { try pwriteFull(fd, $0.baseAddress!, $0.count, 0) }
+        bytesWritten += UInt64(hdr.count)
+        guard fsync(fd) == 0 else { throw err("fsync failed: \(errnoText(errno))") }
+        let closed = close(fd)
+        fd = -1
+        guard closed == 0 else { throw err("close failed: \(errnoText(errno))") }
+        syncParentDirectory()
+        regions = []
+        dataRefcounts = []
+        return QCow2WriteSummary(
+            path: path, virtualSize: virtualSize, clusterSize: clusterSize, compression: compression,
+            complete: complete, clustersWritten: nZero + nRaw + nCompressed, zeroClusters: nZero,
+            rawClusters: nRaw, compressedClusters: nCompressed, compressedBytes: compressedBytes,
+            dataAreaBytes: dataEnd, l2Tables: nL2, refcountBlocks: nrb, tailOffset: tailOff,
+            tailLength: tailLen, fileSize: tailOff + tailLen, hostBytesWritten: bytesWritten)
+    }
+
+    private func syncParentDirectory() {
+        var dir = path
+        if let slash = dir.lastIndex(of: "/") {
+            dir = slash == dir.startIndex ? "/" : String(dir[..<slash])
+        } else {
+            dir = "."
+        }
+        let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dfd >= 0 {
+            _ = fsync(dfd)
+            close(dfd)
+        }
+    }
+
+    /// Closes and deletes the file (the failure path). Safe to call more
+    /// than once.
+    public func abandon() {
+        lock.withLock {
+            if fd >= 0 {
+                close(fd)
+                fd = -1
+            }
+            if created {
+                unlink(path)
+                created = false
+            }
+            state = .abandoned
+            runLen = 0
+            rawIndices.removeAll()
+        }
+    }
+}

@@ -1,0 +1,278 @@
+import ArgumentParser
+import Foundation
+import HotCore
+import HotDaemon
+import HotImager
+import HotOS
+import QCow2
+
+struct BackupCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "backup",
+        abstract: "Back up a volume, online or offline, into a qcow2 image.",
+        discussion: """
+        SOURCE is an attachment name, the protected device that 'attach' printed, a \
+        mount point, or (offline) a device or image file.
+
+        MODES
+          online   a HotCore session: a write-inactivity pause, a freeze (or the pause
+                   alone with --consistency wip), the used-block map, copy-on-write of
+                   the used blocks while the image is written; applications keep writing.
+          offline  the volume must be unmounted (or mounted read-only); it is read
+                   directly under exclusive access (O_EXCL), without HotCore.
+          auto     online when the volume is mounted read-write, else offline (default).
+
+        WHAT IS IMAGED
+          Mounted ext4/XFS (and any filesystem with FS_IOC_GETFSMAP): the used blocks.
+          Unmounted ext2/3/4: the used blocks from libext2fs. Anything else: every
+          block ("raw"), said in the output. Swap files on the volume are always left
+          out; --exclude leaves out a file or directory (its extents, read with FIEMAP).
+          The image records what was left out. Unused blocks stay unallocated.
+
+        HOOKS (also from the configuration file; run by /bin/sh -c)
+          --before-snapshot CMD   a failure aborts the backup (exit 4)
+          --after-snapshot CMD    runs after the snapshot, or after a failed one
+          --after-backup CMD      runs last, with HOTIMAGE_ERROR set
+          Environment: HOTIMAGE_PHASE, HOTIMAGE_ERROR, HOTIMAGE_VOLUMES,
+          HOTIMAGE_FREEZE (yes|no), HOTIMAGE_IMAGE. A failing after-snapshot or
+          after-backup hook does not stop the backup (exit 6 if all else worked).
+
+        CONFIGURATION FILE (/etc/hotimage/hotimage.conf, or --config)
+          key = value lines: before-snapshot, after-snapshot, after-backup (repeatable),
+          hook-timeout, compress, consistency, exclude (repeatable). Command-line
+          options come after (hooks) or override (compress, consistency) the file.
+
+        OUTPUT
+          A progress bar on a terminal (bytes, rate, ETA, COW buffer fill, mode), a
+          summary at the end (time, used bytes, image bytes, ratio, COW peak, emergency
+          episodes). --json prints one JSON object per line on stdout instead (events
+          start, snapshot, log, progress, summary, error).
+
+        EXIT CODES
+          0  the image is complete
+          1  reading the volume or writing the image failed
+          2  refused: usage, the image exists, offline mode on a volume mounted
+             read-write, online mode without HotCore
+          3  the snapshot or the HotCore session failed (the live volume is unharmed)
+          4  a before-snapshot hook failed; nothing was done
+          6  the image is complete but an after-snapshot or after-backup hook failed
+          130 interrupted
+        On failure the partial image is removed, or kept with --keep-partial and
+        marked incomplete (restore refuses it).
+
+        Examples:
+          hotimage backup data -o /backup/data.qcow2
+          hotimage backup /srv/db -o /backup/db.qcow2 --before-snapshot 'psql -c checkpoint'
+          hotimage backup /dev/sdc1 --mode offline -o /backup/sdc1.qcow2 --compress zlib
+        """)
+
+    @Argument(help: "Attachment name, protected device, mount point, or (offline) device.")
+    var source: String
+
+    @Option(name: [.customShort("o"), .long], help: ArgumentHelp("The qcow2 image to write.", valueName: "image"))
+    var output: String
+
+    @Option(help: "online, auto or offline.")
+    var mode: String = "auto"
+
+    @Option(help: "freeze (default when mounted) or wip (the write-inactivity pause alone).")
+    var consistency: String?
+
+    @Option(help: ArgumentHelp("zstd[:LEVEL] (default zstd:1), zlib[:LEVEL] or none.", valueName: "method"))
+    var compress: String?
+
+    @Option(help: ArgumentHelp("qcow2 cluster size: 4K to 2M, a power of two.", valueName: "size"))
+    var clusterSize: String = "64K"
+
+    @Option(help: ArgumentHelp("Leave out a file or directory on the volume (repeatable).", valueName: "path"))
+    var exclude: [String] = []
+
+    @Option(help: ArgumentHelp("Hook run before the snapshot (repeatable).", valueName: "cmd"))
+    var beforeSnapshot: [String] = []
+
+    @Option(help: ArgumentHelp("Hook run after the snapshot (repeatable).", valueName: "cmd"))
+    var afterSnapshot: [String] = []
+
+    @Option(help: ArgumentHelp("Hook run at the end (repeatable).", valueName: "cmd"))
+    var afterBackup: [String] = []
+
+    @Option(help: ArgumentHelp("Kill a hook after this many seconds (a failure).", valueName: "seconds"))
+    var hookTimeout: Double?
+
+    @Option(help: ArgumentHelp("Configuration file (default /etc/hotimage/hotimage.conf if it exists).", valueName: "file"))
+    var config: String?
+
+    @Flag(help: "On failure keep the partial image, marked incomplete.")
+    var keepPartial = false
+
+    @Flag(help: "Overwrite an existing image file.")
+    var force = false
+
+    @Flag(help: "One JSON event per line on stdout.")
+    var json = false
+
+    @Option(help: "Write-inactivity pause in ms (default: the daemon's).")
+    var pauseMs: Double?
+
+    @Option(help: "Imager threads (reading and compressing).")
+    var workers: Int = 4
+
+    @Option(help: ArgumentHelp("Emergency mode when the hb files pass this size (default 256M).", valueName: "size"))
+    var emergencyAt: String?
+
+    @Option(help: ArgumentHelp("Read at most this much per second, e.g. 50M (default: no limit).", valueName: "size"))
+    var maxRate: String?
+
+    @OptionGroup var paths: RunDirOptions
+
+    func validate() throws {
+        if let r = maxRate, (parseSize(r) ?? 0) == 0 { throw ValidationError("--max-rate: not a size: \(r)") }
+        if BackupMode(rawValue: mode) == nil { throw ValidationError("--mode must be online, auto or offline") }
+        if let c = consistency, c != "freeze" && c != "wip" { throw ValidationError("--consistency must be freeze or wip") }
+        if let c = compress { do { _ = try QCow2Compression(parsing: c) } catch { throw ValidationError("--compress: \(error)") } }
+        guard let cs = parseSize(clusterSize), cs >= 4096, cs <= 2 << 20, cs & (cs - 1) == 0 else {
+            throw ValidationError("--cluster-size must be a power of two from 4K to 2M")
+        }
+        if workers < 1 || workers > 64 { throw ValidationError("--workers must be 1...64") }
+        if let e = emergencyAt, parseSize(e) == nil { throw ValidationError("--emergency-at: not a size: \(e)") }
+    }
+
+    func run() throws {
+        let cfg: HotimageConfig
+        do {
+            cfg = try HotimageConfig.load(path: config ?? HotimageConfig.defaultPath, required: config != nil)
+        } catch { throw CLIExit.fail("\(error)", code: 2) }
+        var o = BackupOptions(source: source, output: output)
+        o.mode = BackupMode(rawValue: mode)!
+        if let c = consistency ?? cfg.consistency { o.consistency = Consistency(rawValue: c) }
+        do { o.compression = try QCow2Compression(parsing: compress ?? cfg.compress ?? "zstd:1") } catch {
+            throw CLIExit.fail("compress: \(error)", code: 2)
+        }
+        o.clusterBits = parseSize(clusterSize)!.trailingZeroBitCount
+        o.excludes = cfg.excludes + exclude
+        o.hooks = cfg.hooks
+        o.hooks.add(.beforeSnapshot, beforeSnapshot)
+        o.hooks.add(.afterSnapshot, afterSnapshot)
+        o.hooks.add(.afterBackup, afterBackup)
+        if let t = hookTimeout { o.hooks.timeoutSeconds = t }
+        o.keepPartial = keepPartial
+        o.overwrite = force
+        o.runDir = paths.runDir
+        o.pauseMs = pauseMs
+        o.imager.workers = workers
+        if let e = emergencyAt { o.imager.emergencyBytes = parseSize(e)! }
+        if let r = maxRate { o.imager.maxBytesPerSecond = parseSize(r)! }
+        o.toolVersion = hotimageVersion
+        let reporter: Reporter = json ? JSONReporter() : TerminalReporter()
+        let job = BackupJob(options: o, reporter: reporter)
+        let signals = SignalWaiter()
+        Threads.start(name: "signals") {
+            while true {
+                if let s = signals.wait(timeoutSeconds: 1) {
+                    job.interrupt("interrupted by signal \(s)")
+                }
+            }
+        }
+        let (code, _) = job.run()
+        if code != .ok { throw ExitCode(code.rawValue) }
+    }
+}
+
+struct RestoreCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "restore",
+        abstract: "Write an image back to a block device or file.",
+        discussion: """
+        Writes every allocated cluster of IMAGE to TARGET, then discards (or zeroes) \
+        the rest so TARGET reads exactly as the imaged volume, and flushes. A TARGET \
+        that does not exist is created as a file of the volume's size.
+
+        Refuses: an incomplete image (kept by --keep-partial), a mounted or busy \
+        target, a target smaller than the volume, a target that already holds a \
+        filesystem (unless --force).
+
+        EXIT CODES
+          0  restored
+          1  reading the image or writing the target failed
+          2  refused (see above) or usage error
+        """)
+
+    @Argument(help: "The qcow2 image.") var image: String
+    @Argument(help: "Block device or file to write.") var target: String
+    @Flag(help: "Overwrite a target that holds a filesystem.") var force = false
+    @Flag(help: "Leave unused space as it is (faster on a target known to read as zeros).") var noDiscard = false
+    @Flag(help: "Print the summary as JSON on stdout.") var json = false
+
+    func run() throws {
+        var o = RestoreOptions(image: image, target: target)
+        o.force = force
+        o.discard = !noDiscard
+        let r = TerminalReporter(quiet: json)
+        do {
+            let s = try RestoreJob.run(o, reporter: r)
+            if json { printJSON(s) } else {
+                r.log(String(format: "restored %@ (%llu clusters) to %@ in %.1f s; %@ of unused space %@", formatBytes(s.bytes),
+                             s.clusters, s.target, s.seconds, formatBytes(s.zeroedBytes), s.discarded ? "discarded" : "left as it was"))
+            }
+        } catch let e as RestoreFailure {
+            throw CLIExit.fail(e.description, code: e.refused ? 2 : 1)
+        }
+    }
+}
+
+struct InfoCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "info",
+        abstract: "Show what an image holds: size, compression, source, filesystem, snapshot.",
+        discussion: """
+        EXIT CODES
+          0  shown
+          1  the file is not a readable qcow2 image
+        """)
+
+    @Argument(help: "The qcow2 image.") var image: String
+    @Flag(help: "Print JSON on stdout.") var json = false
+
+    func run() throws {
+        let info: ImageInfo
+        do { info = try ImageInfo.read(image) } catch { throw CLIExit.fail("\(image): \(error)") }
+        if json { printJSON(info) } else { print(info.text, terminator: "") }
+    }
+}
+
+struct VerifyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "verify",
+        abstract: "Check every stored byte of an image against its checksums.",
+        discussion: """
+        Checks the qcow2 structures (header, L1/L2 tables, refcounts, as qemu-img \
+        check does) and hotimage's checksums of the metadata and of every cluster \
+        (each is decompressed); names the guest region of each problem.
+
+        EXIT CODES
+          0  the image is intact
+          1  problems were found (listed), or the image is incomplete
+          2  the file cannot be opened as a qcow2 image, or usage error
+        """)
+
+    @Argument(help: "The qcow2 image.") var image: String
+    @Flag(help: "Print the report as JSON on stdout.") var json = false
+
+    func run() throws {
+        let rep: VerifyOutcome
+        do { rep = try VerifyOutcome.run(image) } catch { throw CLIExit.fail("\(image): \(error)", code: 2) }
+        if json { printJSON(rep) } else {
+            for n in rep.notes { print("note: \(n)") }
+            for p in rep.problems { print("problem: \(p)") }
+            print(rep.problems.isEmpty ? "\(image): OK, \(rep.clustersChecked) clusters checked in \(String(format: "%.1f", rep.seconds)) s"
+                                       : "\(image): \(rep.problems.count) problem(s)")
+        }
+        if !rep.problems.isEmpty { throw ExitCode(1) }
+    }
+}
+
+func printJSON<T: Encodable>(_ v: T) {
+    let e = JSONEncoder()
+    e.outputFormatting = [.prettyPrinted, .sortedKeys]
+    if let d = try? e.encode(v) { print(String(decoding: d, as: UTF8.self)) }
+}
