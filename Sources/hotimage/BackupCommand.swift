@@ -235,7 +235,7 @@ struct InfoCommand: ParsableCommand {
 
     func run() throws {
         let info: ImageInfo
-        do { info = try ImageInfo.read(image) } catch { throw CLIExit.fail("\(image): \(error)") }
+        do { info = try ImageInfo.read(image) } catch { throw CLIExit.fail("\(error)") }
         if json { printJSON(info) } else { print(info.text, terminator: "") }
     }
 }
@@ -260,7 +260,7 @@ struct VerifyCommand: ParsableCommand {
 
     func run() throws {
         let rep: VerifyOutcome
-        do { rep = try VerifyOutcome.run(image) } catch { throw CLIExit.fail("\(image): \(error)", code: 2) }
+        do { rep = try VerifyOutcome.run(image) } catch { throw CLIExit.fail("\(error)", code: 2) }
         if json { printJSON(rep) } else {
             for n in rep.notes { print("note: \(n)") }
             for p in rep.problems { print("problem: \(p)") }

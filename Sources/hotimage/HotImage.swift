@@ -18,19 +18,24 @@ struct HotImage: ParsableCommand {
         HotCore, the write interceptor, stands in front of a block device as a \
         userspace NBD proxy ('attach'). While idle it passes I/O through; during a \
         backup session it keeps a point-in-time view of the used blocks by \
-        copy-on-write and serves it as the read-only NBD export "snapshot".
+        copy-on-write and serves it as the read-only NBD export "snapshot". \
+        'backup' images the used blocks into a compressed qcow2 file that qemu-img \
+        and every virtualisation tool read; 'restore' writes it back.
 
         Typical use (as root):
           hotimage attach /dev/sdb1 --name data      # prints the protected device, e.g. /dev/loop3
           mount /dev/loop3 /srv/data                 # use the protected device from now on
+          hotimage backup data -o /backup/data.qcow2 # online, while applications write
+          hotimage verify /backup/data.qcow2
+          hotimage restore /backup/data.qcow2 /dev/sdc1
           hotimage snapshot data -- nbdcopy '$HOTIMAGE_SNAPSHOT_URI' /backup/data.raw
           hotimage status data
           umount /srv/data && hotimage detach data
 
-        EXIT CODES
+        EXIT CODES (each command's help lists its own)
           0  success
           1  an operation failed (the message says which and why)
-          2  usage error
+          2  usage error, or refused
           3  the backup session failed (the live volume is unharmed)
         """,
         version: hotimageVersion,

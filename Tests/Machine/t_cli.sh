@@ -4,7 +4,7 @@
 # errors: exit code 2 and one clear line.
 source "$(dirname "$0")/lib.sh"
 G=$(dirname "$0")/golden
-for c in main attach detach status snapshot; do
+for c in main attach detach status snapshot backup restore info verify; do
   sub=$c; [ $c = main ] && sub=
   COLUMNS=100 "$HOTIMAGE" $sub --help > "$W/help-$c.txt" 2>&1
   if [ "${1:-}" = --update ]; then cp "$W/help-$c.txt" "$G/help-$c.txt"; continue; fi
@@ -25,5 +25,12 @@ expect 2 "give the command to run" "$HOTIMAGE" snapshot data
 expect 2 "consistency must be" "$HOTIMAGE" snapshot data --consistency maybe -- true
 expect 1 "no HotCore daemon 'nope'" "$HOTIMAGE" status nope --run-dir "$RUN"
 expect 1 "no HotCore daemon 'nope'" "$HOTIMAGE" detach nope --run-dir "$RUN"
+expect 2 "mode must be online, auto or offline" "$HOTIMAGE" backup x -o y --mode sideways
+expect 2 "compress" "$HOTIMAGE" backup x -o y --compress lzma
+expect 2 "cluster-size must be" "$HOTIMAGE" backup x -o y --cluster-size 3K
+expect 2 "neither an attachment" "$HOTIMAGE" backup /nonexistent -o "$W/x.qcow2" --run-dir "$RUN"
+expect 2 "not a qcow2\|qcow2\|magic" "$HOTIMAGE" verify /etc/hostname
+expect 1 "magic\|qcow2" "$HOTIMAGE" info /etc/hostname
+expect 2 "Missing expected argument" "$HOTIMAGE" restore
 expect 1 "neither a block device nor a regular file" "$HOTIMAGE" attach /dev/null --name hit-null --run-dir "$RUN"
 log "ok"
