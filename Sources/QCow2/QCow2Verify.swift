@@ -718,7 +718,8 @@ struct Verifier {
                     } else if useCRC {
                         var crc = crc32Update(0, buf, Int(cs))
                         if case .compressed = state {
-                            crc ^= crc32Of(decoder.lastStream)
+                            let stream = decoder.lastStream
+                            crc = crc32Update(crc, stream.baseAddress, stream.count)
                         }
                         if crc != expected {
                             let kind: String

@@ -87,10 +87,10 @@
 //                         (data or zero)
 //                      16 + l2_entries/8: l2_entries x u32 checksum of the
 //                         cluster (0 where not written): the CRC of the guest
-//                         cluster's bytes, XORed for compressed clusters with
-//                         the CRC of the compressed stream itself (so damage
-//                         to stream bits that do not change the output, such
-//                         as deflate padding, is caught too)
+//                         cluster's bytes; for compressed clusters the CRC of
+//                         the guest bytes followed by the compressed stream
+//                         (so damage to stream bits that do not change the
+//                         output, such as deflate padding, is caught too)
 // Structure CRCs cover whole clusters: the L1 table (all its clusters,
 // padding included), the refcount table (all its clusters), each refcount
 // block and each L2 table.
@@ -284,6 +284,17 @@ public final class QCow2Writer: @unchecked Sendable {
     /// Stores one encoded cluster. Clusters may arrive in any order; each
     /// index at most once.
     public func write(_ c: EncodedCluster) throws {
+        // The recorded checksum; for compressed clusters CRC(guest bytes ||
+        // stream), which also covers stream bits that do not change the
+        // output. (Not an XOR of two CRCs: CRC is affine, so equal flips at
+        // equal distances from the ends of a stored deflate block would
+        // cancel.) Computed before taking the lock.
+        let recorded: UInt32
+        if case .compressed(let bytes) = c.payload {
+            recorded = bytes.withUnsafeBytes { crc32Update(c.crc, $0.baseAddress, $0.count) }
+        } else {
+            recorded = c.crc
+        }
         try lock.withLock {
             try checkOpen()
             guard c.index < guestClusters else {
@@ -325,12 +336,7 @@ public final class QCow2Writer: @unchecked Sendable {
                 nCompressed += 1
                 compressedBytes += UInt64(bytes.count)
             }
-            if case .compressed(let bytes) = c.payload {
-                // Also covers bits of the stream that do not change its output.
-                region.crcs[j] = c.crc ^ crc32Of(bytes)
-            } else {
-                region.crcs[j] = c.crc
-            }
+            region.crcs[j] = recorded
         }
     }
 
