@@ -76,9 +76,8 @@ public struct VerifyOutcome: Codable, Sendable {
         let r = try QCow2Reader(path: path)
         let rep = r.verify()
         var problems = rep.problems.map { "\($0)" }
-        var notes: [String] = []
+        var notes: [String] = rep.notes
         if r.hotimage == nil { notes.append("not made by hotimage: the structure was checked, the data has no checksums to check") }
-        if let h = r.hotimage, !h.complete { problems.insert("the image is incomplete (a failed backup kept with --keep-partial)", at: 0) }
         return VerifyOutcome(image: path, problems: problems, notes: notes, clustersChecked: rep.clustersChecked,
                              seconds: Double(monotonicNanos() - t0) / 1e9)
     }

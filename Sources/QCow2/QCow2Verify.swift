@@ -234,7 +234,7 @@ struct Verifier {
         if computed != stored {
             problem(.header, host: 0, "header cluster (file offset 0, \(cs) bytes): checksum mismatch (stored \(hex(UInt64(stored))), computed \(hex(UInt64(computed))))")
         }
-        if let t = tail, t.headerCRC != computed, t.headerCRC != stored {
+        if let t = tail, t.headerCRC != computed {
             problem(.hotimage, host: info.tailOffset, "the tail blob's copy of the header checksum (\(hex(UInt64(t.headerCRC)))) does not match the header cluster")
         }
         if let t = tail {

@@ -21,6 +21,10 @@
 //                    cluster above (including themselves)
 //   tail blob        hotimage's own data, NOT refcounted (see below)
 //
+// The header cluster is written last, after everything else is fsynced, so a
+// writer that dies before finish() leaves a file without the qcow2 magic
+// rather than one that looks valid (abandon() deletes the file).
+//
 // qcow2 header: version 3, refcount_order 4 (16-bit refcounts), no backing
 // file, no encryption, no extended L2, no snapshots, header_length 112.
 // compression_type (byte 104) is 1 for zstd, with incompatible feature bit 3
@@ -108,8 +112,10 @@
 // (CRC). At 64 KiB clusters that is 192 MiB per TiB of guest space the
 // image touches (128 MiB of L2 entries + 64 MiB of CRCs); at 4 KiB clusters
 // 3 GiB per TiB. Plus 2 bytes of refcount per host data cluster (32 MiB per
-// TiB of data at 64 KiB clusters), the compressed run buffer (max(8 MiB,
-// 4 clusters)) and the standard-cluster batch (max(4 MiB, 1 cluster)).
+// TiB of data at 64 KiB clusters), and staging buffers: one compressed run
+// (max(8 MiB, 2 clusters)) and one standard-cluster batch (max(4 MiB, 1
+// cluster)) being filled, plus one of each per thread whose full buffer is
+// being written outside the lock.
 
 #if canImport(Glibc)
 import Glibc
@@ -155,8 +161,10 @@ final class L2Region {
     }
 }
 
-/// Writes a qcow2 v3 image. Thread-safe: every method takes an internal lock
-/// (the data is already encoded; the lock covers staging and large pwrites).
+/// Writes a qcow2 v3 image. Thread-safe: staging happens under an internal
+/// lock; full buffers (a compressed run, a batch of standard clusters) get
+/// their final file position under the lock and are then written by the
+/// calling thread outside it, so other threads keep staging meanwhile.
 public final class QCow2Writer: @unchecked Sendable {
     public let path: String
     public let virtualSize: UInt64
@@ -169,7 +177,7 @@ public final class QCow2Writer: @unchecked Sendable {
     private let l2Entries: Int
     private let l1Size: Int
     private let csizeShift: UInt64
-    private let lock = QLock()
+    private let lock = QMonitor()
 
     private enum State { case open, failed(QCow2Error), finished, abandoned }
     private var state = State.open
@@ -191,6 +199,18 @@ public final class QCow2Writer: @unchecked Sendable {
     private var rawBuf: UnsafeMutableRawPointer?
     private var rawIndices: [UInt64] = []
 
+    /// A full buffer on its way to the file. Positions are fixed when the
+    /// buffer is detached, so jobs may run concurrently, outside the lock.
+    private struct Job {
+        let buf: UnsafeMutableRawPointer
+        let count: Int
+        let offset: UInt64
+        let isRun: Bool
+    }
+    private var spareRuns: [UnsafeMutableRawPointer] = []
+    private var spareRaws: [UnsafeMutableRawPointer] = []
+    private var inFlight = 0
+
     private var bytesWritten: UInt64 = 0
     private var nZero: UInt64 = 0, nRaw: UInt64 = 0, nCompressed: UInt64 = 0, compressedBytes: UInt64 = 0
 
@@ -203,8 +223,16 @@ public final class QCow2Writer: @unchecked Sendable {
     /// Creates the image file (O_EXCL unless `overwrite`). `clusterBits` is
     /// 9...21; `virtualSize` must be a multiple of 512 (qemu counts sectors)
     /// and within qemu's limits for the cluster size (32 MiB of L1 table).
-    public init(path: String, virtualSize: UInt64, clusterBits: Int = 16,
-                compression: QCow2Compression, overwrite: Bool = false) throws {
+    public convenience init(path: String, virtualSize: UInt64, clusterBits: Int = 16,
+                            compression: QCow2Compression, overwrite: Bool = false) throws {
+        try self.init(path: path, virtualSize: virtualSize, clusterBits: clusterBits, compression: compression,
+                      overwrite: overwrite, runBytes: nil, rawBatchClusters: nil)
+    }
+
+    /// `runBytes` / `rawBatchClusters` override the staging sizes (tests use
+    /// tiny ones to exercise many concurrent flushes).
+    init(path: String, virtualSize: UInt64, clusterBits: Int, compression: QCow2Compression,
+         overwrite: Bool, runBytes: Int?, rawBatchClusters: Int?) throws {
         guard (Q.minClusterBits...Q.maxClusterBits).contains(clusterBits) else {
             throw QCow2Error("cluster_bits \(clusterBits) is out of range: qcow2 images need 9...21 (512 bytes to 2 MiB clusters)", path: path)
         }
@@ -240,8 +268,8 @@ public final class QCow2Writer: @unchecked Sendable {
         self.csizeShift = UInt64(62 - (clusterBits - 8))
         self.regions = [L2Region?](repeating: nil, count: Int(l1))
         self.fileEnd = cs
-        self.runCapacity = max(8 << 20, 4 * Int(cs))
-        self.rawCapacity = max(1, (4 << 20) / Int(cs))
+        self.runCapacity = max(runBytes ?? (8 << 20), 2 * Int(cs))
+        self.rawCapacity = max(1, rawBatchClusters ?? ((4 << 20) / Int(cs)))
 
         let flags = O_WRONLY | O_CREAT | O_CLOEXEC | (overwrite ? O_TRUNC : O_EXCL)
         let fd = open(path, flags, 0o644)
@@ -259,6 +287,7 @@ public final class QCow2Writer: @unchecked Sendable {
         if fd >= 0 { close(fd) }
         runBuf?.deallocate()
         rawBuf?.deallocate()
+        for b in spareRuns + spareRaws { b.deallocate() }
     }
 
     /// Bytes written to the file so far.
@@ -295,49 +324,108 @@ public final class QCow2Writer: @unchecked Sendable {
         } else {
             recorded = c.crc
         }
-        try lock.withLock {
-            try checkOpen()
-            guard c.index < guestClusters else {
-                throw err("cluster \(c.index) (guest offset \(hex(c.index &* cs))) lies beyond the virtual size \(virtualSize)")
-            }
-            switch c.payload {
-            case .zero:
-                break
-            case .raw(let bytes):
-                guard bytes.count == clusterSize else {
-                    throw err("\(guestRange(c.index)): raw payload has \(bytes.count) bytes, expected exactly \(clusterSize)")
-                }
-            case .compressed(let bytes):
-                guard bytes.count > 0, bytes.count < clusterSize else {
-                    throw err("\(guestRange(c.index)): compressed payload has \(bytes.count) bytes, expected 1...\(clusterSize - 1)")
-                }
-            }
-            let l1i = Int(c.index / UInt64(l2Entries))
-            let j = Int(c.index % UInt64(l2Entries))
-            if let r = regions[l1i], r.entries[j] != 0 {
-                throw err("\(guestRange(c.index)) was written twice")
-            }
-            let region: L2Region
-            if let r = regions[l1i] {
-                region = r
-            } else {
-                region = L2Region(l2Entries)
-                regions[l1i] = region
-            }
-            switch c.payload {
-            case .zero:
-                region.entries[j] = Q.oflagZero
-                nZero += 1
-            case .raw(let bytes):
-                try stageRaw(bytes, index: c.index, region: region, slot: j)
-                nRaw += 1
-            case .compressed(let bytes):
-                region.entries[j] = try stageCompressed(bytes, index: c.index)
-                nCompressed += 1
-                compressedBytes += UInt64(bytes.count)
-            }
-            region.crcs[j] = recorded
+        var jobs: [Job] = []
+        var thrown: Error? = nil
+        lock.withLock {
+            do { try stage(c, recorded: recorded, jobs: &jobs) } catch { thrown = error }
         }
+        // Detached buffers are always written (and released), even when
+        // staging failed after detaching them.
+        if !jobs.isEmpty {
+            do { try run(jobs) } catch { if thrown == nil { thrown = error } }
+        }
+        if let thrown { throw thrown }
+    }
+
+    /// Validates and stages one cluster (lock held). Full buffers are
+    /// detached into `jobs` for the caller to write after unlocking.
+    private func stage(_ c: EncodedCluster, recorded: UInt32, jobs: inout [Job]) throws {
+        try checkOpen()
+        guard c.index < guestClusters else {
+            throw err("cluster \(c.index) (guest offset \(hex(c.index &* cs))) lies beyond the virtual size \(virtualSize)")
+        }
+        switch c.payload {
+        case .zero:
+            break
+        case .raw(let bytes):
+            guard bytes.count == clusterSize else {
+                throw err("\(guestRange(c.index)): raw payload has \(bytes.count) bytes, expected exactly \(clusterSize)")
+            }
+        case .compressed(let bytes):
+            guard bytes.count > 0, bytes.count < clusterSize else {
+                throw err("\(guestRange(c.index)): compressed payload has \(bytes.count) bytes, expected 1...\(clusterSize - 1)")
+            }
+        }
+        let l1i = Int(c.index / UInt64(l2Entries))
+        let j = Int(c.index % UInt64(l2Entries))
+        if let r = regions[l1i], r.entries[j] != 0 {
+            throw err("\(guestRange(c.index)) was written twice")
+        }
+        let region: L2Region
+        if let r = regions[l1i] {
+            region = r
+        } else {
+            region = L2Region(l2Entries)
+            regions[l1i] = region
+        }
+        switch c.payload {
+        case .zero:
+            region.entries[j] = Q.oflagZero
+            nZero += 1
+        case .raw(let bytes):
+            try stageRaw(bytes, index: c.index, region: region, slot: j, jobs: &jobs)
+            nRaw += 1
+        case .compressed(let bytes):
+            region.entries[j] = try stageCompressed(bytes, index: c.index, jobs: &jobs)
+            nCompressed += 1
+            compressedBytes += UInt64(bytes.count)
+        }
+        region.crcs[j] = recorded
+    }
+
+    /// Writes detached buffers outside the lock, then returns them.
+    private func run(_ jobs: [Job]) throws {
+        var failure: QCow2Error? = nil
+        var done: UInt64 = 0
+        for job in jobs where failure == nil {
+            do {
+                try pwriteFull(fd, job.buf, job.count, job.offset)
+                done += UInt64(job.count)
+            } catch let e as QCow2Error {
+                failure = e.with(path: path)
+            } catch {
+                failure = err("\(error)")
+            }
+        }
+        lock.withLock {
+            for job in jobs {
+                if job.isRun { spareRuns.append(job.buf) } else { spareRaws.append(job.buf) }
+            }
+            bytesWritten += done
+            inFlight -= jobs.count
+            if let failure, case .open = state { state = .failed(failure) }
+            lock.broadcast()
+        }
+        if let failure { throw failure }
+    }
+
+    /// Runs jobs while holding the lock (finish only); releases them all
+    /// even when one fails.
+    private func runLocked(_ jobs: [Job]) throws {
+        var failure: Error? = nil
+        for job in jobs {
+            if failure == nil {
+                do {
+                    try pwriteFull(fd, job.buf, job.count, job.offset)
+                    bytesWritten += UInt64(job.count)
+                } catch {
+                    failure = error
+                }
+            }
+            if job.isRun { spareRuns.append(job.buf) } else { spareRaws.append(job.buf) }
+            inFlight -= 1
+        }
+        if let failure { throw failure }
     }
 
     // MARK: Staging
@@ -355,18 +443,24 @@ public final class QCow2Writer: @unchecked Sendable {
         return i < dataRefcounts.count ? dataRefcounts[i] : 0
     }
 
-    private func stageCompressed(_ bytes: [UInt8], index: UInt64) throws -> UInt64 {
+    private func stageCompressed(_ bytes: [UInt8], index: UInt64, jobs: inout [Job]) throws -> UInt64 {
         let n = bytes.count
-        if runBuf == nil { runBuf = .allocate(byteCount: runCapacity, alignment: 4096) }
+        if runBuf == nil { runBuf = spareRuns.popLast() ?? .allocate(byteCount: runCapacity, alignment: 4096) }
         if runLen == 0 { runStart = lastWasCompressed ? fileEnd : alignUp(fileEnd, cs) }
         var p = runStart + UInt64(runLen)
         // Keep every host cluster's refcount within 16 bits.
         var padding = refcount(p / cs) >= Self.refcountMax ? Int(alignUp(p, cs) - p) : 0
         if runLen + padding + n > runCapacity {
-            try flushRun()
+            if let job = detachRun() { jobs.append(job) }
+            runBuf = spareRuns.popLast() ?? .allocate(byteCount: runCapacity, alignment: 4096)
             runStart = fileEnd
             p = runStart
             padding = refcount(p / cs) >= Self.refcountMax ? Int(alignUp(p, cs) - p) : 0
+        }
+        guard p + UInt64(padding) < (UInt64(1) << csizeShift) else {
+            let e = err("\(guestRange(index)): host offset \(hex(p)) exceeds what a compressed cluster descriptor can address with \(clusterSize)-byte clusters")
+            state = .failed(e)
+            throw e
         }
         let buf = runBuf!
         if padding > 0 {
@@ -376,42 +470,39 @@ public final class QCow2Writer: @unchecked Sendable {
         }
         bytes.withUnsafeBytes { (buf + runLen).copyMemory(from: $0.baseAddress!, byteCount: n) }
         runLen += n
-        guard p < (UInt64(1) << csizeShift) else {
-            state = .failed(err("host offset \(hex(p)) too large"))
-            throw err("\(guestRange(index)): host offset \(hex(p)) exceeds what a compressed cluster descriptor can address with \(clusterSize)-byte clusters")
-        }
         let last = p + UInt64(n) - 1
         let extraSectors = (last >> 9) - (p >> 9)
         for k in (p / cs)...(last / cs) { bumpRefcount(k) }
         return Q.oflagCompressed | (extraSectors << csizeShift) | p
     }
 
-    private func stageRaw(_ bytes: [UInt8], index: UInt64, region: L2Region, slot: Int) throws {
-        if rawBuf == nil { rawBuf = .allocate(byteCount: rawCapacity * clusterSize, alignment: 4096) }
+    private func stageRaw(_ bytes: [UInt8], index: UInt64, region: L2Region, slot: Int, jobs: inout [Job]) throws {
+        if rawBuf == nil { rawBuf = spareRaws.popLast() ?? .allocate(byteCount: rawCapacity * clusterSize, alignment: 4096) }
         let buf = rawBuf! + rawIndices.count * clusterSize
         bytes.withUnsafeBytes { buf.copyMemory(from: $0.baseAddress!, byteCount: clusterSize) }
         rawIndices.append(index)
         region.entries[slot] = Self.pendingRaw
-        if rawIndices.count == rawCapacity { try flushRaw() }
+        if rawIndices.count == rawCapacity { jobs += try detachRaw() }
     }
 
-    private func flushRun() throws {
-        guard runLen > 0, let buf = runBuf else { return }
-        do {
-            try pwriteFull(fd, buf, runLen, runStart)
-        } catch let e as QCow2Error {
-            state = .failed(e)
-            throw e.with(path: path)
-        }
-        bytesWritten += UInt64(runLen)
+    /// Hands the compressed run over for writing; its position is final.
+    private func detachRun() -> Job? {
+        guard runLen > 0, let buf = runBuf else { return nil }
+        let job = Job(buf: buf, count: runLen, offset: runStart, isRun: true)
         fileEnd = runStart + UInt64(runLen)
         lastWasCompressed = true
         runLen = 0
+        runBuf = nil
+        inFlight += 1
+        return job
     }
 
-    private func flushRaw() throws {
-        guard !rawIndices.isEmpty, let buf = rawBuf else { return }
-        try flushRun()
+    /// Places the batch of standard clusters (after the compressed run, which
+    /// is detached first) and hands both over for writing.
+    private func detachRaw() throws -> [Job] {
+        guard !rawIndices.isEmpty, let buf = rawBuf else { return [] }
+        var jobs: [Job] = []
+        if let job = detachRun() { jobs.append(job) }
         let start = alignUp(fileEnd, cs)
         let count = rawIndices.count
         guard start + UInt64(count) * cs <= Q.offsetMask else {
@@ -419,22 +510,19 @@ public final class QCow2Writer: @unchecked Sendable {
             state = .failed(e)
             throw e
         }
-        do {
-            try pwriteFull(fd, buf, count * clusterSize, start)
-        } catch let e as QCow2Error {
-            state = .failed(e)
-            throw e.with(path: path)
-        }
         for (k, index) in rawIndices.enumerated() {
             let host = start + UInt64(k) * cs
             let r = regions[Int(index / UInt64(l2Entries))]!
             r.entries[Int(index % UInt64(l2Entries))] = host | Q.oflagCopied
             bumpRefcount(host / cs)
         }
-        bytesWritten += UInt64(count * clusterSize)
+        jobs.append(Job(buf: buf, count: count * clusterSize, offset: start, isRun: false))
+        inFlight += 1
         fileEnd = start + UInt64(count) * cs
         lastWasCompressed = false
         rawIndices.removeAll(keepingCapacity: true)
+        rawBuf = nil
+        return jobs
     }
 
     // MARK: Finish
@@ -444,6 +532,7 @@ public final class QCow2Writer: @unchecked Sendable {
     /// partial image kept for diagnosis.
     public func finish(metadata: [UInt8], complete: Bool) throws -> QCow2WriteSummary {
         try lock.withLock {
+            while inFlight > 0 { lock.wait() }
             try checkOpen()
             guard UInt64(metadata.count) <= Q.maxMetadataBytes else {
                 throw err("metadata of \(metadata.count) bytes exceeds the \(Q.maxMetadataBytes)-byte limit")
@@ -477,8 +566,9 @@ public final class QCow2Writer: @unchecked Sendable {
     }
 
     private func finishLocked(metadata: [UInt8], complete: Bool) throws -> QCow2WriteSummary {
-        try flushRun()
-        try flushRaw()
+        var jobs = try detachRaw()
+        if let job = detachRun() { jobs.append(job) }
+        try runLocked(jobs)
         let dataEnd = alignUp(fileEnd, cs)
         let dataClusters = dataEnd / cs
         let tables = regions.indices.filter { regions[$0] != nil }
@@ -704,6 +794,7 @@ public final class QCow2Writer: @unchecked Sendable {
     /// than once.
     public func abandon() {
         lock.withLock {
+            while inFlight > 0 { lock.wait() }
             if fd >= 0 {
                 close(fd)
                 fd = -1

@@ -46,6 +46,7 @@ backup_case() {
       --after-snapshot "pkill -CONT -P $churner; kill -CONT $churner; rm -f $W/$name.pause" \
       "${bopts[@]}" > "$W/$name.events" 2> "$W/$name.err"
   local rc=$?
+  sleep 1   # the writers go on after the snapshot: the negative control below needs it
   touch "$W/$name.stop"; pkill -CONT -P $churner; kill -CONT $churner 2>/dev/null; wait $writer $churner
   [ $rc = 0 ] || { tail -20 "$W/$name.err"; tail -20 "$RUN/$name/daemon.log"; fail "$name: backup exited $rc"; }
   grep -q '"event":"summary"' "$W/$name.events" || fail "$name: no summary event"

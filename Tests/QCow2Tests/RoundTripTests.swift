@@ -200,6 +200,43 @@ struct RoundTripTests {
         #expect(report.isClean, "\(report)")
     }
 
+    /// Tiny staging buffers: many compressed runs and standard-cluster
+    /// batches are detached and written concurrently, outside the lock.
+    @Test(arguments: [QCow2Compression.zstd(level: 1), .zlib(level: 1)])
+    func concurrentFlushesWithTinyBuffers(_ compression: QCow2Compression) throws {
+        let dir = TempDir()
+        let cs = 4096
+        let n = 900
+        let disk = Fixture.clusteredDisk(size: cs * n, clusterSize: cs, seed: 31)
+        let path = dir.file("tiny.qcow2")
+        let writer = try QCow2Writer(path: path, virtualSize: UInt64(disk.count), clusterBits: 12, compression: compression,
+                                     overwrite: false, runBytes: 3 * cs, rawBatchClusters: 2)
+        let threads = 4
+        let failures = LockedCounter()
+        DispatchQueue.concurrentPerform(iterations: threads) { t in
+            let enc = ClusterEncoder(compression: compression, clusterSize: cs)
+            var order = Array(stride(from: t, to: n, by: threads))
+            var rng = SeededRNG(seed: UInt64(t))
+            order.shuffle(using: &rng)
+            for c in order {
+                let lo = c * cs
+                let e = disk.withUnsafeBytes { enc.encode(index: UInt64(c), data: UnsafeRawBufferPointer(rebasing: $0[lo..<(lo + cs)])) }
+                do { try writer.write(e) } catch { failures.add() }
+            }
+        }
+        #expect(failures.value == 0)
+        let s = try writer.finish(metadata: [], complete: true)
+        #expect(s.rawClusters > 20 && s.compressedClusters > 100)
+        #expect(s.hostBytesWritten >= s.compressedBytes + s.rawClusters * UInt64(cs))
+        #expect(try Fixture.readAll(path) == disk)
+        let report = QCow2Reader.verifyImage(at: path)
+        #expect(report.isClean, "\(report)")
+        if Tools.qemuImg != nil {
+            let (clean, output) = try Tools.qemuCheck(path)
+            #expect(clean, "\(output)")
+        }
+    }
+
     @Test func emptyAndTinyImages() throws {
         let dir = TempDir()
         // Zero-size image: no L1 table at all.
