@@ -1,5 +1,7 @@
 // `hotimage restore IMAGE TARGET`: the volume back from an image.
 //
+// Verifies the whole image first (every checksum; --no-verify skips it), so
+// a damaged image is refused before the target is touched.
 // Refuses: an incomplete image (a kept partial), a mounted or busy target
 // (block devices are opened O_EXCL), a target smaller than the image's
 // volume, and a target that already holds a filesystem unless --force.
@@ -18,6 +20,8 @@ public struct RestoreOptions: Sendable {
     public var force = false
     public var discard = true
     public var workers = 4
+    /// Verify the whole image (every checksum) before writing anything.
+    public var verifyFirst = true
     public init(image: String, target: String) { self.image = image; self.target = target }
 }
 
@@ -44,6 +48,16 @@ public enum RestoreJob {
         }
         if let h = img.hotimage, !h.complete {
             throw RestoreFailure(refused: true, description: "\(o.image) is an incomplete image (a failed backup kept with --keep-partial); it cannot be restored")
+        }
+        if let p = img.hotimageProblems.first {
+            throw RestoreFailure(refused: true, description: "\(o.image) is damaged (\(p)); run 'hotimage verify' for the details")
+        }
+        if o.verifyFirst {
+            r.log("verifying \(o.image) before writing anything (--no-verify skips this)")
+            let rep = img.verify()
+            if let p = rep.problems.first {
+                throw RestoreFailure(refused: true, description: "\(o.image) is damaged: \(p)\(rep.problemCount > 1 ? " (and \(rep.problemCount - 1) more; see 'hotimage verify')" : "")")
+            }
         }
         if img.hotimage == nil { r.log("\(o.image) was not made by hotimage: restoring it without checksums") }
         let size = img.virtualSize

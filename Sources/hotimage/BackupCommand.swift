@@ -183,7 +183,8 @@ struct RestoreCommand: ParsableCommand {
         commandName: "restore",
         abstract: "Write an image back to a block device or file.",
         discussion: """
-        Writes every allocated cluster of IMAGE to TARGET, then discards (or zeroes) \
+        Verifies IMAGE (every checksum) and refuses a damaged one before touching \
+        TARGET; then writes every allocated cluster of IMAGE to TARGET, discards (or zeroes) \
         the rest so TARGET reads exactly as the imaged volume, and flushes. A TARGET \
         that does not exist is created as a file of the volume's size.
 
@@ -201,10 +202,12 @@ struct RestoreCommand: ParsableCommand {
     @Argument(help: "Block device or file to write.") var target: String
     @Flag(help: "Overwrite a target that holds a filesystem.") var force = false
     @Flag(help: "Leave unused space as it is (faster on a target known to read as zeros).") var noDiscard = false
+    @Flag(help: "Skip verifying the image before writing (faster; a damaged image is then noticed only where decompression fails).") var noVerify = false
     @Flag(help: "Print the summary as JSON on stdout.") var json = false
 
     func run() throws {
         var o = RestoreOptions(image: image, target: target)
+        o.verifyFirst = !noVerify
         o.force = force
         o.discard = !noDiscard
         let r = TerminalReporter(quiet: json)

@@ -45,6 +45,7 @@ H backup hit-hooks -o "$W/3.qcow2" --before-snapshot "$(rec b)" --after-snapshot
 [ $rc = 6 ] || fail "after-snapshot failure: exit $rc (want 6): $(cat "$W/3.out")"
 [ "$(wc -l < "$HL")" = 3 ] && grep -q "^z after-backup err=0" "$HL" || fail "after-snapshot failure: hooks: $(cat "$HL")"
 HI verify "$W/3.qcow2" >/dev/null || fail "the image after a failed after-snapshot hook does not verify"
+qemu-img check "$W/3.qcow2" >/dev/null 2>&1 || fail "qemu-img check (image 3)"
 log "after-snapshot fails: image complete, after-backup ran, exit 6"
 
 # 4. All succeed, from the configuration file and the command line; a hook timeout.

@@ -49,6 +49,7 @@ RAW=$(make_loop "$W/raw.img" 32M)
 head -c 8M /dev/urandom | dd of="$RAW" bs=1M seek=20 conv=fsync status=none
 H backup "$RAW" --mode offline -o "$W/raw.qcow2" > "$W/raw.out" 2>&1 || { cat "$W/raw.out"; fail "raw backup"; }
 grep -q "every block" "$W/raw.out" || fail "raw map not said plainly: $(cat "$W/raw.out")"
+qemu-img check "$W/raw.qcow2" >/dev/null 2>&1 || fail "qemu-img check (raw image)"
 HI restore "$W/raw.qcow2" "$W/raw.restored" >/dev/null 2>&1 || fail "restore raw"
 cmp "$RAW" "$W/raw.restored" || fail "raw image differs from the device"
 log "raw: a device without a filesystem is imaged whole"

@@ -51,10 +51,7 @@ check_damaged() {  # name what
   HI verify "$W/$1.qcow2" > "$W/$1.verify" 2>&1; local rc=$?
   [ $rc = 1 ] || [ $rc = 2 ] || fail "$2: verify exited $rc: $(cat "$W/$1.verify")"
   HI restore "$W/$1.qcow2" "$W/$1.raw" > "$W/$1.restore" 2>&1; local rr=$?
-  if [ $rr = 0 ]; then
-    # Restore may only succeed if it produced exactly the original bytes.
-    cmp -s "$W/$1.raw" "$BASE" || fail "$2: restore succeeded with wrong data"
-  fi
+  [ $rr != 0 ] || fail "$2: restore accepted a damaged image"
   log "$2: verify exit $rc: $(grep -m1 -E 'problem|error|hotimage:' "$W/$1.verify" | cut -c1-150); restore exit $rr"
 }
 
