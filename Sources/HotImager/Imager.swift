@@ -366,7 +366,7 @@ public final class Imager: @unchecked Sendable {
         if reason == nil && !inEpisode { return }
         // Queue the clusters holding buffered originals (not yet claimed).
         let buffered = (try? s.buffered(limit: 65536)) ?? []
-        let added: Int = m.withLock {
+        m.withLock {
             var fresh: [UInt64] = []
             for r in buffered {
                 var c = r.lowerBound / clusterSize
@@ -385,9 +385,7 @@ public final class Imager: @unchecked Sendable {
             } else if urgent.isEmpty && emergency != nil && reason == nil {
                 endEpisode(now: now)
             }
-            return new.count
         }
-        _ = added
     }
 
     /// Closes the running episode (lock held).

@@ -75,7 +75,7 @@ public struct VerifyOutcome: Codable, Sendable {
         let t0 = monotonicNanos()
         let r = try QCow2Reader(path: path)
         let rep = r.verify()
-        var problems = rep.problems.map { "\($0)" }
+        let problems = rep.problems.map { "\($0)" }
         var notes: [String] = rep.notes
         if r.hotimage == nil { notes.append("not made by hotimage: the structure was checked, the data has no checksums to check") }
         return VerifyOutcome(image: path, problems: problems, notes: notes, clustersChecked: rep.clustersChecked,

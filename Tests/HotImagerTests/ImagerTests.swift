@@ -80,7 +80,6 @@ final class MemorySource: BlockSource, @unchecked Sendable {
 
     /// A read error fails the run with the reader's message; nothing hangs.
     @Test func readErrorFailsTheRun() throws {
-        let src = MemorySource(volume(1 << 20, seed: 1))
         let path = "/tmp/hotimage-imager-err-\(getpid()).qcow2"
         defer { unlink(path) }
         let w = try QCow2Writer(path: path, virtualSize: 2 << 20, clusterBits: 16, compression: .none, overwrite: true)
@@ -98,7 +97,6 @@ final class MemorySource: BlockSource, @unchecked Sendable {
                 func close() {}
             }
         }
-        _ = src
         let im = Imager(source: Failing(), ranges: [0..<(2 << 20)], writer: w, compression: .none, clusterSize: 65536,
                         config: ImagerConfig(), session: nil, log: { _ in })
         #expect(throws: ImagerError.self) { _ = try im.run { _ in } }
