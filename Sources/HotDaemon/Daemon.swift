@@ -9,6 +9,9 @@
 //   RUN/NAME/control.sock  control protocol (ControlProtocol.swift)
 //   RUN/NAME/device        the protected device path, written once usable
 //   RUN/NAME/fuse/disk     nbdfuse's file (--via fuse)
+//   RUN/NAME/nbd-index     "INDEX CONNECTIONS" of /dev/nbdINDEX (--via nbd); kept
+//                          when the daemon dies, for `attach --reconnect`
+//   /dev/hotimage/NAME     symlink to the protected device (stable for fstab)
 //   RUN/NAME/daemon.log    the daemon's log when it runs in the background
 import Foundation
 import HotCore
@@ -28,6 +31,14 @@ public struct AttachOptions: Sendable {
     public var bufferLimitBytes: UInt64 = 16 << 30
     public var engine = EngineConfig()
     public var workers = 8
+    /// --via nbd: sockets between the kernel and HotCore.
+    public var nbdConnections = 2
+    /// --via nbd: how long the kernel holds I/O for a restarted daemon.
+    public var deadConnTimeoutSeconds: UInt64 = 120
+    /// --via nbd: the kernel's per-request timeout (see KernelNBDFrontend).
+    public var nbdRequestTimeoutSeconds: UInt64 = 30
+    /// --via nbd: re-attach the /dev/nbdN a dead daemon of this name left.
+    public var reconnect = false
 
     public init(device: String, name: String) {
         self.device = device
@@ -63,6 +74,7 @@ public final class Daemon: @unchecked Sendable {
     let nbd: NBDServer
     let control: ControlServer
     var fuse: FuseFrontend?
+    var kernelNBD: KernelNBDFrontend?
     private let m = Monitor()
     private var owner: Int?
     private var frozen: FrozenFilesystem?
@@ -78,11 +90,11 @@ public final class Daemon: @unchecked Sendable {
         guard options.via == "fuse" || options.via == "nbd" else {
             throw DaemonError.usage("--via must be fuse or nbd")
         }
-        if options.via == "nbd" && access("/sys/module/nbd", F_OK) != 0 && access("/dev/nbd0", F_OK) != 0 {
+        if options.via == "nbd" && !KernelNBD.available {
             throw DaemonError.usage("--via nbd needs the kernel's nbd driver, which this kernel does not have (modprobe nbd); use --via fuse")
         }
-        if options.via == "nbd" {
-            throw DaemonError.usage("--via nbd is not implemented yet (kernel NBD attach comes with the VM test harness); use --via fuse")
+        if options.reconnect && options.via != "nbd" {
+            throw DaemonError.usage("--reconnect applies to --via nbd only")
         }
         if let m = Mounts.of(device: options.device).first {
             throw DaemonError.mounted(options.device, m.mountPoint)
@@ -122,21 +134,55 @@ public final class Daemon: @unchecked Sendable {
         do { try ProcessControl.lockMemory() } catch { logger.warning("\(error) (continuing without locked memory)") }
         Threads.start(name: "ticker") { [self] in tickLoop() }
         Threads.start(name: "mover") { [self] in moverLoop() }
-        let f = FuseFrontend(runDir: options.dir, logger: logger)
-        fuse = f
-        let logFD = open(options.dir + "/nbdfuse.log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
-        defer { if logFD >= 0 { close(logFD) } }
         let dev: String
-        do { dev = try f.start(socket: nbd.socketPath, size: device.size, logFD: logFD) } catch {
-            f.stop()
-            shutdownServers()
-            throw error
+        if options.via == "nbd" {
+            let k = KernelNBDFrontend(runDir: options.dir, logger: logger)
+            kernelNBD = k
+            let backend = KernelNBDFrontend.backendID(name: options.name, device: options.device)
+            var orphan: (index: Int, connections: Int)?
+            if options.reconnect {
+                orphan = KernelNBDFrontend.orphan(runDir: options.dir, backend: backend)
+                if orphan == nil { logger.info("--reconnect: no device of '\(options.name)' is waiting; connecting a new one") }
+            }
+            do {
+                dev = try k.start(server: nbd, size: device.size, sectorSize: device.sectorSize,
+                                  connections: options.nbdConnections, requestTimeout: options.nbdRequestTimeoutSeconds,
+                                  deadConnTimeout: options.deadConnTimeoutSeconds,
+                                  backend: backend, reconnectTo: orphan)
+            } catch {
+                shutdownServers()
+                throw error
+            }
+        } else {
+            let f = FuseFrontend(runDir: options.dir, logger: logger)
+            fuse = f
+            let logFD = open(options.dir + "/nbdfuse.log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+            defer { if logFD >= 0 { close(logFD) } }
+            do { dev = try f.start(socket: nbd.socketPath, size: device.size, logFD: logFD) } catch {
+                f.stop()
+                shutdownServers()
+                throw error
+            }
         }
+        Daemon.linkStableName(options.name, to: dev)
         m.withLock { protectedDevice = dev }
         writeFile(options.dir + "/pid", "\(getpid())\n")
         writeFile(options.dir + "/device", dev + "\n")
         logger.info("attached \(options.device) as \(dev) (\(device.size) bytes, buffer \(options.resolvedBufferDir))")
         return dev
+    }
+
+    /// /dev/hotimage/NAME -> the protected device: a path that stays the same
+    /// across reboots for fstab (the nbd or loop number may not).
+    static func linkStableName(_ name: String, to dev: String) {
+        mkdir("/dev/hotimage", 0o755)
+        unlink("/dev/hotimage/" + name)
+        symlink(dev, "/dev/hotimage/" + name)
+    }
+
+    static func unlinkStableName(_ name: String) {
+        unlink("/dev/hotimage/" + name)
+        rmdir("/dev/hotimage")
     }
 
     func writeFile(_ path: String, _ s: String) {
@@ -169,6 +215,8 @@ public final class Daemon: @unchecked Sendable {
         engine.end()
         thawIfFrozen()
         fuse?.stop()
+        kernelNBD?.stop()
+        Daemon.unlinkStableName(options.name)
         shutdownServers()
         hb.removeAll()
         rmdir(options.resolvedBufferDir)

@@ -18,6 +18,8 @@ final class NBDConnection: @unchecked Sendable {
     private var inFlight = 0
     private var broken = false
     var logger: Logger
+    /// Set for a connection that starts in the transmission phase.
+    var preNegotiated: NBDNegotiated?
 
     init(socket: UnixSocket, server: NBDServer, id: Int) {
         self.socket = socket
@@ -34,6 +36,10 @@ final class NBDConnection: @unchecked Sendable {
             // Let running requests finish before the socket goes.
             flight.withLock { while inFlight > 0 { flight.wait() } }
             socket.close()
+        }
+        if let neg = preNegotiated {
+            transmission(neg, leftover: [])
+            return
         }
         guard let (neg, leftover) = handshake() else { return }
         logger.debug("nbd: export '\(neg.exportName)' structured=\(neg.structuredReplies) blockstatus=\(neg.baseAllocationContextID != nil)")

@@ -62,6 +62,27 @@ public final class NBDServer: @unchecked Sendable {
         }
     }
 
+    /// Serves `socket` as a connection that is already in the transmission
+    /// phase for `export` with simple replies: the kernel NBD client's
+    /// sockets (it does no handshake; KernelNBDFrontend configures it).
+    func adoptTransmission(socket: UnixSocket, export: String, onClose: (@Sendable () -> Void)? = nil) {
+        guard let info = exportInfo(export) else { socket.close(); return }
+        let neg = NBDNegotiated(exportName: info.name, structuredReplies: false, baseAllocationContextID: nil,
+                                noZeroes: true, export: info, blockSizeAcknowledged: false)
+        let conn = m.withLock { () -> NBDConnection in
+            nextID += 1
+            let conn = NBDConnection(socket: socket, server: self, id: nextID)
+            conn.preNegotiated = neg
+            connections[ObjectIdentifier(conn)] = conn
+            return conn
+        }
+        Threads.start(name: "nbd-kconn") { [self] in
+            conn.run()
+            _ = m.withLock { connections.removeValue(forKey: ObjectIdentifier(conn)) }
+            onClose?()
+        }
+    }
+
     public func stop() {
         listener?.close()
         unlink(socketPath)

@@ -21,7 +21,18 @@ struct Attach: ParsableCommand {
         --via fuse   libnbd's nbdfuse presents the NBD export as a file and a loop \
                      device with direct I/O stands over it (works on any kernel with \
                      FUSE and loop).
-        --via nbd    the kernel NBD client (needs the nbd module).
+        --via nbd    the kernel NBD client (needs the nbd module), configured over \
+                     netlink with --nbd-connections sockets. If the daemon dies, \
+                     the kernel holds I/O on the device for --dead-conn-timeout \
+                     seconds; 'hotimage attach DEVICE --name NAME --via nbd \
+                     --reconnect' (or the systemd unit restarting it) hands it \
+                     new sockets and the mounted filesystem carries on without \
+                     an I/O error; requests the dead daemon had not answered \
+                     are resent after --nbd-timeout. A backup session that \
+                     was running is lost.
+
+        The protected device is also reachable as /dev/hotimage/NAME, which \
+        stays the same whatever loop or nbd number it gets (use it in fstab).
 
         The daemon runs in the background (log: RUN-DIR/NAME/daemon.log) unless \
         --foreground. 'hotimage detach NAME' undoes everything.
@@ -69,6 +80,18 @@ struct Attach: ParsableCommand {
     @Option(help: "Drop the session when its client is silent this many seconds.")
     var heartbeatTimeout: Double = 10
 
+    @Option(help: "--via nbd: sockets between the kernel and HotCore (1-16).")
+    var nbdConnections: Int = 2
+
+    @Option(help: "--via nbd: seconds the kernel holds I/O for a restarted daemon.")
+    var deadConnTimeout: Int = 120
+
+    @Option(help: "--via nbd: seconds before the kernel resends an unanswered request on another connection.")
+    var nbdTimeout: Int = 30
+
+    @Flag(help: "--via nbd: re-attach the nbd device a dead daemon of this name left (else attach anew).")
+    var reconnect = false
+
     @Flag(help: "Stay in the foreground (for systemd or debugging).")
     var foreground = false
 
@@ -82,6 +105,10 @@ struct Attach: ParsableCommand {
         guard pauseMs >= 0, snapshotDeadline > 0, bufferDeadline > 0, heartbeatTimeout > 0 else {
             throw ValidationError("pause and deadlines must be positive")
         }
+        guard (1...16).contains(nbdConnections) else { throw ValidationError("--nbd-connections must be 1 to 16") }
+        guard nbdTimeout >= 1 else { throw ValidationError("--nbd-timeout must be at least 1 second") }
+        guard deadConnTimeout >= 1 else { throw ValidationError("--dead-conn-timeout must be at least 1 second") }
+        if reconnect && via != "nbd" { throw ValidationError("--reconnect applies to --via nbd only") }
         if let n = name, n.isEmpty || n.contains("/") || n.hasPrefix(".") {
             throw ValidationError("--name must be a plain name without '/'")
         }
@@ -102,6 +129,10 @@ struct Attach: ParsableCommand {
         o.engine.memoryDeadlineNanos = UInt64(bufferDeadline * 1e9)
         o.engine.spillAfterNanos = min(o.engine.spillAfterNanos, o.engine.memoryDeadlineNanos / 4)
         o.engine.heartbeatTimeoutNanos = UInt64(heartbeatTimeout * 1e9)
+        o.nbdConnections = nbdConnections
+        o.deadConnTimeoutSeconds = UInt64(deadConnTimeout)
+        o.reconnect = reconnect
+        o.nbdRequestTimeoutSeconds = UInt64(nbdTimeout)
         return o
     }
 
@@ -183,7 +214,12 @@ struct Detach: ParsableCommand {
             throw CLIExit.fail("no HotCore daemon '\(name)' in \(paths.runDir)")
         }
         let pid = (try? String(contentsOfFile: dir + "/pid", encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
-        let c = try ControlClient(path: dir + "/control.sock")
+        let c: ControlClient
+        do { c = try ControlClient(path: dir + "/control.sock") } catch {
+            if let pid, kill(pid, 0) == 0 { throw CLIExit.fail("the daemon (pid \(pid)) does not answer on \(dir)/control.sock: \(error)") }
+            try cleanUpAfterDeadDaemon(dir)
+            return
+        }
         var req = ControlRequest(op: "detach")
         req.force = force
         let r = try c.call(req)
@@ -197,5 +233,31 @@ struct Detach: ParsableCommand {
             if kill(pid, 0) == 0 { throw CLIExit.fail("the daemon (pid \(pid)) did not exit within 30 s") }
         }
         print("detached \(name)")
+    }
+
+    /// The daemon was killed: remove what it left, by its own records only
+    /// (its kernel NBD device, after checking the backend identifier is this
+    /// attachment's; its loop device over its own nbdfuse file).
+    func cleanUpAfterDeadDaemon(_ dir: String) throws {
+        let n = (dir as NSString).lastPathComponent
+        let dev = (try? String(contentsOfFile: dir + "/device", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+        if let dev, let m = Mounts.of(device: dev).first {
+            throw CLIExit.fail("the daemon of '\(n)' is gone but \(dev) is still mounted on \(m.mountPoint): restart it with 'hotimage attach DEVICE --name \(n) --via nbd --reconnect', or unmount first")
+        }
+        if let line = try? String(contentsOfFile: dir + "/nbd-index", encoding: .utf8),
+           let idx = Int(line.split(separator: " ").first ?? "") {
+            if let be = KernelNBD.backend(index: idx), be.hasPrefix("hotimage:\(n):") {
+                do { try KernelNBD.disconnect(index: idx) } catch { throw CLIExit.fail("\(error)") }
+                print("disconnected /dev/nbd\(idx) left by the dead daemon of '\(n)'")
+            }
+        } else if let dev, dev.hasPrefix("/dev/loop"), FileManager.default.fileExists(atPath: dir + "/fuse") {
+            _ = try? Loop.detach(dev)
+            _ = try? ProcessControl.run(["/usr/bin/fusermount3", "-u", dir + "/fuse"])
+        }
+        for f in ["device", "pid", "nbd-index", "lock", "control.sock", "nbd.sock", "nbdfuse.log"] { unlink(dir + "/" + f) }
+        rmdir(dir + "/fuse")
+        rmdir(dir)
+        unlink("/dev/hotimage/" + n)
+        print("cleaned up after the dead daemon of '\(n)'")
     }
 }

@@ -46,7 +46,10 @@ attach_new() {
   local name=$1 size=$2; shift 2
   BASE=$(make_loop "$W/$name.img" "$size")
   local out
-  out=$(H attach "$BASE" --name "$name" --buffer-dir "$W/hb-$name" "$@") || fail "attach $name: $out"
+  # HOTIMAGE_VIA (the VM suite sets nbd) applies unless the test names --via.
+  local via=()
+  case " $* " in *" --via "*) ;; *) [ -n "${HOTIMAGE_VIA:-}" ] && via=(--via "$HOTIMAGE_VIA") ;; esac
+  out=$(H attach "$BASE" --name "$name" --buffer-dir "$W/hb-$name" "${via[@]}" "$@") || fail "attach $name: $out"
   DEV=$(echo "$out" | tail -1)
   [ -b "$DEV" ] || fail "attach printed '$DEV', not a block device"
 }

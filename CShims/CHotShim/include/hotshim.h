@@ -11,4 +11,5 @@
 #include "hs_loop.h"
 #include "hs_process.h"
 #include "hs_file.h"
+#include "hs_nbd.h"
 #endif
