@@ -217,6 +217,7 @@ extension SnapshotEngine {
     }
 
     func resetLocked() {
+        passthroughSince = clock.now()
         disarmLocked()
         spill.removeAll()
         generation &+= 1

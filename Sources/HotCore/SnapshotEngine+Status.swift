@@ -19,6 +19,9 @@ public struct EngineStatus: Sendable, Codable, Equatable {
     public var armedAtNanos: UInt64?
     public var secondsSinceBegin: Double?
     public var secondsSinceHeartbeat: Double?
+    /// Engine clock (CLOCK_MONOTONIC in the daemon) when the last session
+    /// stopped copying on write: ended, failed or dropped.
+    public var passthroughSinceNanos: UInt64?
     public var mapMemoryBytes: Int
     public var writesInFlight: Int
     public var counters: EngineCounters
@@ -59,6 +62,7 @@ extension SnapshotEngine {
                 armedAtNanos: phase.copiesOnWrite ? armedAt : nil,
                 secondsSinceBegin: active ? Double(now &- beganAt) / 1e9 : nil,
                 secondsSinceHeartbeat: active ? Double(now &- lastHeartbeat) / 1e9 : nil,
+                passthroughSinceNanos: passthroughSince,
                 mapMemoryBytes: used.memoryBytes + protected.memoryBytes + buffered.memoryBytes,
                 writesInFlight: writesInFlight,
                 counters: stats,

@@ -51,6 +51,9 @@ public final class SnapshotEngine: @unchecked Sendable {
     var beganAt: UInt64 = 0
     var armedAt: UInt64 = 0
     var lastHeartbeat: UInt64 = 0
+    /// Clock time at which a session last stopped copying on write (ended,
+    /// failed or dropped); nil before the first session.
+    var passthroughSince: UInt64?
     var writesSinceArm: UInt64 = 0
 
     // Write activity (guarded by m).

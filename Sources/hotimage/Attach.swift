@@ -18,18 +18,16 @@ struct Attach: ParsableCommand {
         every write through it reaches HotCore before it completes, which is what \
         lets 'hotimage snapshot' and 'hotimage backup' take a point-in-time copy.
 
-        --via fuse   libnbd's nbdfuse presents the NBD export as a file and a loop \
-                     device with direct I/O stands over it (works on any kernel with \
-                     FUSE and loop).
-        --via nbd    the kernel NBD client (needs the nbd module), configured over \
-                     netlink with --nbd-connections sockets. If the daemon dies, \
-                     the kernel holds I/O on the device for --dead-conn-timeout \
-                     seconds; 'hotimage attach DEVICE --name NAME --via nbd \
-                     --reconnect' (or the systemd unit restarting it) hands it \
-                     new sockets and the mounted filesystem carries on without \
-                     an I/O error; requests the dead daemon had not answered \
-                     are resent after --nbd-timeout. A backup session that \
-                     was running is lost.
+        --via fuse: libnbd's nbdfuse presents the NBD export as a file and a loop \
+        device with direct I/O stands over it (works on any kernel with FUSE and loop).
+
+        --via nbd: the kernel NBD client (needs the nbd module), configured over \
+        netlink with --nbd-connections sockets. If the daemon dies, the kernel holds \
+        I/O on the device for --dead-conn-timeout seconds; 'hotimage attach DEVICE \
+        --name NAME --via nbd --reconnect' (or the systemd unit restarting it) hands \
+        it new sockets and the mounted filesystem carries on without an I/O error. \
+        Requests the dead daemon had not answered are resent after --nbd-timeout. \
+        A backup session that was running is lost.
 
         The protected device is also reachable as /dev/hotimage/NAME, which \
         stays the same whatever loop or nbd number it gets (use it in fstab).

@@ -225,8 +225,11 @@ struct SnapshotEngineBufferTests {
         f.engine.heartbeat()
         f.manual.advance(seconds: 9)
         #expect(f.engine.tick() == [])
+        #expect(f.status.passthroughSinceNanos == nil)
         f.manual.advance(seconds: 2)
+        let dropTime = f.manual.now()
         let events = f.engine.tick()
+        #expect(f.status.passthroughSinceNanos == dropTime)
         #expect(events.count == 1)
         guard case .dropped(let reason)? = events.first else { Issue.record("not dropped: \(events)"); return }
         #expect(reason.contains("heartbeat"))
