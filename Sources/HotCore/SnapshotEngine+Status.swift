@@ -22,6 +22,8 @@ public struct EngineStatus: Sendable, Codable, Equatable {
     /// Engine clock (CLOCK_MONOTONIC in the daemon) when the last session
     /// stopped copying on write: ended, failed or dropped.
     public var passthroughSinceNanos: UInt64?
+    /// Engine clock of the last `begin` (nil before the first session).
+    public var lastBeginNanos: UInt64?
     public var mapMemoryBytes: Int
     public var writesInFlight: Int
     public var counters: EngineCounters
@@ -63,6 +65,7 @@ extension SnapshotEngine {
                 secondsSinceBegin: active ? Double(now &- beganAt) / 1e9 : nil,
                 secondsSinceHeartbeat: active ? Double(now &- lastHeartbeat) / 1e9 : nil,
                 passthroughSinceNanos: passthroughSince,
+                lastBeginNanos: beganAt == 0 ? nil : beganAt,
                 mapMemoryBytes: used.memoryBytes + protected.memoryBytes + buffered.memoryBytes,
                 writesInFlight: writesInFlight,
                 counters: stats,

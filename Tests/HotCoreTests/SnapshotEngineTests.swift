@@ -614,7 +614,7 @@ struct SnapshotEngineSessionTests {
         #expect(f.status.writesInFlight == 0)
         // The same in idle (passthrough) for the live path.
         f.engine.end()
-        buf.withUnsafeMutableBytes { p in
+        _ = buf.withUnsafeMutableBytes { p in
             #expect(throws: intErr) { try f.engine.write(offset: r.offset, count: count, from: p.baseAddress!) }
         }
         #expect(throws: err) { try f.engine.zero(offset: r.offset, length: r.length, unmap: false) }

@@ -21,6 +21,14 @@ expect() {  # code pattern cmd...
 expect 2 "is not a size" "$HOTIMAGE" attach /dev/null --memory-buffer lots
 expect 2 "must be fuse or nbd" "$HOTIMAGE" attach /dev/null --via carrier-pigeon
 expect 2 "plain name" "$HOTIMAGE" attach /dev/null --name ../x
+expect 2 "applies to --via nbd only" "$HOTIMAGE" attach /dev/null --reconnect
+expect 2 "1 to 16" "$HOTIMAGE" attach /dev/null --via nbd --nbd-connections 17
+if [ ! -e /sys/module/nbd ] && [ ! -e /dev/nbd0 ]; then
+  # This kernel has no nbd: the refusal names the cause and the alternative.
+  expect 2 "needs the kernel's nbd driver.*use --via fuse" "$HOTIMAGE" attach /dev/null --via nbd --run-dir "$RUN"
+else
+  log "this kernel has nbd: the no-driver refusal is not checked here"
+fi
 expect 2 "give the command to run" "$HOTIMAGE" snapshot data
 expect 2 "consistency must be" "$HOTIMAGE" snapshot data --consistency maybe -- true
 expect 1 "no HotCore daemon 'nope'" "$HOTIMAGE" status nope --run-dir "$RUN"
