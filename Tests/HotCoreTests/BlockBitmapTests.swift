@@ -484,7 +484,11 @@ struct BlockBitmapTests {
         u.insert(bc / 2)
         u.remove(bc / 2)
         #expect(u == BlockBitmap(blockCount: bc))
-        #expect(u.memoryBytes == BlockBitmap(blockCount: bc).memoryBytes)
+        // No word array is left behind. (memoryBytes itself also counts the
+        // chunk array's capacity, which malloc's rounding makes vary between
+        // two equal arrays, so it is not compared exactly.)
+        #expect(u.mixedChunkCount == 0)
+        #expect(u.memoryBytes <= BlockBitmap(blockCount: bc).memoryBytes + 64)
 
         // Empty query ranges report nothing.
         #expect(f.runs(in: bc / 2..<bc / 2) == [])
