@@ -111,7 +111,7 @@ extension DMDaemon {
             logger.error("session: snapshot failed: \(e)")
             return .failure("\(e)")
         case .success(let s):
-            let at = monotonicNanos()
+            let at = s.cutNanos
             let alive = m.withLock { () -> Bool in
                 guard owner == id, phase == .waiting else { return false }
                 stack = s

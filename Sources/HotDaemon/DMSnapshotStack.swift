@@ -15,9 +15,10 @@
 //      sectors; nothing writes while the filesystem is frozen)
 //   2. hb_00.tmp (fallocated: a full buffer directory fails here) + loop,
 //      COW := linear over the loop
-//   3. suspend ORIGIN (skip lockfs: it is frozen already)     ← the cut
-//   4. SNAP := snapshot of REAL in COW, transient store, 4 KiB chunks,
-//      created active (a snapshot must be active before the origin writes)
+//   3. SNAP := snapshot of REAL in COW, transient store, 4 KiB chunks,
+//      created active (a snapshot must be active before the origin writes
+//      through snapshot-origin; until then nothing writes: frozen)
+//   4. suspend ORIGIN (skip lockfs: it is frozen already)     ← the cut
 //   5. reload ORIGIN with snapshot-origin REAL, resume ORIGIN
 // A failure at any step undoes the steps before it.
 //
@@ -77,13 +78,16 @@ final class DMSnapshotStack: @unchecked Sendable {
     let logger: Logger
     private let owner: (pid: Int32, startTime: UInt64)
     private(set) var pieces: [HBPiece] = []
+    /// CLOCK_MONOTONIC when the origin's suspend returned: every write that
+    /// completed before it is in the snapshot, every later one is not.
+    private(set) var cutNanos: UInt64 = 0
     private var realCreated = false, cowCreated = false, snapCreated = false
     private var originSwitched = false, originSuspended = false
 
     var realName: String { DMOwner.deviceName(config.name, .real) }
     var cowName: String { DMOwner.deviceName(config.name, .cow) }
     var snapName: String { DMOwner.deviceName(config.name, .snap) }
-    var snapshotDevice: String { DeviceMapper.nodePath(snapName) }
+    var snapshotDevice: String { DeviceMapper.path(name: snapName) }
     var cowBytes: UInt64 { pieces.reduce(0) { $0 + $1.bytes } }
 
     private init(config: DMStackConfig, origin: String, table: [DMTarget], sectors: UInt64, logger: Logger) {
@@ -129,13 +133,18 @@ final class DMSnapshotStack: @unchecked Sendable {
         cowCreated = true
         guard let cow = try DeviceMapper.info(name: cowName) else { throw DaemonError.failed("\(cowName) vanished after creation") }
 
-        try DeviceMapper.suspend(name: origin, lockfs: lockfs)
-        originSuspended = true
+        // SNAP is created before the origin is suspended: libdevmapper makes
+        // no /dev/mapper nodes while a device is suspended. Until the origin
+        // is switched, writes still reach REAL's sectors directly, so SNAP
+        // shows the state at the suspend below, which is the cut.
         try DeviceMapper.create(name: snapName, uuid: uuid(.snap),
                                 table: [.snapshot(length: sectors, origin: real.devNumber, cow: cow.devNumber,
                                                   persistent: config.persistent, chunkSectors: config.chunkSectors)],
                                 readOnly: true)
         snapCreated = true
+        try DeviceMapper.suspend(name: origin, lockfs: lockfs)
+        cutNanos = monotonicNanos()
+        originSuspended = true
         try DeviceMapper.reload(name: origin, table: [.snapshotOrigin(length: sectors, origin: real.devNumber)])
         originSwitched = true
         try DeviceMapper.resume(name: origin)

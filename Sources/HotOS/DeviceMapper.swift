@@ -63,6 +63,18 @@ public enum DeviceMapper {
 
     public static func nodePath(_ name: String) -> String { "/dev/mapper/" + name }
 
+    /// A path that opens device `name`: /dev/mapper/NAME once its node
+    /// exists (pending node operations are run first), else devtmpfs's
+    /// /dev/dm-MINOR.
+    public static func path(name: String) -> String {
+        let node = nodePath(name)
+        if access(node, F_OK) == 0 { return node }
+        DMState.shared.withLock { dm_task_update_nodes() }
+        if access(node, F_OK) == 0 { return node }
+        if let i = try? info(name: name), access("/dev/dm-\(i.minor)", F_OK) == 0 { return "/dev/dm-\(i.minor)" }
+        return node
+    }
+
     /// Routes libdevmapper's log to `handler` (nil: libdevmapper's own stderr output).
     public static func setLogHandler(_ handler: (@Sendable (DMLogMessage) -> Void)?) {
         DMState.shared.withLock {

@@ -22,6 +22,9 @@ struct Attach: ParsableCommand {
                      device with direct I/O stands over it (works on any kernel with \
                      FUSE and loop).
         --via nbd    the kernel NBD client (needs the nbd module).
+        --via dm     a device-mapper linear device /dev/mapper/hotimage-NAME over \
+                     DEVICE; backups use the kernel's dm-snapshot (see 'backup \
+                     --backend'), with hb_NN.tmp files as its copy-on-write store.
 
         The daemon runs in the background (log: RUN-DIR/NAME/daemon.log) unless \
         --foreground. 'hotimage detach NAME' undoes everything.
@@ -42,7 +45,7 @@ struct Attach: ParsableCommand {
     @Option(help: "Name of this attachment (default: the device's base name).")
     var name: String?
 
-    @Option(help: "How the protected device is presented: fuse or nbd.")
+    @Option(help: "How the protected device is presented: fuse, nbd or dm.")
     var via: String = "fuse"
 
     @Option(help: ArgumentHelp("Directory for hb_NN.tmp buffer files (default /var/tmp/hotimage-NAME).", valueName: "dir"))
@@ -78,7 +81,7 @@ struct Attach: ParsableCommand {
         for (flag, v) in [("--memory-buffer", memoryBuffer), ("--hb-file-size", hbFileSize), ("--buffer-limit", bufferLimit)] {
             guard let n = parseSize(v), n > 0 else { throw ValidationError("\(flag) '\(v)' is not a size (e.g. 64M, 1G)") }
         }
-        guard via == "fuse" || via == "nbd" else { throw ValidationError("--via must be fuse or nbd") }
+        guard via == "fuse" || via == "nbd" || via == "dm" else { throw ValidationError("--via must be fuse, nbd or dm") }
         guard pauseMs >= 0, snapshotDeadline > 0, bufferDeadline > 0, heartbeatTimeout > 0 else {
             throw ValidationError("pause and deadlines must be positive")
         }
@@ -143,6 +146,7 @@ struct Attach: ParsableCommand {
     }
 
     func runForeground() throws {
+        if via == "dm" { return try runForegroundDM() }
         let signals = SignalWaiter()
         let logger = makeLogger("hotcore.\(resolvedName)")
         let daemon: Daemon
@@ -180,6 +184,7 @@ struct Detach: ParsableCommand {
 
     func run() throws {
         guard let dir = daemonDir(name, runDir: paths.runDir) else {
+            if try detachOrphanDM(name, runDir: paths.runDir) { return }
             throw CLIExit.fail("no HotCore daemon '\(name)' in \(paths.runDir)")
         }
         let pid = (try? String(contentsOfFile: dir + "/pid", encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
