@@ -59,9 +59,16 @@ public struct FillRate: Sendable {
 
     /// Adds a sample and returns the rate in bytes per second (0 until two
     /// samples span some time, or when the fill did not grow).
+    /// A sample older than the newest one is ignored (callers on several
+    /// threads may read their clocks in one order and report in another).
     public mutating func add(nanos: UInt64, bytes: UInt64) -> Double {
+        if let last = samples.last, nanos < last.t { return rate(at: last.t, bytes: last.bytes) }
         samples.append((nanos, bytes))
         samples.removeAll { nanos - $0.t > windowNanos }
+        return rate(at: nanos, bytes: bytes)
+    }
+
+    private func rate(at nanos: UInt64, bytes: UInt64) -> Double {
         guard let f = samples.first, nanos > f.t, bytes > f.bytes else { return 0 }
         return Double(bytes - f.bytes) / (Double(nanos - f.t) / 1e9)
     }

@@ -28,6 +28,9 @@ extension DMDaemon {
             r.phase = m.withLock { phase.rawValue }
             return r
         case "status":
+            // Read the snapshot's state now: a reader that just got EIO asks
+            // why, and must hear "overflowed" even between two ticks.
+            if let s = m.withLock({ stack }) { watchCOW(s, now: monotonicNanos()) }
             var r = ControlReply(ok: true)
             r.status = daemonStatus()
             return r
@@ -106,6 +109,7 @@ extension DMDaemon {
             m.withLock {
                 phase = .failed
                 failure = "snapshot failed: \(e)"
+                lastFailure = failure
                 counters.sessionsFailed += 1
             }
             logger.error("session: snapshot failed: \(e)")
@@ -203,6 +207,7 @@ extension DMDaemon {
                 if phase != .idle && phase != .failed { counters.sessionsFailed += 1 }
                 phase = .failed
                 failure = reason
+                lastFailure = reason
             } else {
                 phase = .idle
                 failure = nil
@@ -227,16 +232,18 @@ extension DMDaemon {
 
     // MARK: the watchdog
 
+    /// Every 100 ms; every 20 ms while a snapshot exists, because the
+    /// kernel gives no warning before the COW store fills: the first hb
+    /// file must absorb what is written in one interval.
     func tickLoop() {
         while !m.withLock({ stopping }) {
             tick()
-            usleep(100_000)
+            usleep(m.withLock { stack != nil } ? 20_000 : 100_000)
         }
     }
 
     private func tick() {
-        let now = monotonicNanos()
-        let (p, began, beat, s, began0) = m.withLock { (phase, beganAt, lastHeartbeat, stack, sessionsBegun) }
+        let (p, began, beat, s, began0, now) = m.withLock { (phase, beganAt, lastHeartbeat, stack, sessionsBegun, monotonicNanos()) }
         switch p {
         case .armed where now - began > options.snapshotDeadlineNanos:
             let why = "the snapshot was not complete within \(secs(options.snapshotDeadlineNanos)) s (no used-block map from the client)"
@@ -261,7 +268,11 @@ extension DMDaemon {
 
     /// Reads the snapshot's fill; fails the session if it turned invalid,
     /// grows the store when the policy says so.
-    private func watchCOW(_ s: DMSnapshotStack, now: UInt64) {
+    func watchCOW(_ s: DMSnapshotStack, now: UInt64) {
+        watching.withLock { watchCOWLocked(s, now: monotonicNanos()) }
+    }
+
+    private func watchCOWLocked(_ s: DMSnapshotStack, now: UInt64) {
         let st: DMSnapshotState
         do { st = try s.state() } catch {
             logger.warning("reading the snapshot status: \(error)")
@@ -287,7 +298,7 @@ extension DMDaemon {
                         let n = try s.grow(toBytes: to)
                         return (n, s.pieces)
                     }
-                    if let (n, pieces) = grown {
+                    if let (n, pieces) = grown, n > t {
                         m.withLock {
                             growths += 1
                             cowTotal = n
@@ -320,7 +331,7 @@ extension DMDaemon {
             (phase, failure, consistency, usedBlocks, cowUsed, cowTotal, cowPeak, snapState, growths, stack,
              armedAt, beganAt, lastHeartbeat, counters, hbPaths, loopPaths)
         }
-        let now = monotonicNanos()
+        let now = max(monotonicNanos(), began, beat)
         let active = p != .idle
         let engine = EngineStatus.reported(
             phase: p, failure: f, consistency: active ? c : nil, blockSize: 4096, deviceBytes: sizeBytes,
@@ -333,12 +344,13 @@ extension DMDaemon {
             mapMemoryBytes: 0, writesInFlight: 0, counters: ctr,
             deadlines: .reported(snapshotSeconds: Double(options.snapshotDeadlineNanos) / 1e9, memorySeconds: 0,
                              heartbeatSeconds: Double(options.heartbeatTimeoutNanos) / 1e9, pauseMs: 0))
-        let dm = DMSessionStatus(
+        var dm = DMSessionStatus(
             origin: originName, originTable: s?.originTable.map(\.description) ?? ((try? DeviceMapper.table(name: originName)) ?? []).map(\.description),
             transient: options.transient, snapshotDevice: s?.snapshotDevice, snapshotState: ss,
             cowUsedBytes: used, cowTotalBytes: s == nil ? 0 : total, cowLimitBytes: options.bufferLimitBytes, cowPeakBytes: peak,
             hbFileBytes: options.hbFileBytes, hbFiles: s == nil ? [] : hbs, loops: s == nil ? [] : loops,
             growths: g, persistent: false, chunkBytes: 4096)
+        dm.lastFailure = m.withLock { lastFailure }
         var st = DaemonStatus(name: options.name, device: options.baseDevice ?? originPath, protectedDevice: originPath,
                               via: "dm", pid: getpid(), bufferDir: options.resolvedBufferDir, nbdSocket: "",
                               snapshotURI: "", connections: 0, frozen: m.withLock { frozen?.mountPoint },

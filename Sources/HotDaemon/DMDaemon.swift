@@ -73,8 +73,11 @@ public final class DMDaemon: @unchecked Sendable {
     // under `ops` too, outside `m`, so status answers while they run.
     let m = Monitor()
     let ops = Monitor()
+    /// One reader of the snapshot's status at a time (ticker, status op).
+    let watching = Monitor()
     var phase: SessionPhase = .idle
     var failure: String?
+    var lastFailure: String?
     var owner: Int?
     var consistency: Consistency?
     var frozen: FrozenFilesystem?

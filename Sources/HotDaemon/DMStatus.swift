@@ -20,4 +20,6 @@ public struct DMSessionStatus: Codable, Sendable, Equatable {
     public var growths: Int
     public var persistent: Bool
     public var chunkBytes: Int
+    /// Why the last session failed, kept after the client ended it.
+    public var lastFailure: String? = nil
 }

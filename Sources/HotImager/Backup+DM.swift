@@ -42,10 +42,17 @@ extension BackupJob {
         }
     }
 
-    /// What the imager reads during an online backup.
-    func snapshotSource(_ plan: Plan, _ snap: TakenSnapshot) throws -> BlockSource {
-        if let dev = snap.snapshotDevice { return try DeviceSource(path: dev, exclusive: false) }
-        return try NBDSource(uri: plan.volume!.snapshotURI)
+    /// What the imager reads during an online backup. A snapshot device
+    /// that cannot be opened because the session failed meanwhile (a COW
+    /// store that overflowed at once) is a session failure, said as such.
+    func snapshotSource(_ plan: Plan, _ snap: TakenSnapshot, _ session: SessionClient?) throws -> BlockSource {
+        guard let dev = snap.snapshotDevice else { return try NBDSource(uri: plan.volume!.snapshotURI) }
+        do { return try DeviceSource(path: dev, exclusive: false) } catch {
+            if let st = try? session?.status(), st.engine.phase == .failed {
+                throw ImagerError(description: "the session failed: \(st.engine.failure ?? "unknown reason")", sessionFailed: true)
+            }
+            throw error
+        }
     }
 
     /// An online backup of a device-mapper volume that no daemon serves:

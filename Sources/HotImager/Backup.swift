@@ -214,7 +214,7 @@ public final class BackupJob: @unchecked Sendable {
         var errorText: String?
         var result: ImagerResult?
         do {
-            let source: BlockSource = plan.online ? try snapshotSource(plan, snap)
+            let source: BlockSource = plan.online ? try snapshotSource(plan, snap, session)
                                                   : try DeviceSource(path: plan.readDevice, exclusive: plan.mount == nil)
             let im = Imager(source: source, ranges: snap.protected, writer: writer, compression: o.compression,
                             clusterSize: 1 << o.clusterBits, config: o.imager, session: session, log: { self.r.log($0) })
@@ -227,6 +227,10 @@ public final class BackupJob: @unchecked Sendable {
             code = m.withLock({ interrupted }) ? .interrupted : ((error as? ImagerError)?.sessionFailed == true ? .session : .failed)
             errorText = "\(error)"
         }
+
+        // The imager (and the source it reads) is done: let go of it, so a
+        // dm snapshot device is closed before the session removes it.
+        m.withLock { imager = nil }
 
         // 5. Finish or discard the image; end the session.
         let meta = ImageMetadata(

@@ -120,8 +120,9 @@ public enum DeviceMapper {
     /// Removes `name`. `deferred`: if it is still open, the kernel removes
     /// it when the last opener closes it.
     public static func remove(name: String, deferred: Bool = false) throws {
+        // No dm_task_retry_remove: it retries a busy device for seconds; the
+        // callers handle EBUSY themselves (an error table, a deferred remove).
         try run(DM_DEVICE_REMOVE, "remove", name, cookie: true) { t in
-            if dm_task_retry_remove(t) == 0 { return false }
             if deferred, dm_task_deferred_remove(t) == 0 { return false }
             return true
         }

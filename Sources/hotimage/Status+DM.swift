@@ -14,6 +14,7 @@ extension Status {
         if let c = e.consistency { state += " (\(c.rawValue))" }
         if let fz = s.frozen { state += ", \(fz) frozen" }
         lines.append(state)
+        if e.failure == nil, let lf = dm.lastFailure { lines.append("  last session failed: \(lf)") }
         if let snap = dm.snapshotDevice {
             lines.append("  snapshot: \(snap) (\(dm.snapshotState ?? "status not read yet"))")
             let pct = dm.cowTotalBytes > 0 ? Double(dm.cowUsedBytes) * 100 / Double(dm.cowTotalBytes) : 0

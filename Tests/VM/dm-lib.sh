@@ -48,3 +48,7 @@ dm_leftovers() {  # for messages
 }
 # The table of a dm device, as dmsetup prints it.
 dm_table() { dmsetup table "$1" 2>/dev/null; }
+# mkfs.ext4 without lazy inode-table/journal init: the kernel's background
+# zeroing would otherwise write most of a fresh volume during the first
+# backup (dm-snapshot copies every written chunk, used or not).
+mkfs_ext4() { mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$@"; }
