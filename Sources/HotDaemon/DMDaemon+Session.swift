@@ -67,6 +67,13 @@ extension DMDaemon {
             }
             mountPoint = mnt.mountPoint
         }
+        // hb files on the volume being protected would be frozen with it
+        // (and copy themselves on write): refuse before touching anything.
+        let bdir = options.resolvedBufferDir
+        if let info = try? DeviceMapper.info(name: originName), let h = Mounts.holding(path: bdir),
+           h.major == info.major && h.minor == info.minor {
+            return .failure("the buffer directory \(bdir) is on the volume being backed up (\(h.mountPoint)); use a --buffer-dir on another volume")
+        }
         let claim = m.withLock { () -> String? in
             if let o = owner, o != id { return "another client owns the session (\(phase.rawValue))" }
             if phase == .armed || phase == .protecting { return "a session is \(phase.rawValue) already" }

@@ -181,7 +181,9 @@ public final class DMDaemon: @unchecked Sendable {
             }
             return (dmName, false)   // adopt it
         }
-        if let m = Mounts.of(device: base).first { throw DaemonError.mounted(base, m.mountPoint) }
+        if let m = Mounts.of(device: base).first {
+            throw DaemonError.failed("\(base) is mounted on \(m.mountPoint): unmount it before attaching (the dm-linear device must stand in front of every user of it)")
+        }
         let size: UInt64
         do {
             let d = try BlockDevice(path: base, readOnly: true, exclusive: true)

@@ -22,9 +22,12 @@ struct Attach: ParsableCommand {
                      device with direct I/O stands over it (works on any kernel with \
                      FUSE and loop).
         --via nbd    the kernel NBD client (needs the nbd module).
-        --via dm     a device-mapper linear device /dev/mapper/hotimage-NAME over \
-                     DEVICE; backups use the kernel's dm-snapshot (see 'backup \
-                     --backend'), with hb_NN.tmp files as its copy-on-write store.
+        --via dm     a device-mapper linear device /dev/mapper/hotimage-NAME over
+                     DEVICE (no userspace in the data path); backups use the
+                     kernel's dm-snapshot (see 'backup --backend') with hb_NN.tmp
+                     files as its copy-on-write store (--hb-file-size each, grown
+                     up to --buffer-limit); --memory-buffer, --pause-ms and
+                     --buffer-deadline do not apply.
 
         The daemon runs in the background (log: RUN-DIR/NAME/daemon.log) unless \
         --foreground. 'hotimage detach NAME' undoes everything.

@@ -19,7 +19,7 @@ expect() {  # code pattern cmd...
   echo "$out" | grep -q -- "$pat" || fail "'$*' said '$out', expected /$pat/"
 }
 expect 2 "is not a size" "$HOTIMAGE" attach /dev/null --memory-buffer lots
-expect 2 "must be fuse or nbd" "$HOTIMAGE" attach /dev/null --via carrier-pigeon
+expect 2 "must be fuse, nbd or dm" "$HOTIMAGE" attach /dev/null --via carrier-pigeon
 expect 2 "plain name" "$HOTIMAGE" attach /dev/null --name ../x
 expect 2 "give the command to run" "$HOTIMAGE" snapshot data
 expect 2 "consistency must be" "$HOTIMAGE" snapshot data --consistency maybe -- true

@@ -6,8 +6,9 @@
 # never sees an error; afterwards no snapshot devices, loops or hb files are
 # left, the origin maps its data directly again, and the live volume is
 # untouched: every file equals what was written last (cmp), e2fsck -fn clean.
-# Negative control: the same load with a first hb file of 64 MiB (the writer's fsync bursts are 40 MiB)
-# completes.
+# Negative control: the same load with a first hb file of 64 MiB (the
+# writer's fsync bursts are 40 MiB, faster than the store can be grown under
+# TCG) completes.
 source "$(dirname "$0")/dm-lib.sh"
 
 name=hitdm-ovf
