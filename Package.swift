@@ -35,10 +35,11 @@ let package = Package(
                        providers: [.apt(["libext2fs-dev"])]),
         .systemLibrary(name: "CDevMapper", path: "CShims/CDevMapper", pkgConfig: "devmapper",
                        providers: [.apt(["libdevmapper-dev"])]),
-        .target(name: "CHotShim", path: "CShims/CHotShim"),
+        // hs_dm.c calls libdevmapper (its variadic log callback).
+        .target(name: "CHotShim", path: "CShims/CHotShim", linkerSettings: [.linkedLibrary("devmapper")]),
 
         .target(name: "HotOS", dependencies: [
-            "CHotShim", "CExt2fs",
+            "CHotShim", "CExt2fs", "CDevMapper",
             .product(name: "SystemPackage", package: "swift-system"),
         ], swiftSettings: swift5),
         .target(name: "NBDWire", swiftSettings: swift5),

@@ -20,6 +20,9 @@
 //   end         -                                the session ends; back to passthrough
 //   detach      -                                refuses while a filesystem is mounted on the
 //                                                protected device or a session runs; else the daemon exits
+//
+// The dm-snapshot session daemon (DMDaemon.swift) speaks the same protocol;
+// its begin reply names snapshotDevice (a block device) instead of an export.
 import Foundation
 import HotCore
 
@@ -51,6 +54,8 @@ public struct DaemonStatus: Codable, Sendable {
     /// The hb files may hold at most this many bytes before the session fails.
     public var bufferLimitBytes: UInt64?
     public var engine: EngineStatus
+    /// dm-snapshot backend facts (DMStatus.swift); nil for HotCore.
+    public var dm: DMSessionStatus? = nil
 }
 
 public struct ControlReply: Codable, Sendable {
@@ -71,6 +76,8 @@ public struct ControlReply: Codable, Sendable {
     public var ranges: [[UInt64]]?
     public var status: DaemonStatus?
     public var snapshotURI: String?
+    /// dm-snapshot backend: the point-in-time block device to read instead of an NBD export.
+    public var snapshotDevice: String?
 
     public init(ok: Bool, error: String? = nil) { self.ok = ok; self.error = error }
     public static func failure(_ e: String, retry: Bool? = nil) -> ControlReply {

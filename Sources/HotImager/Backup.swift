@@ -40,6 +40,10 @@ public struct BackupOptions: Sendable {
     public var pauseMs: Double?
     public var imager = ImagerConfig()
     public var toolVersion = "0"
+    /// hotcore, dm-snapshot, or nil: by what the source is (Backup+DM.swift).
+    public var backend: BackupBackend?
+    /// The transient dm-snapshot daemon's COW store (Backup+DM.swift).
+    public var dm = DMBackupOptions()
     public init(source: String, output: String) { self.source = source; self.output = output }
 }
 
@@ -210,7 +214,7 @@ public final class BackupJob: @unchecked Sendable {
         var errorText: String?
         var result: ImagerResult?
         do {
-            let source: BlockSource = plan.online ? try NBDSource(uri: plan.volume!.snapshotURI)
+            let source: BlockSource = plan.online ? try snapshotSource(plan, snap, session)
                                                   : try DeviceSource(path: plan.readDevice, exclusive: plan.mount == nil)
             let im = Imager(source: source, ranges: snap.protected, writer: writer, compression: o.compression,
                             clusterSize: 1 << o.clusterBits, config: o.imager, session: session, log: { self.r.log($0) })
@@ -223,6 +227,10 @@ public final class BackupJob: @unchecked Sendable {
             code = m.withLock({ interrupted }) ? .interrupted : ((error as? ImagerError)?.sessionFailed == true ? .session : .failed)
             errorText = "\(error)"
         }
+
+        // The imager (and the source it reads) is done: let go of it, so a
+        // dm snapshot device is closed before the session removes it.
+        m.withLock { imager = nil }
 
         // 5. Finish or discard the image; end the session.
         let meta = ImageMetadata(
@@ -310,6 +318,7 @@ public final class BackupJob: @unchecked Sendable {
         if let d = findDaemon(o.source, runDir: o.runDir) {
             let vol: AttachedVolume
             do { vol = try SessionClient.locate(runDir: d) } catch { throw BackupFailure(code: .failed, description: "\(error)") }
+            try checkBackend(vol)
             let mount = Mounts.of(device: vol.protectedDevice).first
             let real = vol.realDevice
             let inUse = mount.map { !$0.readOnly } ?? false
@@ -324,6 +333,8 @@ public final class BackupJob: @unchecked Sendable {
             try checkOutput(mount: mount, device: vol.protectedDevice)
             return Plan(daemon: d, volume: vol, readDevice: vol.protectedDevice, realDevice: real, mount: mount, online: online, size: vol.size)
         }
+        // An existing device-mapper volume (LVM LV, dm-linear) online: a transient dm-snapshot daemon.
+        if let p = try resolveDMVolume() { return p }
         // Not behind HotCore: a mount point or a device.
         var device = o.source
         var mount: MountEntry?

@@ -23,6 +23,8 @@ public struct AttachedVolume: Sendable {
     public var size: UInt64
     public var blockSize: Int
     public var snapshotURI: String
+    /// "fuse"/"nbd" (HotCore) or "dm" (the dm-snapshot backend).
+    public var via: String = "fuse"
     public var nbdSocket: String { runDir + "/nbd.sock" }
 }
 
@@ -36,6 +38,8 @@ public struct TakenSnapshot: Sendable {
     public var protected: [Range<UInt64>]
     public var usedBytes: UInt64
     public var excludedBytes: UInt64
+    /// dm-snapshot backend: the point-in-time block device (else read the NBD export).
+    public var snapshotDevice: String? = nil
 }
 
 public final class SessionClient: @unchecked Sendable {
@@ -59,10 +63,11 @@ public final class SessionClient: @unchecked Sendable {
         guard h.ok, let dev = h.protectedDevice, let size = h.size else {
             throw SessionError("the HotCore daemon in \(runDir) is not ready: \(h.error ?? "no protected device yet")")
         }
-        let real = (try? c.call("status"))?.status?.device
+        let st = (try? c.call("status"))?.status
         return AttachedVolume(runDir: runDir, name: (runDir as NSString).lastPathComponent,
-                              protectedDevice: dev, realDevice: real, size: size, blockSize: h.blockSize ?? 4096,
-                              snapshotURI: h.snapshotURI ?? "nbd+unix:///snapshot?socket=\(runDir)/nbd.sock")
+                              protectedDevice: dev, realDevice: st?.device, size: size, blockSize: h.blockSize ?? 4096,
+                              snapshotURI: h.snapshotURI ?? "nbd+unix:///snapshot?socket=\(runDir)/nbd.sock",
+                              via: st?.via ?? "fuse")
     }
 
     /// Takes the snapshot. `readMap` runs inside the consistent window (the
@@ -98,7 +103,8 @@ public final class SessionClient: @unchecked Sendable {
                 let usedBytes = RangeSet.total(RangeSet.normalize(used))
                 let protBytes = RangeSet.total(prot)
                 return TakenSnapshot(armedAtNanos: at, wallTime: wall, frozen: b.frozen ?? false, attempts: attempt,
-                                     protected: prot, usedBytes: usedBytes, excludedBytes: usedBytes - protBytes)
+                                     protected: prot, usedBytes: usedBytes, excludedBytes: usedBytes - protBytes,
+                                     snapshotDevice: b.snapshotDevice)
             }
             if r.retry == true && attempt < retries {
                 onRetry(r.error ?? "writes during the map read")

@@ -29,6 +29,12 @@ struct Attach: ParsableCommand {
         Requests the dead daemon had not answered are resent after --nbd-timeout. \
         A backup session that was running is lost.
 
+        --via dm: a device-mapper linear device /dev/mapper/hotimage-NAME over \
+        DEVICE (no userspace in the data path); backups use the kernel's \
+        dm-snapshot (see 'backup --backend') with hb_NN.tmp files as its \
+        copy-on-write store (--hb-file-size each, grown up to --buffer-limit); \
+        --memory-buffer, --pause-ms and --buffer-deadline do not apply.
+
         The protected device is also reachable as /dev/hotimage/NAME, which \
         stays the same whatever loop or nbd number it gets (use it in fstab).
 
@@ -51,7 +57,7 @@ struct Attach: ParsableCommand {
     @Option(help: "Name of this attachment (default: the device's base name).")
     var name: String?
 
-    @Option(help: "How the protected device is presented: fuse or nbd.")
+    @Option(help: "How the protected device is presented: fuse, nbd or dm.")
     var via: String = "fuse"
 
     @Option(help: ArgumentHelp("Directory for hb_NN.tmp buffer files (default /var/tmp/hotimage-NAME).", valueName: "dir"))
@@ -99,7 +105,7 @@ struct Attach: ParsableCommand {
         for (flag, v) in [("--memory-buffer", memoryBuffer), ("--hb-file-size", hbFileSize), ("--buffer-limit", bufferLimit)] {
             guard let n = parseSize(v), n > 0 else { throw ValidationError("\(flag) '\(v)' is not a size (e.g. 64M, 1G)") }
         }
-        guard via == "fuse" || via == "nbd" else { throw ValidationError("--via must be fuse or nbd") }
+        guard via == "fuse" || via == "nbd" || via == "dm" else { throw ValidationError("--via must be fuse, nbd or dm") }
         guard pauseMs >= 0, snapshotDeadline > 0, bufferDeadline > 0, heartbeatTimeout > 0 else {
             throw ValidationError("pause and deadlines must be positive")
         }
@@ -172,6 +178,7 @@ struct Attach: ParsableCommand {
     }
 
     func runForeground() throws {
+        if via == "dm" { return try runForegroundDM() }
         let signals = SignalWaiter()
         let logger = makeLogger("hotcore.\(resolvedName)")
         let daemon: Daemon
@@ -209,6 +216,7 @@ struct Detach: ParsableCommand {
 
     func run() throws {
         guard let dir = daemonDir(name, runDir: paths.runDir) else {
+            if try detachOrphanDM(name, runDir: paths.runDir) { return }
             throw CLIExit.fail("no HotCore daemon '\(name)' in \(paths.runDir)")
         }
         let pid = (try? String(contentsOfFile: dir + "/pid", encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }

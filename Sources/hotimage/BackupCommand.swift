@@ -22,6 +22,24 @@ struct BackupCommand: ParsableCommand {
                    directly under exclusive access (O_EXCL), without HotCore.
           auto     online when the volume is mounted read-write, else offline (default).
 
+        BACKENDS (online; --backend, default: by what SOURCE is)
+          hotcore      HotCore, the userspace interceptor of 'attach' (--via fuse or
+                       nbd): protects only used blocks, and each block only until it
+                       is in the image (the protected area shrinks as the backup goes).
+          dm-snapshot  the kernel's dm-snapshot, for a device-mapper volume: an
+                       attachment made with 'attach --via dm', or any LVM LV or
+                       dm-linear device given directly (a session daemon is started
+                       for it and exits with the backup). The filesystem is frozen,
+                       the device suspended and switched to snapshot-origin, and the
+                       imager reads used blocks from /dev/mapper/hotimage-NAME-snap.
+                       Every chunk written during the backup is copied once into a
+                       copy-on-write store of hb_NN.tmp files in --buffer-dir, which
+                       grows by --hb-file-size up to --buffer-limit and cannot shrink;
+                       if it overflows the snapshot is dropped and the backup fails
+                       (exit 3), the live volume untouched. If this process dies or
+                       stops heart-beating, the snapshot and its files are removed
+                       within 10 s. --consistency wip is HotCore's only.
+
         WHAT IS IMAGED
           Mounted ext4/XFS (and any filesystem with FS_IOC_GETFSMAP): the used blocks.
           Unmounted ext2/3/4: the used blocks from libext2fs. Anything else: every
@@ -52,8 +70,10 @@ struct BackupCommand: ParsableCommand {
           0  the image is complete
           1  reading the volume or writing the image failed
           2  refused: usage, the image exists, offline mode on a volume mounted
-             read-write, online mode without HotCore
-          3  the snapshot or the HotCore session failed (the live volume is unharmed)
+             read-write, online mode without HotCore or device-mapper, a backend
+             the source does not have
+          3  the snapshot or the session failed, e.g. the dm-snapshot COW store
+             overflowed (the live volume is unharmed)
           4  a before-snapshot hook failed; nothing was done
           6  the image is complete but an after-snapshot or after-backup hook failed
           130 interrupted
@@ -64,6 +84,7 @@ struct BackupCommand: ParsableCommand {
           hotimage backup data -o /backup/data.qcow2
           hotimage backup /srv/db -o /backup/db.qcow2 --before-snapshot 'psql -c checkpoint'
           hotimage backup /dev/sdc1 --mode offline -o /backup/sdc1.qcow2 --compress zlib
+          hotimage backup /dev/vg0/home -o /backup/home.qcow2 --backend dm-snapshot --buffer-dir /var/tmp/hb
         """)
 
     @Argument(help: "Attachment name, protected device, mount point, or (offline) device.")
@@ -123,9 +144,25 @@ struct BackupCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Read at most this much per second, e.g. 50M (default: no limit).", valueName: "size"))
     var maxRate: String?
 
+    @Option(help: ArgumentHelp("hotcore or dm-snapshot (default: by what SOURCE is).", valueName: "backend"))
+    var backend: String?
+
+    @Option(help: ArgumentHelp("dm-snapshot of a volume given directly: directory of the hb_NN.tmp COW files (default /var/tmp/hotimage-NAME).", valueName: "dir"))
+    var bufferDir: String?
+
+    @Option(help: ArgumentHelp("dm-snapshot: size of each hb file; the COW store grows by this much.", valueName: "size"))
+    var hbFileSize: String = "256M"
+
+    @Option(help: ArgumentHelp("dm-snapshot: the COW store's largest size.", valueName: "size"))
+    var bufferLimit: String = "16G"
+
     @OptionGroup var paths: RunDirOptions
 
     func validate() throws {
+        if let b = backend, BackupBackend(rawValue: b) == nil { throw ValidationError("--backend must be hotcore or dm-snapshot") }
+        for (flag, v) in [("--hb-file-size", hbFileSize), ("--buffer-limit", bufferLimit)] {
+            guard let n = parseSize(v), n >= 1 << 20, n % 4096 == 0 else { throw ValidationError("\(flag) '\(v)' is not a size of at least 1M in 4K units") }
+        }
         if let r = maxRate, (parseSize(r) ?? 0) == 0 { throw ValidationError("--max-rate: not a size: \(r)") }
         if BackupMode(rawValue: mode) == nil { throw ValidationError("--mode must be online, auto or offline") }
         if let c = consistency, c != "freeze" && c != "wip" { throw ValidationError("--consistency must be freeze or wip") }
@@ -163,6 +200,10 @@ struct BackupCommand: ParsableCommand {
         if let e = emergencyAt { o.imager.emergencyBytes = parseSize(e)! }
         if let r = maxRate { o.imager.maxBytesPerSecond = parseSize(r)! }
         o.toolVersion = hotimageVersion
+        o.backend = backend.flatMap(BackupBackend.init(rawValue:))
+        o.dm.bufferDir = bufferDir
+        o.dm.hbFileBytes = parseSize(hbFileSize)!
+        o.dm.bufferLimitBytes = parseSize(bufferLimit)!
         let reporter: Reporter = json ? JSONReporter() : TerminalReporter()
         let job = BackupJob(options: o, reporter: reporter)
         let signals = SignalWaiter()

@@ -40,7 +40,8 @@ struct HotImage: ParsableCommand {
         """,
         version: hotimageVersion,
         subcommands: [Attach.self, Detach.self, Status.self, Snapshot.self,
-                      BackupCommand.self, RestoreCommand.self, InfoCommand.self, VerifyCommand.self])
+                      BackupCommand.self, RestoreCommand.self, InfoCommand.self, VerifyCommand.self,
+                      DMSessionCommand.self])
 
     /// As ParsableCommand's, but usage errors exit 2 (documented) instead of
     /// ArgumentParser's 64.

@@ -26,6 +26,8 @@ struct Snapshot: ParsableCommand {
           HOTIMAGE_NBD_SOCKET    the daemon's NBD socket
           HOTIMAGE_ARMED_NS      the cut, in CLOCK_MONOTONIC nanoseconds
           HOTIMAGE_USED_BYTES    bytes in the used-block map
+          HOTIMAGE_SNAPSHOT_DEVICE  (attach --via dm) the read-only dm-snapshot device;
+                                 the URI is empty then
 
         Consistency: 'freeze' (default when a filesystem is mounted) freezes it for \
         the map read; 'wip' relies on the pause alone and starts again if a write \
@@ -85,10 +87,11 @@ struct Snapshot: ParsableCommand {
         session.startHeartbeat()
 
         let env = [
-            "HOTIMAGE_SNAPSHOT_URI": vol.snapshotURI,
+            "HOTIMAGE_SNAPSHOT_URI": snap.snapshotDevice == nil ? vol.snapshotURI : "",
             "HOTIMAGE_NBD_SOCKET": vol.nbdSocket,
             "HOTIMAGE_ARMED_NS": "\(snap.armedAtNanos)",
             "HOTIMAGE_USED_BYTES": "\(snap.usedBytes)",
+            "HOTIMAGE_SNAPSHOT_DEVICE": snap.snapshotDevice ?? "",
         ]
         for (k, v) in env { setenv(k, v, 1) }
         // Arguments may name the variables literally ('$HOTIMAGE_SNAPSHOT_URI'),

@@ -12,7 +12,13 @@ struct Status: ParsableCommand {
         For each attachment (or the one named): the devices, the session state \
         (idle, waiting, armed, protecting, failed with the reason), protected, \
         archived and buffered blocks, memory and hb file bytes, the deadlines, and \
-        counters. --json prints one JSON object per daemon per line.
+        counters. For a dm-snapshot daemon (attach --via dm, or spawned by backup): \
+        the snapshot device and its state, COW bytes used of the store's size, \
+        and its hb files. --json prints one JSON object per daemon per line.
+
+        It also cleans up what killed dm-snapshot daemons left behind (only \
+        hotimage's own devices, found by name and owner; each action is \
+        printed on stderr).
         """)
 
     @Argument(help: "Attachment name (default: all).")
@@ -24,6 +30,8 @@ struct Status: ParsableCommand {
     @OptionGroup var paths: RunDirOptions
 
     func run() throws {
+        // Leftovers of killed dm-snapshot daemons (only hotimage's own devices, by name and owner).
+        for line in DMLeftovers.clean(runDir: paths.runDir) { writeStderr("hotimage: \(line)\n") }
         let dirs: [String]
         if let name {
             guard let d = daemonDir(name, runDir: paths.runDir) else { throw CLIExit.fail("no HotCore daemon '\(name)' in \(paths.runDir)") }
@@ -56,6 +64,7 @@ struct Status: ParsableCommand {
     }
 
     func render(_ s: DaemonStatus) -> String {
+        if let dm = s.dm { return renderDM(s, dm) }
         let e = s.engine
         let bs = UInt64(e.blockSize)
         var lines = ["\(s.name): \(s.device) → \(s.protectedDevice ?? "(not presented)") via \(s.via), daemon pid \(s.pid), \(s.connections) NBD connection(s)"]

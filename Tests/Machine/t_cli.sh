@@ -19,7 +19,7 @@ expect() {  # code pattern cmd...
   echo "$out" | grep -q -- "$pat" || fail "'$*' said '$out', expected /$pat/"
 }
 expect 2 "is not a size" "$HOTIMAGE" attach /dev/null --memory-buffer lots
-expect 2 "must be fuse or nbd" "$HOTIMAGE" attach /dev/null --via carrier-pigeon
+expect 2 "must be fuse, nbd or dm" "$HOTIMAGE" attach /dev/null --via carrier-pigeon
 expect 2 "plain name" "$HOTIMAGE" attach /dev/null --name ../x
 expect 2 "applies to --via nbd only" "$HOTIMAGE" attach /dev/null --reconnect
 expect 2 "1 to 16" "$HOTIMAGE" attach /dev/null --via nbd --nbd-connections 17

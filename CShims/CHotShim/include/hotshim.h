@@ -12,4 +12,5 @@
 #include "hs_process.h"
 #include "hs_file.h"
 #include "hs_nbd.h"
+#include "hs_dm.h"
 #endif

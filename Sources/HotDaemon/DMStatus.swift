@@ -1,0 +1,25 @@
+// What `status` reports about a dm-snapshot daemon beyond the engine-shaped
+// fields every daemon fills (so the imager's monitor reads both alike).
+public struct DMSessionStatus: Codable, Sendable, Equatable {
+    /// dm name of the origin (the device the filesystem is mounted from).
+    public var origin: String
+    /// The origin's original table, e.g. "0 131072 linear 7:0 0".
+    public var originTable: [String]
+    /// The daemon ends with its session (spawned by `backup`), or lives on (`attach --via dm`).
+    public var transient: Bool
+    public var snapshotDevice: String?
+    /// The snapshot's status line ("USED/TOTAL META" sectors, "Invalid", ...).
+    public var snapshotState: String?
+    public var cowUsedBytes: UInt64
+    public var cowTotalBytes: UInt64
+    public var cowLimitBytes: UInt64
+    public var cowPeakBytes: UInt64
+    public var hbFileBytes: UInt64
+    public var hbFiles: [String]
+    public var loops: [String]
+    public var growths: Int
+    public var persistent: Bool
+    public var chunkBytes: Int
+    /// Why the last session failed, kept after the client ended it.
+    public var lastFailure: String? = nil
+}

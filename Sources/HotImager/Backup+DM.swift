@@ -1,0 +1,128 @@
+// `backup --backend`: which session backend stands behind an online backup.
+//
+//   hotcore      the HotCore daemon of an attachment (attach --via fuse|nbd)
+//   dm-snapshot  the kernel's dm-snapshot, driven by a dm session daemon:
+//                that of an attachment made with `attach --via dm`, or a
+//                transient one spawned here for an existing device-mapper
+//                volume (an LVM LV, any dm-linear device) that exits with
+//                the session
+//   (default)    by what SOURCE is: an attachment uses its own backend; a
+//                device-mapper volume that is not attached uses dm-snapshot
+//
+// The session protocol is the same for both; a dm-snapshot session names a
+// snapshot block device that the imager reads with O_DIRECT, instead of an
+// NBD export.
+import Foundation
+import HotDaemon
+import HotOS
+
+public enum BackupBackend: String, Sendable, CaseIterable {
+    case hotcore
+    case dmSnapshot = "dm-snapshot"
+}
+
+/// The COW store of a transient dm-snapshot daemon.
+public struct DMBackupOptions: Sendable {
+    public var bufferDir: String?
+    public var hbFileBytes: UInt64 = 256 << 20
+    public var bufferLimitBytes: UInt64 = 16 << 30
+    public init() {}
+}
+
+extension BackupJob {
+    /// Refuses a backend that the attachment does not have.
+    func checkBackend(_ vol: AttachedVolume) throws {
+        guard let b = o.backend else { return }
+        let isDM = vol.via == "dm"
+        if b == .dmSnapshot && !isDM {
+            throw BackupFailure(code: .refused, description: "'\(vol.name)' is attached via \(vol.via) (HotCore); --backend dm-snapshot needs a device-mapper volume (attach it with --via dm, or back up a dm device directly)")
+        }
+        if b == .hotcore && isDM {
+            throw BackupFailure(code: .refused, description: "'\(vol.name)' is attached via dm; its backend is dm-snapshot (drop --backend hotcore)")
+        }
+    }
+
+    /// What the imager reads during an online backup. A snapshot device
+    /// that cannot be opened because the session failed meanwhile (a COW
+    /// store that overflowed at once) is a session failure, said as such.
+    func snapshotSource(_ plan: Plan, _ snap: TakenSnapshot, _ session: SessionClient?) throws -> BlockSource {
+        guard let dev = snap.snapshotDevice else { return try NBDSource(uri: plan.volume!.snapshotURI) }
+        do { return try DeviceSource(path: dev, exclusive: false) } catch {
+            if let st = try? session?.status(), st.engine.phase == .failed {
+                throw ImagerError(description: "the session failed: \(st.engine.failure ?? "unknown reason")", sessionFailed: true)
+            }
+            throw error
+        }
+    }
+
+    /// An online backup of a device-mapper volume that no daemon serves:
+    /// spawns a transient dm-snapshot daemon for it. Nil when SOURCE is not
+    /// such a case (the caller goes on with HotCore or offline).
+    func resolveDMVolume() throws -> Plan? {
+        if o.backend == .hotcore { return nil }
+        var device = o.source
+        var mount: MountEntry?
+        if let me = Mounts.at(mountPoint: o.source) {
+            mount = me
+            device = me.source
+        } else {
+            mount = Mounts.of(device: o.source).first
+        }
+        var st = stat()
+        let isBlock = stat(device, &st) == 0 && (st.st_mode & S_IFMT) == S_IFBLK
+        let info = isBlock && getuid() == 0 && DeviceMapper.available ? (try? DeviceMapper.info(path: device)) ?? nil : nil
+        guard let info else {
+            if o.backend == .dmSnapshot {
+                let why = !DeviceMapper.available ? "this kernel has no device-mapper (modprobe dm-mod dm-snapshot)"
+                    : getuid() != 0 ? "the dm-snapshot backend must run as root"
+                    : "\(device) is not a device-mapper device (an LVM LV or a dm-linear device); use 'hotimage attach \(device) --via dm' first"
+                throw BackupFailure(code: .refused, description: why)
+            }
+            return nil
+        }
+        let inUse = mount.map { !$0.readOnly } ?? false
+        guard o.mode == .online || (o.mode == .auto && inUse) else { return nil }
+        try checkOutput(mount: mount, device: device)
+        let dir = try spawnDMDaemon(device: device, name: info.name)
+        let vol: AttachedVolume
+        do { vol = try SessionClient.locate(runDir: dir) } catch { throw BackupFailure(code: .failed, description: "\(error)") }
+        r.log("\(device) is a device-mapper volume: dm-snapshot session daemon started (log \(dir)/daemon.log)")
+        return Plan(daemon: dir, volume: vol, readDevice: vol.protectedDevice, realDevice: nil, mount: mount, online: true, size: vol.size)
+    }
+
+    /// Starts `hotimage dm-session` in its own session (it must outlive us
+    /// if we are killed: it is the watchdog) and waits for its socket.
+    private func spawnDMDaemon(device: String, name: String) throws -> String {
+        let dir = o.runDir + "/" + name
+        mkdir(o.runDir, 0o700)
+        mkdir(dir, 0o700)
+        unlink(dir + "/device")
+        let logPath = dir + "/daemon.log"
+        let logFD = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        defer { if logFD >= 0 { close(logFD) } }
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        var args = [exe, "dm-session", device, "--name", name, "--run-dir", o.runDir,
+                    "--hb-file-size", "\(o.dm.hbFileBytes)", "--buffer-limit", "\(o.dm.bufferLimitBytes)"]
+        if let b = o.dm.bufferDir { args += ["--buffer-dir", b] }
+        let pid: pid_t
+        do { pid = try ProcessControl.spawn(args, logFD: logFD) } catch {
+            throw BackupFailure(code: .failed, description: "starting the dm-snapshot daemon: \(error)")
+        }
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline {
+            if FileManager.default.fileExists(atPath: dir + "/device") && FileManager.default.fileExists(atPath: dir + "/control.sock") {
+                return dir
+            }
+            if let status = ProcessControl.reap(pid) {
+                let log = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
+                let last = log.split(separator: "\n").last(where: { $0.hasPrefix("hotimage: ") })
+                let code = ProcessControl.exitCode(status)
+                let why = last.map { String($0.dropFirst("hotimage: ".count)) } ?? "the dm-snapshot daemon exited (status \(code)); see \(logPath)"
+                throw BackupFailure(code: code == 2 ? .refused : .failed, description: why)
+            }
+            usleep(50_000)
+        }
+        kill(pid, SIGTERM)
+        throw BackupFailure(code: .failed, description: "the dm-snapshot daemon did not start within 30 s (log: \(logPath))")
+    }
+}

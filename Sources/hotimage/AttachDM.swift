@@ -1,0 +1,97 @@
+// `attach --via dm` (the foreground daemon) and the hidden `dm-session`
+// command that `backup` spawns for an existing device-mapper volume. Both
+// run a DMDaemon (HotDaemon/DMDaemon.swift), the watchdog of the
+// dm-snapshot backend.
+import ArgumentParser
+import Foundation
+import HotDaemon
+import HotImager
+import HotOS
+
+extension Attach {
+    func dmOptions() -> DMDaemonOptions {
+        var o = DMDaemonOptions(name: resolvedName)
+        o.runDir = paths.runDir
+        o.baseDevice = device
+        o.bufferDir = bufferDir
+        o.hbFileBytes = parseSize(hbFileSize)!
+        o.bufferLimitBytes = parseSize(bufferLimit)!
+        o.snapshotDeadlineNanos = UInt64(snapshotDeadline * 1e9)
+        o.heartbeatTimeoutNanos = UInt64(heartbeatTimeout * 1e9)
+        return o
+    }
+
+    func runForegroundDM() throws {
+        try runDMDaemon(dmOptions(), label: "dm.\(resolvedName)")
+    }
+}
+
+/// Runs a dm-snapshot daemon in the foreground until it stops.
+func runDMDaemon(_ options: DMDaemonOptions, label: String) throws {
+    let signals = SignalWaiter()
+    let logger = makeLogger(label)
+    let daemon: DMDaemon
+    do { daemon = try DMDaemon(options: options, logger: logger) } catch {
+        logger.error("\(error)")
+        throw CLIExit.fail("\(error)", code: (error as? DaemonError).map { if case .usage = $0 { return 2 } else { return 1 } } ?? 1)
+    }
+    let dev: String
+    do { dev = try daemon.start() } catch {
+        logger.error("\(error)")
+        throw CLIExit.fail("\(error)")
+    }
+    print(dev)
+    fflush(stdout)
+    daemon.waitForShutdown(signals: signals)
+}
+
+/// `hotimage dm-session DEVICE`: a transient dm-snapshot daemon for one
+/// backup of an existing device-mapper volume (spawned by `backup`; not in
+/// the help).
+struct DMSessionCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dm-session",
+        abstract: "Serve one dm-snapshot backup session for a device-mapper volume (used by 'backup').",
+        shouldDisplay: false)
+
+    @Argument var device: String
+    @Option var name: String
+    @Option var bufferDir: String?
+    @Option var hbFileSize: String = "256M"
+    @Option var bufferLimit: String = "16G"
+    @Option var snapshotDeadline: Double = 60
+    @Option var heartbeatTimeout: Double = 10
+    @OptionGroup var paths: RunDirOptions
+
+    func run() throws {
+        guard let hb = parseSize(hbFileSize), hb > 0, let lim = parseSize(bufferLimit), lim > 0 else {
+            throw CLIExit.fail("--hb-file-size and --buffer-limit must be sizes", code: 2)
+        }
+        var o = DMDaemonOptions(name: name)
+        o.runDir = paths.runDir
+        o.originDevice = device
+        o.transient = true
+        o.bufferDir = bufferDir
+        o.hbFileBytes = hb
+        o.bufferLimitBytes = lim
+        o.snapshotDeadlineNanos = UInt64(snapshotDeadline * 1e9)
+        o.heartbeatTimeoutNanos = UInt64(heartbeatTimeout * 1e9)
+        try runDMDaemon(o, label: "dm.\(name)")
+    }
+}
+
+/// `detach NAME` when no daemon answers: a linear device that `attach --via
+/// dm` made and whose daemon died is removed (if nothing has it open).
+/// Returns false when there is no such device.
+func detachOrphanDM(_ name: String, runDir: String) throws -> Bool {
+    guard getuid() == 0, DeviceMapper.available else { return false }
+    for line in DMLeftovers.clean(runDir: runDir) { writeStderr("hotimage: \(line)\n") }
+    let dmName = DMOwner.deviceName(name, .attach)
+    guard let info = try DeviceMapper.info(name: dmName), info.uuid == DMOwner(role: .attach, name: name).uuid else { return false }
+    let path = DeviceMapper.nodePath(dmName)
+    if let m = Mounts.of(device: path).first { throw CLIExit.fail("detach refused: \(path) is mounted on \(m.mountPoint); unmount it first") }
+    if info.openCount > 0 { throw CLIExit.fail("detach refused: \(path) is open by another program") }
+    do { try DeviceMapper.remove(name: dmName) } catch { throw CLIExit.fail("\(error)") }
+    print("detached \(name) (removed \(dmName), whose daemon had died)")
+    return true
+}
