@@ -8,6 +8,9 @@
 # 3. SIGSTOP of the backup process (heartbeat silence, --heartbeat-timeout 3):
 #    the session is dropped although the stopped process still holds the
 #    snapshot device open (error table, deferred remove).
+# 5. A client that begins and never sends its map (--snapshot-deadline 2):
+#    the session fails after 2 s and the snapshot is removed while the
+#    client is still connected.
 # 4. kill -9 of the session daemon mid-backup: the backup fails; the stack
 #    stays (the kernel keeps it); `hotimage status` removes it, restores the
 #    origin and deletes the files; `detach` then removes the orphaned linear
@@ -116,4 +119,26 @@ e2fsck -fn "$DEV" > "$W/fsck" 2>&1 || { cat "$W/fsck"; fail "4: e2fsck of the li
 H detach $name > "$W/detach.out" 2>&1 || { cat "$W/detach.out"; fail "4: detach of the orphaned linear device"; }
 dmsetup ls | grep -q "hotimage-$name" && fail "4: detach left $(dmsetup ls)"
 log "4: hotimage status cleaned the dead daemon's stack; detach removed the orphaned device"
+
+# 5. the snapshot deadline
+name=hitdm-k5
+dm_attach $name 32M --hb-file-size 8M --snapshot-deadline 2
+python3 - "$RUN/$name/control.sock" > "$W/k5.out" 2>&1 <<'PY' &
+import json, socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+f.write(json.dumps({"op": "begin", "consistency": "raw"}) + "\n"); f.flush()
+print("begin:", f.readline().strip(), flush=True)
+time.sleep(8)
+f.write(json.dumps({"op": "status"}) + "\n"); f.flush()
+st = json.loads(f.readline())["status"]["engine"]
+print("after:", st["phase"], st.get("failure"), flush=True)
+PY
+client=$!
+wait_until 10 test -b "/dev/mapper/hotimage-$name-snap" || fail "5: no snapshot was taken: $(cat "$W/k5.out")"
+t0=$(date +%s%N)
+wait_until 6 dm_session_gone $name "$HB" || fail "5: the snapshot outlived its 2 s deadline: $(dm_leftovers "$HB")"
+log "5: snapshot deadline 2 s: removed $(( ($(date +%s%N) - t0) / 1000000 )) ms after it appeared"
+wait $client
+grep -q "after: failed .*not complete within 2" "$W/k5.out" || fail "5: the session does not say why: $(cat "$W/k5.out")"
+H detach $name >/dev/null || fail "detach k5"
 log "ok"
