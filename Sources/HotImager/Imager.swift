@@ -289,7 +289,7 @@ public final class Imager: @unchecked Sendable {
                 // say why, as a session failure.
                 if let s = session, let st = try? s.status(), st.engine.phase == .failed {
                     fail(ImagerError(description: "the session failed: \(st.engine.failure ?? "unknown reason")", sessionFailed: true))
-                } else if let e = session?.lastError {
+                } else if let e = session?.lastError ?? session?.sessionLost() {
                     fail(ImagerError(description: "the session failed: \(e) (\(error))", sessionFailed: true))
                 } else {
                     fail(ImagerError(description: "\(error)", sessionFailed: false))

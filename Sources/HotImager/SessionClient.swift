@@ -155,6 +155,17 @@ public final class SessionClient: @unchecked Sendable {
         return (r.ranges ?? []).compactMap { $0.count == 2 && $0[0] < $0[1] ? $0[0]..<$0[1] : nil }
     }
 
+    /// Asks the daemon now whether the session is still ours (a heartbeat);
+    /// nil if it is, else why not. The heartbeat thread may not have run
+    /// since the session was dropped (a client that was stopped).
+    public func sessionLost() -> String? {
+        do {
+            let h = try client.call("heartbeat")
+            if h.ok { return nil }
+            return h.error ?? "the daemon refused the heartbeat"
+        } catch { return "\(error)" }
+    }
+
     public func status() throws -> DaemonStatus {
         let r = try client.call("status")
         guard r.ok, let s = r.status else { throw SessionError("status: \(r.error ?? "no status")") }
