@@ -42,7 +42,7 @@ one() {  # backend
   python3 - "$b" "$W/$b.events" "$W/$b.fio" "$ms" >> "$W/results" <<'PY'
 import json, sys
 b, ev, fio, ms = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-s = [json.loads(l) for l in open(ev) if '"summary"' in l][-1]
+s = [json.loads(l) for l in open(ev) if "\"summary\"" in l][-1]["summary"]
 w = json.load(open(fio))["jobs"][0]["write"]
 p = w["clat_ns"]["percentile"]
 print(json.dumps({"backend": b, "peak": s["cowPeakBytes"], "p50": p["50.000000"] / 1e3,
