@@ -57,7 +57,7 @@ public struct DMDaemonOptions: Sendable {
     public var resolvedBufferDir: String { bufferDir ?? "/var/tmp/hotimage-\(name)" }
 }
 
-public final class DMDaemon: @unchecked Sendable {
+public final class DMDaemon: ForegroundDaemon, @unchecked Sendable {
     public let options: DMDaemonOptions
     let logger: Logger
     let control: ControlServer

@@ -65,7 +65,14 @@ public enum DaemonError: Error, CustomStringConvertible {
     }
 }
 
-public final class Daemon: @unchecked Sendable {
+/// A daemon that `attach --foreground` runs: start presents the device (its
+/// path is printed), then it serves until a signal or detach.
+public protocol ForegroundDaemon: AnyObject {
+    func start() throws -> String
+    func waitForShutdown(signals: SignalWaiter)
+}
+
+public final class Daemon: ForegroundDaemon, @unchecked Sendable {
     public let options: AttachOptions
     let logger: Logger
     let device: BlockDevice
@@ -166,8 +173,8 @@ public final class Daemon: @unchecked Sendable {
         }
         Daemon.linkStableName(options.name, to: dev)
         m.withLock { protectedDevice = dev }
-        writeFile(options.dir + "/pid", "\(getpid())\n")
-        writeFile(options.dir + "/device", dev + "\n")
+        writeFileAtomically(options.dir + "/pid", "\(getpid())\n")
+        writeFileAtomically(options.dir + "/device", dev + "\n")
         logger.info("attached \(options.device) as \(dev) (\(device.size) bytes, buffer \(options.resolvedBufferDir))")
         return dev
     }
@@ -183,15 +190,6 @@ public final class Daemon: @unchecked Sendable {
     static func unlinkStableName(_ name: String) {
         unlink("/dev/hotimage/" + name)
         rmdir("/dev/hotimage")
-    }
-
-    func writeFile(_ path: String, _ s: String) {
-        let tmp = path + ".tmp"
-        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { return }
-        _ = s.withCString { write(fd, $0, strlen($0)) }
-        close(fd)
-        rename(tmp, path)
     }
 
     /// Blocks until SIGTERM/SIGINT or a detach request ends the daemon.

@@ -26,7 +26,6 @@
 // hands the kernel a replacement socket at once (replaceClosed), so the
 // device never runs out of connections. HotCore answers every write within
 // the buffer deadline, far below the timeout, except on a hung disk.
-import Foundation
 import HotCore
 import HotOS
 import Logging
@@ -65,21 +64,12 @@ final class KernelNBDFrontend: @unchecked Sendable {
     }
 
     static func readState(_ path: String) -> (Int, Int)? {
-        guard let s = KernelNBDFrontend.readLine(path) else { return nil }
+        guard let s = readShortFile(path) else { return nil }
         let parts = s.split(separator: " ").compactMap { Int($0) }
         guard parts.count == 2 else { return nil }
         return (parts[0], parts[1])
     }
 
-    static func readLine(_ path: String) -> String? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var buf = [UInt8](repeating: 0, count: 256)
-        let n = read(fd, &buf, buf.count)
-        guard n > 0 else { return nil }
-        return String(decoding: buf[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-    }
 
     /// Connects (or, with `reconnectTo`, re-attaches) the kernel device and
     /// returns its path once the kernel shows the full size.
@@ -120,7 +110,7 @@ final class KernelNBDFrontend: @unchecked Sendable {
             logger.info("connected /dev/nbd\(idx) (\(count) connections, dead-connection timeout \(deadConnTimeout) s)")
         }
         index = idx
-        writeState("\(idx) \(count)\n")
+        writeFileAtomically(stateFile, "\(idx) \(count)\n")
         let deadline = monotonicNanos() + 10_000_000_000
         while KernelNBD.sizeBytes(index: idx) != size {
             if monotonicNanos() > deadline {
@@ -173,14 +163,5 @@ final class KernelNBDFrontend: @unchecked Sendable {
         let deadline = monotonicNanos() + 10_000_000_000
         while KernelNBD.isConnected(index: idx) == true && monotonicNanos() < deadline { usleep(20_000) }
         unlink(stateFile)
-    }
-
-    private func writeState(_ s: String) {
-        let tmp = stateFile + ".tmp"
-        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { return }
-        _ = s.withCString { write(fd, $0, strlen($0)) }
-        close(fd)
-        rename(tmp, stateFile)
     }
 }

@@ -79,26 +79,15 @@ public enum KernelNBD {
 
     /// The backend identifier of /dev/nbd`index`, if connected.
     public static func backend(index: Int) -> String? {
-        let t = sysfsLine("/sys/block/nbd\(index)/backend")
+        let t = readShortFile("/sys/block/nbd\(index)/backend")
         return (t?.isEmpty ?? true) ? nil : t
     }
 
     /// The size the kernel shows for /dev/nbd`index` (0 when unconfigured).
     public static func sizeBytes(index: Int) -> UInt64? {
-        sysfsLine("/sys/block/nbd\(index)/size").flatMap { UInt64($0) }.map { $0 * 512 }
+        readShortFile("/sys/block/nbd\(index)/size").flatMap { UInt64($0) }.map { $0 * 512 }
     }
 
-    static func sysfsLine(_ path: String) -> String? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var buf = [UInt8](repeating: 0, count: 512)
-        let n = read(fd, &buf, buf.count)
-        guard n >= 0 else { return nil }
-        var s = String(decoding: buf[0..<n], as: UTF8.self)
-        while let l = s.last, l == "\n" || l == " " { s.removeLast() }
-        return s
-    }
 
     /// A connected pair of stream sockets: (server end, kernel end).
     public static func socketPair() throws -> (Int32, Int32) {

@@ -66,3 +66,28 @@ func advance(_ iov: inout [iovec], start: inout Int, by n: Int) {
         }
     }
 }
+
+/// The text of a small file (sysfs attributes, state files), without the
+/// trailing newline; nil if it cannot be read.
+public func readShortFile(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var buf = [UInt8](repeating: 0, count: 4096)
+    let n = read(fd, &buf, buf.count)
+    guard n >= 0 else { return nil }
+    var s = String(decoding: buf[0..<n], as: UTF8.self)
+    while let l = s.last, l == "\n" || l == " " { s.removeLast() }
+    return s
+}
+
+/// Replaces `path` with `text` atomically (a temporary file, then rename),
+/// mode 0600.
+public func writeFileAtomically(_ path: String, _ text: String) {
+    let tmp = path + ".tmp"
+    let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+    guard fd >= 0 else { return }
+    _ = text.withCString { write(fd, $0, strlen($0)) }
+    close(fd)
+    rename(tmp, path)
+}

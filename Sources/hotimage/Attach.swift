@@ -179,21 +179,8 @@ struct Attach: ParsableCommand {
 
     func runForeground() throws {
         if via == "dm" { return try runForegroundDM() }
-        let signals = SignalWaiter()
-        let logger = makeLogger("hotcore.\(resolvedName)")
-        let daemon: Daemon
-        do { daemon = try Daemon(options: options(), logger: logger) } catch {
-            logger.error("\(error)")
-            throw CLIExit.fail("\(error)", code: (error as? DaemonError).map { if case .usage = $0 { return 2 } else { return 1 } } ?? 1)
-        }
-        let dev: String
-        do { dev = try daemon.start() } catch {
-            logger.error("\(error)")
-            throw CLIExit.fail("\(error)")
-        }
-        print(dev)
-        fflush(stdout)
-        daemon.waitForShutdown(signals: signals)
+        let o = options()
+        try runInForeground(label: "hotcore.\(resolvedName)") { try Daemon(options: o, logger: $0) }
     }
 }
 

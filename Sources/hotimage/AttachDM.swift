@@ -7,6 +7,7 @@ import Foundation
 import HotDaemon
 import HotImager
 import HotOS
+import Logging
 
 extension Attach {
     func dmOptions() -> DMDaemonOptions {
@@ -28,10 +29,16 @@ extension Attach {
 
 /// Runs a dm-snapshot daemon in the foreground until it stops.
 func runDMDaemon(_ options: DMDaemonOptions, label: String) throws {
+    try runInForeground(label: label) { try DMDaemon(options: options, logger: $0) }
+}
+
+/// Runs a daemon in this process: signals blocked first, one clear error
+/// line (exit 2 for usage), the device path printed once it is usable.
+func runInForeground(label: String, make: (Logger) throws -> ForegroundDaemon) throws {
     let signals = SignalWaiter()
     let logger = makeLogger(label)
-    let daemon: DMDaemon
-    do { daemon = try DMDaemon(options: options, logger: logger) } catch {
+    let daemon: ForegroundDaemon
+    do { daemon = try make(logger) } catch {
         logger.error("\(error)")
         throw CLIExit.fail("\(error)", code: (error as? DaemonError).map { if case .usage = $0 { return 2 } else { return 1 } } ?? 1)
     }
