@@ -7,6 +7,7 @@
 //   -> HotOS (typed Swift over the OS; the only Swift that calls C)
 //   -> NBDWire, HotCore (pure Swift: NBD codec, protection map, COW buffer, session)
 //   -> HotDaemon (NBD + control servers, attach)
+//   -> HotWriters (writers: components, freeze/thaw protocol, built-ins)
 //   -> hotimage (CLI)
 import PackageDescription
 
@@ -53,13 +54,16 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "DequeModule", package: "swift-collections"),
         ], swiftSettings: swift5),
+        // Writers: components (guests, containers, databases), their files,
+        // freeze and thaw; the JSON protocol and the built-in writers.
+        .target(name: "HotWriters", dependencies: ["HotOS"], swiftSettings: swift5),
         // The backup side: used-block maps, the imager, restore, hooks, progress.
         .target(name: "HotImager", dependencies: [
-            "HotDaemon", "HotCore", "HotOS", "QCow2", "CNBD",
+            "HotWriters", "HotDaemon", "HotCore", "HotOS", "QCow2", "CNBD",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: swift5),
         .executableTarget(name: "hotimage", dependencies: [
-            "HotDaemon", "HotOS", "HotCore", "HotImager", "QCow2",
+            "HotDaemon", "HotOS", "HotCore", "HotImager", "HotWriters", "QCow2",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: swift5),
@@ -74,5 +78,6 @@ let package = Package(
         .testTarget(name: "HotOSTests", dependencies: ["HotOS"], swiftSettings: swift5),
         .testTarget(name: "QCow2Tests", dependencies: ["QCow2"], exclude: ["Corpus"], swiftSettings: swift5),
         .testTarget(name: "HotImagerTests", dependencies: ["HotImager"], swiftSettings: swift5),
+        .testTarget(name: "HotWritersTests", dependencies: ["HotWriters"], swiftSettings: swift5),
     ]
 )

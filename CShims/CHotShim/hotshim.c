@@ -151,6 +151,27 @@ pid_t hs_spawn(char *const argv[], int io_flusher, int log_fd, int new_session) 
     _exit(127);
 }
 
+pid_t hs_spawn_fds(char *const argv[], char *const envp[], int in_fd, int out_fd, int err_fd, int new_session) {
+    pid_t pid = fork();
+    if (pid != 0) return pid;
+    if (new_session) (void)setsid();
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    signal(SIGPIPE, SIG_DFL);
+    int devnull = open("/dev/null", O_RDWR);
+    /* dup to high numbers first so that 0..2 can be any of them */
+    int fds[3] = { in_fd, out_fd, err_fd };
+    for (int i = 0; i < 3; i++) {
+        int f = fds[i] >= 0 ? fds[i] : devnull;
+        fds[i] = f >= 0 ? fcntl(f, F_DUPFD, 10) : -1;
+    }
+    for (int i = 0; i < 3; i++) if (fds[i] >= 0) dup2(fds[i], i);
+    (void)syscall(SYS_close_range, 3, ~0U, 0);
+    if (envp) execvpe(argv[0], argv, envp); else execvp(argv[0], argv);
+    _exit(127);
+}
+
 
 const int HS_O_DIRECT = O_DIRECT;
 const int HS_FALLOC_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;

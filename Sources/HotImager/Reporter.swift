@@ -5,6 +5,7 @@
 //   start, snapshot, hook, log, progress (every second), emergency, summary,
 //   error. Logs still go to stderr as plain lines.
 import Foundation
+import HotOS
 
 public protocol Reporter: AnyObject {
     func log(_ line: String)
@@ -41,22 +42,6 @@ public func formatBytes(_ b: UInt64) -> String {
     while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
     return i == 0 ? "\(b) B" : String(format: "%.1f %@", v, units[i])
 }
-
-/// write(2) until done; errors (a closed pipe) are ignored rather than
-/// trapping as FileHandle.write does.
-func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
-    bytes.withUnsafeBytes { p in
-        var off = 0
-        while off < p.count {
-            let n = write(fd, p.baseAddress! + off, p.count - off)
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return }
-            off += n
-        }
-    }
-}
-
-public func writeStderr(_ s: String) { writeAll(2, Array(s.utf8)) }
 
 public final class TerminalReporter: Reporter {
     let tty: Bool

@@ -3,6 +3,7 @@
 import Glibc
 #endif
 import CHotShim
+import Foundation
 
 public enum ProcessControl {
     /// PR_SET_IO_FLUSHER: memory reclaim in this process will not recurse
@@ -36,6 +37,31 @@ public enum ProcessControl {
         let pid = hs_spawn(cargs, ioFlusher ? 1 : 0, inheritStdio ? -2 : logFD, newSession ? 1 : 0)
         if pid < 0 { throw OSError("fork", errno: errno, object: argv.first ?? "") }
         return pid
+    }
+
+    /// Starts `argv` with pipes to its stdin and from its stdout; its stderr
+    /// goes to `stderrFD` (default ours). `environment` is added to ours.
+    /// Returns the pid, the write end of its stdin and the read end of its
+    /// stdout (both close-on-exec here; the caller closes them).
+    public static func spawnPiped(_ argv: [String], environment: [String: String] = [:], stderrFD: Int32 = 2,
+                                  newSession: Bool = true) throws -> (pid: pid_t, stdin: Int32, stdout: Int32) {
+        var inP: [Int32] = [0, 0], outP: [Int32] = [0, 0]
+        try syscall("pipe") { pipe(&inP) }
+        do { try syscall("pipe") { pipe(&outP) } } catch { close(inP[0]); close(inP[1]); throw error }
+        // Our ends must not leak into other children (spawn closes all but stdio).
+        for fd in [inP[1], outP[0]] { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        var env = ProcessInfo.processInfo.environment
+        for (k, v) in environment { env[k] = v }
+        var cenv: [UnsafeMutablePointer<CChar>?] = env.map { strdup("\($0.key)=\($0.value)") }
+        cenv.append(nil)
+        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
+        cargs.append(nil)
+        defer { for p in cargs { free(p) }; for p in cenv { free(p) } }
+        let pid = hs_spawn_fds(cargs, cenv, inP[0], outP[1], stderrFD, newSession ? 1 : 0)
+        let e = errno
+        close(inP[0]); close(outP[1])
+        if pid < 0 { close(inP[1]); close(outP[0]); throw OSError("fork", errno: e, object: argv.first ?? "") }
+        return (pid, inP[1], outP[0])
     }
 
     /// waitpid without blocking: the exit status if the child has ended.

@@ -91,3 +91,16 @@ public func writeFileAtomically(_ path: String, _ text: String) {
     close(fd)
     rename(tmp, path)
 }
+
+/// write(2) until done or the descriptor fails (FileHandle.write traps on EPIPE).
+public func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
+    var off = 0
+    while off < bytes.count {
+        let n = bytes[off...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { return }
+        off += n
+    }
+}
+
+public func writeStderr(_ s: String) { writeAll(2, Array(s.utf8)) }

@@ -17,4 +17,9 @@ int hs_set_pdeathsig(int sig);
  * + close every other fd + execvp(argv[0], argv).
  * Returns the child pid or -1/errno. */
 pid_t hs_spawn(char *const argv[], int io_flusher, int log_fd, int new_session);
+
+/* fork + execvpe with the child's stdin, stdout and stderr set to the given
+ * descriptors (-1: /dev/null), `envp` as its environment (NULL: ours), in a
+ * new session when asked. Every other descriptor is closed in the child. */
+pid_t hs_spawn_fds(char *const argv[], char *const envp[], int in_fd, int out_fd, int err_fd, int new_session);
 #endif

@@ -1,0 +1,139 @@
+// The writer protocol: how hotimage talks to a writer, built-in or external.
+//
+// A writer knows a set of components (a guest, a container, a database
+// cluster), the files each keeps, and how to freeze and thaw them. Every
+// writer is an executable run with one verb; the built-ins are the same
+// executable as hotimage (`hotimage writer-exec NAME VERB`), so they go
+// through exactly this protocol too. One JSON object per line on stdout;
+// stderr is for humans (it goes to hotimage's log). Environment:
+// HOTIMAGE_VOLUMES (the mount points being backed up, space separated) and
+// HOTIMAGE_WRITER_PROTOCOL=1.
+//
+//   WRITER components
+//     stdin:  {"protocol":1,"volumes":["/srv/data"]}
+//     stdout: {"writer":"myapp","components":[
+//               {"id":"main","description":"myapp instance",
+//                "state":"running",                        (free text, shown)
+//                "files":[{"path":"/srv/data/myapp","role":"data"},
+//                         {"path":"/etc/myapp.conf","role":"config","counts":false}]}]}
+//     exit 0. A file with "counts": false is listed but does not decide
+//     coverage (a configuration file backed up by other means, a CD image).
+//
+//   WRITER freeze
+//     stdin, first line:  {"protocol":1,"components":["main"],"volumes":[...],"timeoutSeconds":60}
+//     the writer freezes them and prints one line:
+//       {"frozen":[{"id":"main","ok":true,"method":"pause","message":"..."}]}
+//     then waits for the next stdin line, {"thaw":true}, or for end of file
+//     (hotimage died: thaw at once), thaws, prints one line:
+//       {"thawed":[{"id":"main","ok":true,"artifacts":[{"path":"/srv/data/x","content":"..."}]}]}
+//     and exits 0. A component missing from an answer failed. Artifacts are
+//     files the restored volume needs that exist only after the thaw (a
+//     PostgreSQL backup_label): hotimage stores them in the image and
+//     `restore` writes them into the restored filesystem.
+//
+// hotimage kills the writer's process group when an answer does not come
+// within the timeout, which counts as a failure of every component it was
+// asked about; a writer that exits before answering fails the same way.
+import Foundation
+
+public let writerProtocolVersion = 1
+
+public struct ComponentFile: Codable, Sendable, Equatable {
+    public var path: String
+    /// disk, cdrom, floppy, save, nvram, config, data, wal, tablespace, root…
+    public var role: String?
+    /// false: listed, but not part of coverage. Default true.
+    public var counts: Bool?
+    public init(path: String, role: String? = nil, counts: Bool? = nil) {
+        self.path = path; self.role = role; self.counts = counts
+    }
+    public var countsForCoverage: Bool { counts ?? true }
+}
+
+public struct WriterComponent: Codable, Sendable, Equatable {
+    public var id: String
+    public var description: String?
+    public var state: String?
+    public var files: [ComponentFile]
+    /// Extra facts a writer wants shown and recorded (libvirt: persistent, agent…).
+    public var details: [String: String]?
+    public init(id: String, description: String? = nil, state: String? = nil, files: [ComponentFile] = [],
+                details: [String: String]? = nil) {
+        self.id = id; self.description = description; self.state = state; self.files = files; self.details = details
+    }
+}
+
+public struct ComponentsRequest: Codable, Sendable {
+    public var `protocol` = writerProtocolVersion
+    public var volumes: [String]
+    public init(volumes: [String]) { self.volumes = volumes }
+}
+
+public struct ComponentsReply: Codable, Sendable {
+    public var writer: String
+    public var components: [WriterComponent]
+    public init(writer: String, components: [WriterComponent]) { self.writer = writer; self.components = components }
+}
+
+public struct FreezeRequest: Codable, Sendable {
+    public var `protocol` = writerProtocolVersion
+    public var components: [String]
+    public var volumes: [String]
+    public var timeoutSeconds: Double
+    public init(components: [String], volumes: [String], timeoutSeconds: Double) {
+        self.components = components; self.volumes = volumes; self.timeoutSeconds = timeoutSeconds
+    }
+}
+
+/// A file the restored volume needs, known only at thaw time.
+public struct Artifact: Codable, Sendable, Equatable {
+    public var path: String
+    public var content: String
+    public init(path: String, content: String) { self.path = path; self.content = content }
+}
+
+public struct ComponentResult: Codable, Sendable, Equatable {
+    public var id: String
+    public var ok: Bool
+    /// How it was frozen: agent-fsfreeze, managed-save, cgroup-freeze, pg-backup…
+    public var method: String?
+    public var message: String?
+    public var artifacts: [Artifact]?
+    public init(id: String, ok: Bool, method: String? = nil, message: String? = nil, artifacts: [Artifact]? = nil) {
+        self.id = id; self.ok = ok; self.method = method; self.message = message; self.artifacts = artifacts
+    }
+}
+
+public struct FreezeReply: Codable, Sendable {
+    public var frozen: [ComponentResult]
+    public init(frozen: [ComponentResult]) { self.frozen = frozen }
+}
+
+public struct ThawReply: Codable, Sendable {
+    public var thawed: [ComponentResult]
+    public init(thawed: [ComponentResult]) { self.thawed = thawed }
+}
+
+public struct ThawRequest: Codable, Sendable {
+    public var thaw = true
+    public init() {}
+}
+
+public struct WriterError: Error, CustomStringConvertible, Sendable {
+    public var description: String
+    public init(_ d: String) { description = d }
+}
+
+/// One line of JSON (no pretty printing, sorted keys, no trailing newline).
+public func jsonLine<T: Encodable>(_ v: T) -> String {
+    let e = JSONEncoder()
+    e.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+    return String(decoding: (try? e.encode(v)) ?? Data("{}".utf8), as: UTF8.self)
+}
+
+public func decodeLine<T: Decodable>(_ t: T.Type, _ line: String) throws -> T {
+    do { return try JSONDecoder().decode(t, from: Data(line.utf8)) } catch {
+        let shown = line.count > 200 ? String(line.prefix(200)) + "…" : line
+        throw WriterError("not a valid \(t) line: \(shown.isEmpty ? "(empty)" : shown)")
+    }
+}
