@@ -1,0 +1,160 @@
+// Stopping and resuming libvirt domains: what the libvirt writer does
+// around a snapshot and what `hotimage vm stop/resume` do by hand (Paragon's
+// stop_vm / resume_vm on libvirt).
+//
+// A domain that must be stopped (LibvirtDomain.swift) is
+//   agent-fsfreeze  frozen inside the guest (domfsfreeze) when it has a guest
+//                   agent that answers and the caller allows it (the writer
+//                   does, `vm stop` does not: stop means stop); the guest
+//                   keeps running, its filesystems flushed and still.
+//                   Undone by domfsthaw.
+//   managed-save    saved by libvirt (memory to the save file, qemu exits,
+//                   the disks are closed after a flush). Undone by `virsh
+//                   start`, which restores the save, and restores a guest
+//                   that was paused as paused (libvirt records it).
+// A domain shutting down is waited for (saving it would bring back a guest
+// in the middle of its shutdown); one shut off or crashed is left as is.
+import Foundation
+import HotOS
+
+/// What was done to a domain, enough to undo it (also `vm stop`'s record).
+public struct StoppedDomain: Codable, Sendable, Equatable {
+    public var name: String
+    public var priorState: String
+    public var method: String
+    public var time: String?
+    public init(name: String, priorState: String, method: String, time: String? = nil) {
+        self.name = name; self.priorState = priorState; self.method = method; self.time = time
+    }
+    /// Whether resuming has anything to do.
+    public var needsResume: Bool { method == LibvirtControl.managedSave || method == LibvirtControl.agentFreeze }
+}
+
+/// The libvirt settings of the writer and of `hotimage vm`.
+public struct LibvirtSettings: Sendable {
+    public var uri = "qemu:///system"
+    /// CD-ROM and floppy images decide coverage (HotBackup: no).
+    public var cdromCounts = false
+    /// Wait limit of one stop or resume, seconds (HotBackup: 300).
+    public var wait: Double = 300
+    /// Resume waits until the domain runs again (HotBackup: yes).
+    public var resumeWait = true
+    /// Freeze through the guest agent when it answers.
+    public var useAgent = true
+    public var paths: LibvirtPaths
+
+    public init(uri: String = "qemu:///system", saveDir: String? = nil) {
+        self.uri = uri
+        let env = ProcessInfo.processInfo.environment
+        paths = LibvirtPaths(uri: uri, home: env["HOME"], xdgConfig: env["XDG_CONFIG_HOME"])
+        if let s = saveDir { paths.saveDir = s }
+    }
+
+    /// From writer settings: libvirt-uri, vm-cdrom-counts, vm-wait,
+    /// vm-resume-wait, vm-agent, vm-save-dir.
+    public init(_ s: WriterSettings) throws {
+        self.init(uri: s.value("libvirt-uri") ?? "qemu:///system", saveDir: s.value("vm-save-dir"))
+        cdromCounts = try s.bool("vm-cdrom-counts", default: false)
+        wait = try s.seconds("vm-wait", default: 300)
+        resumeWait = try s.bool("vm-resume-wait", default: true)
+        useAgent = try s.bool("vm-agent", default: true)
+    }
+}
+
+public struct LibvirtControl: Sendable {
+    public static let managedSave = "managed-save"
+    public static let agentFreeze = "agent-fsfreeze"
+
+    public var virsh: Virsh
+    public init(virsh: Virsh) { self.virsh = virsh }
+
+    /// Stops (or freezes) one domain within `wait` seconds. The record is
+    /// what resume needs; nil when nothing was done or it failed.
+    public func stop(_ d: LibvirtDomainInfo, useAgent: Bool, wait: Double) -> (ComponentResult, StoppedDomain?) {
+        let name = d.name
+        func ok(_ method: String, _ msg: String? = nil) -> (ComponentResult, StoppedDomain?) {
+            let rec = StoppedDomain(name: name, priorState: d.state.rawValue, method: method, time: isoNow())
+            return (ComponentResult(id: name, ok: true, method: method, message: msg), rec.needsResume ? rec : nil)
+        }
+        func failed(_ msg: String, method: String? = nil) -> (ComponentResult, StoppedDomain?) {
+            (ComponentResult(id: name, ok: false, method: method, message: msg), nil)
+        }
+        switch d.state {
+        case .shutOff: return ok(d.managedSave ? "none (shut off, managed save)" : "none (shut off)")
+        case .crashed: return ok("none (crashed)")
+        case .inShutdown:
+            let s = virsh.waitForState(name, seconds: wait) { $0 == .shutOff || $0 == .crashed || $0 == nil }
+            if s == .shutOff || s == .crashed { return ok("none (shut down)", "waited for its shutdown") }
+            return failed("still \(s?.rawValue ?? "unknown") after \(Int(wait)) s")
+        default: break
+        }
+        var note: String?
+        if useAgent && d.agent == .answers {
+            let r = virsh.run(["domfsfreeze", name], timeout: min(wait, 60))
+            if r.ok { return ok(Self.agentFreeze, r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            note = "guest agent freeze failed (\(r.timedOut ? "no answer" : Virsh.clean(r.message))), managed save instead"
+        }
+        guard d.persistent else {
+            return failed([note, "a transient domain has no managed save (libvirt keeps those for defined domains): "
+                + "define it (virsh define) or give it a guest agent"].compactMap { $0 }.joined(separator: "; "),
+                method: Self.managedSave)
+        }
+        let r = virsh.run(["managedsave", name], timeout: wait)
+        if r.timedOut {
+            // Killing virsh does not stop libvirt's save job: abort it, so
+            // the guest keeps running instead of being saved after we gave up.
+            _ = virsh.run(["domjobabort", name])
+            return failed("managed save did not finish within \(Int(wait)) s: aborted, the domain keeps running",
+                          method: Self.managedSave)
+        }
+        guard r.ok else { return failed(Virsh.clean(r.message), method: Self.managedSave) }
+        let after = virsh.state(name)
+        guard after == .shutOff else {
+            return failed("managed save returned but the domain is \(after?.rawValue ?? "gone")", method: Self.managedSave)
+        }
+        return ok(Self.managedSave, note ?? "saved to \(d.saveFile)")
+    }
+
+    /// Undoes a stop. `waitRunning`: wait (up to `wait` s) until the domain
+    /// is back in its prior state (running, or paused if it was).
+    public func resume(_ s: StoppedDomain, waitRunning: Bool, wait: Double) -> ComponentResult {
+        let name = s.name
+        switch s.method {
+        case Self.agentFreeze:
+            let r = virsh.run(["domfsthaw", name], timeout: min(wait, 60))
+            return ComponentResult(id: name, ok: r.ok, method: s.method,
+                                   message: r.ok ? r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+                                       : r.timedOut ? "guest agent thaw: no answer" : Virsh.clean(r.message))
+        case Self.managedSave:
+            let prior = LibvirtState(rawValue: s.priorState) ?? .running
+            let now = virsh.state(name)
+            guard now == .shutOff else {
+                let msg = now.map { "already \($0.rawValue)" } ?? "no such domain"
+                return ComponentResult(id: name, ok: now != nil, method: s.method, message: msg)
+            }
+            let r = virsh.run(["start", name], timeout: wait)
+            guard r.ok else {
+                return ComponentResult(id: name, ok: false, method: s.method,
+                                       message: r.timedOut ? "start: no answer within \(Int(wait)) s" : Virsh.clean(r.message))
+            }
+            guard waitRunning else { return ComponentResult(id: name, ok: true, method: s.method, message: "started") }
+            let back = { (st: LibvirtState?) -> Bool in
+                guard let st else { return false }
+                return prior == .paused ? st == .paused : (st == .running || st == .idle || st == prior)
+            }
+            guard let got = virsh.waitForState(name, seconds: wait, back), back(got) else {
+                let target = prior == .paused ? "paused" : "running"
+                return ComponentResult(id: name, ok: false, method: s.method,
+                                       message: "started but not \(target) after \(Int(wait)) s")
+            }
+            return ComponentResult(id: name, ok: true, method: s.method, message: "restored, \(got.rawValue)")
+        default:
+            return ComponentResult(id: name, ok: true, method: s.method, message: "nothing to resume")
+        }
+    }
+}
+
+func isoNow() -> String {
+    let f = ISO8601DateFormatter()
+    return f.string(from: Date())
+}
