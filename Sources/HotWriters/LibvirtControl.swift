@@ -116,7 +116,8 @@ public struct LibvirtControl: Sendable {
     }
 
     /// Undoes a stop. `waitRunning`: wait (up to `wait` s) until the domain
-    /// is back in its prior state (running, or paused if it was).
+    /// is back in its prior state (running, or paused if it was; either when
+    /// the prior state is unknown, "").
     public func resume(_ s: StoppedDomain, waitRunning: Bool, wait: Double) -> ComponentResult {
         let name = s.name
         switch s.method {
@@ -126,7 +127,8 @@ public struct LibvirtControl: Sendable {
                                    message: r.ok ? r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
                                        : r.timedOut ? "guest agent thaw: no answer" : Virsh.clean(r.message))
         case Self.managedSave:
-            let prior = LibvirtState(rawValue: s.priorState) ?? .running
+            // Unknown prior state (resume by name): running or paused, as libvirt restores it.
+            let prior = LibvirtState(rawValue: s.priorState)
             let now = virsh.state(name)
             guard now == .shutOff else {
                 let msg = now.map { "already \($0.rawValue)" } ?? "no such domain"
@@ -140,10 +142,14 @@ public struct LibvirtControl: Sendable {
             guard waitRunning else { return ComponentResult(id: name, ok: true, method: s.method, message: "started") }
             let back = { (st: LibvirtState?) -> Bool in
                 guard let st else { return false }
-                return prior == .paused ? st == .paused : (st == .running || st == .idle || st == prior)
+                switch prior {
+                case .paused?: return st == .paused
+                case nil: return st == .running || st == .idle || st == .paused
+                default: return st == .running || st == .idle || st == prior
+                }
             }
             guard let got = virsh.waitForState(name, seconds: wait, back), back(got) else {
-                let target = prior == .paused ? "paused" : "running"
+                let target = prior == .paused ? "paused" : prior == nil ? "running or paused" : "running"
                 return ComponentResult(id: name, ok: false, method: s.method,
                                        message: "started but not \(target) after \(Int(wait)) s")
             }
@@ -157,4 +163,39 @@ public struct LibvirtControl: Sendable {
 func isoNow() -> String {
     let f = ISO8601DateFormatter()
     return f.string(from: Date())
+}
+
+/// What `hotimage vm stop` stopped, for `vm resume --from` (Paragon's
+/// resume_in): JSON {"uri": …, "stopped": [{name, priorState, method, time}]}.
+public struct StopRecord: Codable, Sendable, Equatable {
+    public var uri: String
+    public var stopped: [StoppedDomain]
+    public init(uri: String, stopped: [StoppedDomain] = []) { self.uri = uri; self.stopped = stopped }
+
+    /// Adds newly stopped domains; a name stopped again keeps its first
+    /// entry (the state it had before any of the stops).
+    public mutating func add(_ new: [StoppedDomain]) {
+        for n in new where !stopped.contains(where: { $0.name == n.name }) { stopped.append(n) }
+    }
+
+    public static func load(_ path: String) throws -> StopRecord? {
+        guard FileManager.default.fileExists(atPath: path) else { return nil }
+        guard let data = FileManager.default.contents(atPath: path) else { throw WriterError("\(path): cannot read") }
+        do { return try JSONDecoder().decode(StopRecord.self, from: data) } catch {
+            throw WriterError("\(path): not a record of 'hotimage vm stop'")
+        }
+    }
+
+    /// Writes it atomically, or removes the file when nothing is left stopped.
+    public func save(_ path: String) throws {
+        if stopped.isEmpty {
+            try? FileManager.default.removeItem(atPath: path)
+            return
+        }
+        let e = JSONEncoder()
+        e.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        let dir = (path as NSString).deletingLastPathComponent
+        try FileManager.default.createDirectory(atPath: dir.isEmpty ? "." : dir, withIntermediateDirectories: true)
+        try e.encode(self).write(to: URL(fileURLWithPath: path), options: .atomic)
+    }
 }
