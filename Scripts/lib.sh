@@ -5,6 +5,9 @@
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PATH=/opt/swift/usr/bin:$PATH
 APT_PACKAGES="libnbd-dev libnbd-bin nbdkit libzstd-dev libext2fs-dev libdevmapper-dev qemu-utils fuse3 fio xfsprogs e2fsprogs util-linux python3 psmisc bc procps"
+# libvirt for the libvirt writer's test (t_vm_libvirt: a daemon the test
+# starts, TCG guests), without its recommends (lvm2, the xen/vbox/lxc drivers).
+APT_PACKAGES_NO_RECOMMENDS="libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 busybox-static"
 
 die() { echo "error: $*" >&2; exit 1; }
 
@@ -12,15 +15,23 @@ need_root() { [ "$(id -u)" = 0 ] || die "run as root (loop devices, FUSE and fre
 
 # Installs the Debian packages that are missing (nothing if all are there).
 ensure_packages() {
-  local missing=()
+  local missing=() lean=()
   for p in $APT_PACKAGES; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
   done
-  [ ${#missing[@]} = 0 ] && return 0
-  echo "installing: ${missing[*]}"
+  for p in $APT_PACKAGES_NO_RECOMMENDS; do
+    dpkg -s "$p" >/dev/null 2>&1 || lean+=("$p")
+  done
+  [ ${#missing[@]} = 0 ] && [ ${#lean[@]} = 0 ] && return 0
+  echo "installing: ${missing[*]} ${lean[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
-  apt-get install -y -qq "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+  if [ ${#missing[@]} != 0 ]; then
+    apt-get install -y -qq "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+  fi
+  if [ ${#lean[@]} != 0 ]; then
+    apt-get install -y -qq --no-install-recommends "${lean[@]}" >/dev/null || die "apt-get install ${lean[*]} failed"
+  fi
 }
 
 # Builds the release binaries once; sets HOTIMAGE and STAMP.

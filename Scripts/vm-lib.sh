@@ -70,9 +70,10 @@ vm_module_closure() {
   printf '%s\n' "${out[@]}"
 }
 
-# Builds VM_INITRD (cached by kernel, module list and init script).
+# vm_initramfs [INIT]: builds VM_INITRD with INIT as /init (default the test
+# VM's) and the modules of VM_MODULES, cached by kernel, module list and init.
 vm_initramfs() {
-  local init="$ROOT/Tests/VM/initramfs-init"
+  local init="${1:-$ROOT/Tests/VM/initramfs-init}"
   local key
   key=$( (echo "$VM_KVER $VM_MODULES"; cat "$init"; busybox 2>&1 | head -1) | md5sum | cut -c1-12)
   VM_INITRD="$VM_CACHE/initrd-$VM_KVER-$key.gz"

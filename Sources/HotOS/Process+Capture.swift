@@ -25,10 +25,12 @@ public struct CapturedRun: Sendable {
 extension ProcessControl {
     /// Runs `argv` (looked up in PATH) with stdin from nothing; `environment`
     /// is added to ours. Returns when it exits, or after `timeout` seconds
-    /// (then it is killed, `timedOut` set). A command that cannot be started
-    /// gives status 127 and the reason in stderr, like a shell.
+    /// (then it is killed, `timedOut` set). `interruptGrace` > 0: at the
+    /// timeout send SIGINT first and give it that long to clean up (virsh
+    /// aborts its job on SIGINT), then kill. A command that cannot be
+    /// started gives status 127 and the reason in stderr, like a shell.
     public static func capture(_ argv: [String], environment: [String: String] = [:],
-                               timeout: Double) -> CapturedRun {
+                               timeout: Double, interruptGrace: Double = 0) -> CapturedRun {
         var errP: [Int32] = [0, 0]
         guard pipe(&errP) == 0 else {
             return CapturedRun(status: nil, stdout: "", stderr: "pipe: \(String(cString: strerror(errno)))", timedOut: false)
@@ -43,12 +45,21 @@ extension ProcessControl {
         close(p.stdin)
         var out: [UInt8] = [], err: [UInt8] = []
         var open: [Int32] = [p.stdout, errP[0]]
-        let deadline = monotonicNanos() + UInt64(max(0, timeout) * 1e9)
+        var deadline = monotonicNanos() + UInt64(max(0, timeout) * 1e9)
         var timedOut = false
         var buf = [UInt8](repeating: 0, count: 65536)
         while !open.isEmpty {
             let now = monotonicNanos()
-            if now >= deadline { timedOut = true; break }
+            if now >= deadline {
+                if !timedOut && interruptGrace > 0 {
+                    timedOut = true
+                    kill(p.pid, SIGINT)
+                    deadline = now + UInt64(interruptGrace * 1e9)
+                    continue
+                }
+                timedOut = true
+                break
+            }
             var pfds = open.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
             let r = poll(&pfds, nfds_t(pfds.count), Int32(min(1000, (deadline - now) / 1_000_000 + 1)))
             if r <= 0 { continue }
@@ -62,7 +73,7 @@ extension ProcessControl {
             }
         }
         close(p.stdout); close(errP[0])
-        if timedOut { kill(-p.pid, SIGKILL); kill(p.pid, SIGKILL) }
+        if timedOut { kill(-p.pid, SIGKILL); kill(p.pid, SIGKILL) }  // a no-op if it exited on SIGINT
         let code = wait(p.pid)
         return CapturedRun(status: code, stdout: String(decoding: out, as: UTF8.self),
                            stderr: String(decoding: err, as: UTF8.self), timedOut: timedOut)

@@ -85,7 +85,7 @@ public struct LibvirtControl: Sendable {
         case .inShutdown:
             let s = virsh.waitForState(name, seconds: wait) { $0 == .shutOff || $0 == .crashed || $0 == nil }
             if s == .shutOff || s == .crashed { return ok("none (shut down)", "waited for its shutdown") }
-            return failed("still \(s?.rawValue ?? "unknown") after \(Int(wait)) s")
+            return failed("still \(s?.rawValue ?? "unknown") after \(fmtSeconds(wait))")
         default: break
         }
         var note: String?
@@ -99,13 +99,15 @@ public struct LibvirtControl: Sendable {
                 + "define it (virsh define) or give it a guest agent"].compactMap { $0 }.joined(separator: "; "),
                 method: Self.managedSave)
         }
-        let r = virsh.run(["managedsave", name], timeout: wait)
+        let r = virsh.run(["managedsave", name], timeout: wait, interruptGrace: 10)
         if r.timedOut {
-            // Killing virsh does not stop libvirt's save job: abort it, so
-            // the guest keeps running instead of being saved after we gave up.
-            _ = virsh.run(["domjobabort", name])
-            return failed("managed save did not finish within \(Int(wait)) s: aborted, the domain keeps running",
-                          method: Self.managedSave)
+            switch settleAbortedSave(name) {
+            case .saved: return ok(Self.managedSave, "saved, after the wait limit of \(fmtSeconds(wait))")
+            case .running: return failed("managed save did not finish within \(fmtSeconds(wait)): aborted, the domain keeps running",
+                                         method: Self.managedSave)
+            case .unknown(let s): return failed("managed save did not finish within \(fmtSeconds(wait)) and could not be aborted: the domain is \(s)",
+                                                method: Self.managedSave)
+            }
         }
         guard r.ok else { return failed(Virsh.clean(r.message), method: Self.managedSave) }
         let after = virsh.state(name)
@@ -113,6 +115,31 @@ public struct LibvirtControl: Sendable {
             return failed("managed save returned but the domain is \(after?.rawValue ?? "gone")", method: Self.managedSave)
         }
         return ok(Self.managedSave, note ?? "saved to \(d.saveFile)")
+    }
+
+    enum SaveEnd { case saved, running, unknown(String) }
+
+    /// After giving up on a managed save: make sure it either happened or
+    /// did not, and say which, so the report matches libvirt. virsh aborts
+    /// its job on SIGINT, but the job may also have finished meanwhile, or
+    /// (virsh killed right after sending the request) start late: abort
+    /// until libvirt shows no job twice in a row, for up to 30 s.
+    func settleAbortedSave(_ name: String) -> SaveEnd {
+        let end = monotonicNanos() + 30_000_000_000
+        var idle = 0
+        while monotonicNanos() < end {
+            let st = virsh.state(name)
+            if st == .shutOff { return .saved }
+            if virsh.hasJob(name) == false {
+                idle += 1
+                if idle == 2 { return .running }
+            } else {
+                idle = 0
+                _ = virsh.run(["domjobabort", name], timeout: 10)
+            }
+            usleep(300_000)
+        }
+        return .unknown(virsh.state(name)?.rawValue ?? "unknown")
     }
 
     /// Undoes a stop. `waitRunning`: wait (up to `wait` s) until the domain
@@ -137,7 +164,7 @@ public struct LibvirtControl: Sendable {
             let r = virsh.run(["start", name], timeout: wait)
             guard r.ok else {
                 return ComponentResult(id: name, ok: false, method: s.method,
-                                       message: r.timedOut ? "start: no answer within \(Int(wait)) s" : Virsh.clean(r.message))
+                                       message: r.timedOut ? "start: no answer within \(fmtSeconds(wait))" : Virsh.clean(r.message))
             }
             guard waitRunning else { return ComponentResult(id: name, ok: true, method: s.method, message: "started") }
             let back = { (st: LibvirtState?) -> Bool in
@@ -151,7 +178,7 @@ public struct LibvirtControl: Sendable {
             guard let got = virsh.waitForState(name, seconds: wait, back), back(got) else {
                 let target = prior == .paused ? "paused" : prior == nil ? "running or paused" : "running"
                 return ComponentResult(id: name, ok: false, method: s.method,
-                                       message: "started but not \(target) after \(Int(wait)) s")
+                                       message: "started but not \(target) after \(fmtSeconds(wait))")
             }
             return ComponentResult(id: name, ok: true, method: s.method, message: "restored, \(got.rawValue)")
         default:
@@ -159,6 +186,8 @@ public struct LibvirtControl: Sendable {
         }
     }
 }
+
+func fmtSeconds(_ s: Double) -> String { s == s.rounded() ? "\(Int(s)) s" : String(format: "%.1f s", s) }
 
 func isoNow() -> String {
     let f = ISO8601DateFormatter()

@@ -27,8 +27,18 @@ public struct Virsh: Sendable {
         return v
     }
 
-    public func run(_ args: [String], timeout: Double = Virsh.quick) -> CapturedRun {
-        ProcessControl.capture([executable, "-q", "-c", uri] + args, environment: ["LC_ALL": "C"], timeout: timeout)
+    /// `interruptGrace`: at the timeout, SIGINT first (virsh then aborts
+    /// the domain job it started) and this long to finish.
+    public func run(_ args: [String], timeout: Double = Virsh.quick, interruptGrace: Double = 0) -> CapturedRun {
+        ProcessControl.capture([executable, "-q", "-c", uri] + args, environment: ["LC_ALL": "C"],
+                               timeout: timeout, interruptGrace: interruptGrace)
+    }
+
+    /// Whether libvirt runs a job (a save, a migration) on the domain now.
+    public func hasJob(_ name: String) -> Bool? {
+        let r = run(["domjobinfo", name], timeout: 15)
+        guard r.ok else { return nil }
+        return parseVirshInfo(r.stdout)["Job type"].map { $0 != "None" }
     }
 
     /// Runs and throws the command's own message on failure.

@@ -4,8 +4,8 @@
 # errors: exit code 2 and one clear line.
 source "$(dirname "$0")/lib.sh"
 G=$(dirname "$0")/golden
-for c in main attach detach status snapshot backup restore info verify; do
-  sub=$c; [ $c = main ] && sub=
+for c in main attach detach status snapshot backup restore info verify vm vm-layout vm-stop vm-resume; do
+  sub=${c//-/ }; [ $c = main ] && sub=
   COLUMNS=100 "$HOTIMAGE" $sub --help > "$W/help-$c.txt" 2>&1
   if [ "${1:-}" = --update ]; then cp "$W/help-$c.txt" "$G/help-$c.txt"; continue; fi
   diff -u "$G/help-$c.txt" "$W/help-$c.txt" || fail "help of '${sub:-hotimage}' differs from its golden file"
@@ -40,5 +40,9 @@ expect 2 "neither an attachment" "$HOTIMAGE" backup /nonexistent -o "$W/x.qcow2"
 expect 2 "not a qcow2\|qcow2\|magic" "$HOTIMAGE" verify /etc/hostname
 expect 1 "magic\|qcow2" "$HOTIMAGE" info /etc/hostname
 expect 2 "Missing expected argument" "$HOTIMAGE" restore
+expect 2 "one of them" "$HOTIMAGE" vm stop
+expect 2 "one of them" "$HOTIMAGE" vm resume --all --from /nonexistent
+expect 2 "yes or no" "$HOTIMAGE" vm stop --all --partial maybe
+expect 2 "seconds > 0" "$HOTIMAGE" vm resume --all --wait 0
 expect 1 "neither a block device nor a regular file" "$HOTIMAGE" attach /dev/null --name hit-null --run-dir "$RUN"
 log "ok"

@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# The libvirt writer and `hotimage vm` against a real libvirt daemon and real
+# qemu (TCG) guests:
+#   - layout: the guest whose images live on the protected volume is fully
+#     covered, one with its base image elsewhere partially, one with nothing
+#     there not at all; --cdrom-counts turns a CD image elsewhere into
+#     partial coverage; a volume without the disks covers nothing;
+#   - stop --volumes --partial no stops only the fully covered guest (managed
+#     save, on the volume), then --partial yes the other, recorded in one
+#     file; a paused guest comes back paused; an unknown name or a transient
+#     guest fail with a clear message; a save cut short by --wait leaves a
+#     report that matches libvirt (stopped and recorded, or running and not);
+#   - resume --from brings both back from their saved memory (same boot id,
+#     the counter goes on) and empties the record;
+#   - writer-exec libvirt freeze/thaw (the backup's side of the writer):
+#     saved while frozen, running after, also when hotimage's end of the pipe
+#     just closes;
+#   - the scripts' routine (vm stop, backup, vm resume): the image restores
+#     to a filesystem whose disk image and save file are the ones written at
+#     the stop, and a guest restored from those restored files goes on from
+#     the saved point (its memory and its disk agree).
+#
+# libvirtd runs as a child of this test in a private mount namespace: its
+# configuration, sockets and logs are directories of the test bound over
+# /etc/libvirt, /run/libvirt, /var/log/libvirt and /var/cache/libvirt, and
+# the protected volume itself is mounted at /var/lib/libvirt, so the disk
+# images (images/) and libvirt's managed saves (qemu/save/) are on the volume
+# being backed up, as on a host with /var/lib/libvirt on its own volume.
+# Nothing of the host's libvirt (if any) is seen or touched.
+if [ -z "${HIT_VM_LIBVIRT_NS:-}" ]; then
+  command -v unshare >/dev/null || { echo "[t_vm_libvirt] SKIP: unshare is not installed"; exit 77; }
+  HIT_VM_LIBVIRT_NS=1 exec unshare -m --propagation private bash "$0" "$@"
+fi
+source "$(dirname "$0")/lib.sh"
+source "$ROOT/Scripts/vm-lib.sh"
+source "$ROOT/Tests/Machine/libvirt-lib.sh"
+
+for c in virsh libvirtd qemu-system-x86_64 qemu-img busybox python3; do
+  command -v $c >/dev/null || skip "$c is not installed (Scripts/lib.sh installs libvirt-daemon, libvirt-clients, qemu-system-x86)"
+done
+vm_kernel >/dev/null 2>&1 || skip "no guest kernel (Scripts/vm-lib.sh vm_kernel: apt-get download failed?)"
+VM_MODULES="virtio_pci virtio_blk" vm_initramfs "$ROOT/Tests/Machine/libvirt-guest-init" >/dev/null || fail "guest initramfs"
+
+attach_new hit-vm 768M
+mkfs.ext4 -q -F "$DEV"
+VOL=/var/lib/libvirt
+lv_start "$DEV"
+mkdir -p "$VOL/images" "$W/outside"
+log "libvirtd $(V version --daemon 2>/dev/null | awk '/daemon/ {print $NF}') on $VOL = $DEV (protected)"
+
+# a: everything on the volume (a qcow2 over a raw base, relative backing
+#    name), a CD image elsewhere; b: its base elsewhere; c: all elsewhere.
+qemu-img create -q -f raw "$VOL/images/a-base.raw" 16M
+(cd "$VOL/images" && qemu-img create -q -f qcow2 -b a-base.raw -F raw a.qcow2)
+qemu-img create -q -f raw "$W/outside/b-base.raw" 16M
+qemu-img create -q -f qcow2 -b "$W/outside/b-base.raw" -F raw "$VOL/images/b.qcow2"
+qemu-img create -q -f raw "$W/outside/c.raw" 16M
+truncate -s 1M "$W/outside/cd.iso"
+lv_define hit-vm-a "$VOL/images/a.qcow2" qcow2 "$W/outside/cd.iso"
+lv_define hit-vm-b "$VOL/images/b.qcow2" qcow2
+lv_define hit-vm-c "$W/outside/c.raw" raw
+V start hit-vm-a >/dev/null && V start hit-vm-b >/dev/null || fail "start: $(tail -3 "$LV/log/qemu/"*.log)"
+wait_until 60 beating hit-vm-a && wait_until 60 beating hit-vm-b || fail "the guests do not beat: $(tail -3 "$W"/console-*.log)"
+ID_A=$(beat_id hit-vm-a); ID_B=$(beat_id hit-vm-b)
+log "guests a ($ID_A) and b ($ID_B) running, c defined"
+
+# 1. layout.
+layout() { "$HOTIMAGE" vm layout --json "$@" > "$W/layout.json" || fail "vm layout $*: exit $?"; }
+cov() { python3 -c "import json,sys; d={x['name']: x for x in json.load(open(sys.argv[1]))['domains']}; print(d[sys.argv[2]]$2)" "$W/layout.json" "$1"; }
+layout "$VOL"
+[ "$(cov hit-vm-a "['coverage']")" = fully ] || fail "a is not fully covered: $(cat "$W/layout.json")"
+[ "$(cov hit-vm-b "['coverage']")" = partially ] || fail "b is not partially covered"
+[ "$(cov hit-vm-c "['coverage']")" = not ] || fail "c is covered"
+[ "$(cov hit-vm-a "['disposition']")" = "must be stopped" ] && [ "$(cov hit-vm-c "['disposition']")" = "may be backed up as is" ] \
+  || fail "dispositions: $(cat "$W/layout.json")"
+[ "$(cov hit-vm-a "[\"files\"][1][\"path\"]")" = "$VOL/images/a-base.raw" ] || fail "a's backing file is not listed second"
+[ "$(cov hit-vm-a "['files'][2]['role']")" = cdrom ] && [ "$(cov hit-vm-a "['files'][2]['counts']")" = False ] || fail "a's CD image"
+layout "$VOL" --cdrom-counts
+[ "$(cov hit-vm-a "['coverage']")" = partially ] || fail "--cdrom-counts: a's CD image elsewhere did not count"
+layout "$W/outside"
+[ "$(cov hit-vm-a "['coverage']")" = not ] && [ "$(cov hit-vm-c "['coverage']")" = fully ] || fail "layout of the other place: $(cat "$W/layout.json")"
+"$HOTIMAGE" vm layout "$VOL" > "$W/layout.txt" || fail "vm layout (text)"
+grep -q "^hit-vm-a: running, must be stopped; persistent; agent no; fully covered" "$W/layout.txt" || fail "text layout: $(cat "$W/layout.txt")"
+log "layout: a fully, b partially, c not covered; --cdrom-counts; another place covers c only"
+
+# 2. Refusals and failures that change nothing.
+expect_fail() {  # code pattern cmd...
+  local code=$1 pat=$2 out rc; shift 2
+  out=$("$@" 2>&1); rc=$?
+  [ $rc = "$code" ] && echo "$out" | grep -q -- "$pat" || fail "'$*': exit $rc (want $code), said: $out"
+}
+expect_fail 2 "no such domain: hit-vm-nope" "$HOTIMAGE" vm stop hit-vm-a hit-vm-nope --record "$W/none.json"
+[ "$(V domstate hit-vm-a)" = running ] && [ ! -e "$W/none.json" ] || fail "a stop naming an unknown domain did something"
+expect_fail 2 "one of them" "$HOTIMAGE" vm stop --all hit-vm-a
+expect_fail 2 "not a mount point or directory" "$HOTIMAGE" vm layout "$W/nowhere"
+expect_fail 2 "without a managed save" "$HOTIMAGE" vm resume hit-vm-c
+lv_xml hit-vm-t "$W/outside/c.raw" raw > "$W/t.xml"
+V create "$W/t.xml" >/dev/null || fail "virsh create"
+expect_fail 1 "transient domain has no managed save" "$HOTIMAGE" vm stop hit-vm-t --record "$W/t.json"
+V destroy hit-vm-t >/dev/null
+log "unknown names and usage refused (exit 2, nothing done); a transient guest cannot be saved (exit 1)"
+
+# 3. stop --volumes: fully covered first, then partially covered too.
+R=$W/stopped.json
+"$HOTIMAGE" vm stop --volumes "$VOL" --partial no --record "$R" > "$W/stop1.out" || fail "vm stop --partial no: $(cat "$W/stop1.out")"
+[ "$(V domstate hit-vm-a --reason)" = "shut off (saved)" ] || fail "a is not saved: $(V domstate hit-vm-a --reason)"
+[ "$(V domstate hit-vm-b)" = running ] || fail "--partial no stopped the partially covered b"
+SAVE_A=$VOL/qemu/save/hit-vm-a.save
+[ -s "$SAVE_A" ] && V dominfo hit-vm-a | grep -q "Managed save: *yes" || fail "no managed save of a on the volume"
+layout "$VOL"
+[ "$(cov hit-vm-a "['coverage']")" = fully ] && [ "$(cov hit-vm-a "['disposition']")" = "may be backed up as is" ] || fail "saved a"
+cov hit-vm-a "['files']" | grep -q "'role': 'save'" || fail "a's save file is not listed"
+"$HOTIMAGE" vm stop --volumes "$VOL" --record "$R" > "$W/stop2.out" || fail "vm stop: $(cat "$W/stop2.out")"
+grep -q "hit-vm-a: shut off, left as is" "$W/stop2.out" && grep -q "hit-vm-b: stopped (managed-save" "$W/stop2.out" || fail "stop 2: $(cat "$W/stop2.out")"
+[ "$(python3 -c "import json; print(' '.join(s['name']+':'+s['priorState'] for s in json.load(open('$R'))['stopped']))")" = "hit-vm-a:running hit-vm-b:running" ] \
+  || fail "record: $(cat "$R")"
+log "stop --volumes: a alone with --partial no, then b; both in the record; a's save on the volume, a now as is"
+
+# 4. The scripts' routine: back up while they are saved.
+sha256sum "$SAVE_A" "$VOL/images/a.qcow2" "$VOL/images/a-base.raw" > "$W/stopped.sums"
+qemu-img convert -O raw "$VOL/images/a.qcow2" "$W/a-at-stop.raw"
+H backup hit-vm -o "$W/stopped.qcow2" > "$W/backup1.out" 2>&1 || fail "backup of the stopped guests: $(cat "$W/backup1.out")"
+
+# 5. resume --from: both back from their memory, the record emptied.
+"$HOTIMAGE" vm resume --from "$R" > "$W/resume.out" || fail "vm resume --from: $(cat "$W/resume.out")"
+[ "$(V domstate hit-vm-a --reason)" = "running (restored)" ] && [ "$(V domstate hit-vm-b --reason)" = "running (restored)" ] \
+  || fail "not restored: a $(V domstate hit-vm-a --reason), b $(V domstate hit-vm-b --reason)"
+[ ! -e "$R" ] || fail "the record is still there after everything resumed: $(cat "$R")"
+wait_until 20 beats_after hit-vm-a 2 || fail "a does not beat after resume"
+[ "$(beat_id hit-vm-a)" = "$ID_A" ] && [ "$(grep -c "guest: boot" "$W/console-hit-vm-a.log")" = 1 ] || fail "a booted again instead of being restored"
+[ "$(beat_id hit-vm-b)" = "$ID_B" ] || fail "b booted again"
+expect_fail 2 "no such record" "$HOTIMAGE" vm resume --from "$R"
+log "resume --from: both restored from their saves (same boot ids, no new boot), record removed"
+
+# 6. A paused guest comes back paused.
+V suspend hit-vm-b >/dev/null
+"$HOTIMAGE" vm stop hit-vm-b --record "$W/p.json" >/dev/null || fail "stop of paused b"
+[ "$(python3 -c "import json; print(json.load(open('$W/p.json'))['stopped'][0]['priorState'])")" = paused ] || fail "prior state: $(cat "$W/p.json")"
+"$HOTIMAGE" vm resume hit-vm-b > "$W/pr.out" || fail "resume of paused b: $(cat "$W/pr.out")"
+[ "$(V domstate hit-vm-b)" = paused ] || fail "b came back $(V domstate hit-vm-b), not paused"
+V resume hit-vm-b >/dev/null
+rm -f "$W/p.json"
+log "a paused guest is saved and comes back paused"
+
+# 7. A save cut short by --wait: whatever libvirt did, the report says it.
+"$HOTIMAGE" vm stop hit-vm-b --wait 0.3 --record "$W/short.json" > "$W/short.out" 2>&1; rc=$?
+st=$(V domstate hit-vm-b)
+if [ $rc = 0 ]; then
+  [ "$st" = "shut off" ] && grep -q hit-vm-b "$W/short.json" || fail "--wait 0.3: exit 0 but b is $st / not recorded"
+  "$HOTIMAGE" vm resume --from "$W/short.json" >/dev/null || fail "resume after the short save"
+  how="saved anyway"
+else
+  [ $rc = 1 ] && grep -q "aborted, the domain keeps running" "$W/short.out" || fail "--wait 0.3: exit $rc: $(cat "$W/short.out")"
+  [ "$st" = running ] && [ ! -e "$W/short.json" ] || fail "--wait 0.3 said aborted but b is $st, record: $(cat "$W/short.json" 2>/dev/null)"
+  V dominfo hit-vm-b | grep -q "Managed save: *no" || fail "an aborted save left a managed save"
+  how="aborted, still running"
+fi
+log "--wait 0.3: $how, as reported: $(head -1 "$W/short.out")"
+
+# 8. The writer as backup runs it: freeze saves, thaw restores; end of
+#    file on stdin (hotimage died) thaws too.
+freeze_thaw() {  # how (thaw|eof)
+  coproc WR { "$HOTIMAGE" writer-exec libvirt freeze --setting vm-wait=60 2>"$W/writer.err"; }
+  echo '{"protocol":1,"components":["hit-vm-a","hit-vm-c"],"volumes":["'"$VOL"'"],"timeoutSeconds":60}' >&"${WR[1]}"
+  local line; read -r -t 90 line <&"${WR[0]}" || fail "writer: no freeze answer: $(cat "$W/writer.err")"
+  echo "$line" > "$W/frozen.json"
+  [ "$(V domstate hit-vm-a --reason)" = "shut off (saved)" ] || fail "writer freeze: a is $(V domstate hit-vm-a --reason)"
+  if [ "$1" = thaw ]; then echo '{"thaw":true}' >&"${WR[1]}"; else exec {WR[1]}>&-; fi
+  read -r -t 90 line <&"${WR[0]}" || fail "writer: no thaw answer ($1): $(cat "$W/writer.err")"
+  echo "$line" > "$W/thawed.json"
+  wait "$WR_PID" || fail "writer exited $?"
+  [ "$(V domstate hit-vm-a --reason)" = "running (restored)" ] || fail "writer thaw ($1): a is $(V domstate hit-vm-a --reason)"
+}
+freeze_thaw thaw
+python3 - "$W/frozen.json" "$W/thawed.json" <<'PY' || fail "writer answers: $(cat "$W/frozen.json" "$W/thawed.json")"
+import json, sys
+f = {r["id"]: r for r in json.load(open(sys.argv[1]))["frozen"]}
+t = {r["id"]: r for r in json.load(open(sys.argv[2]))["thawed"]}
+assert f["hit-vm-a"]["ok"] and f["hit-vm-a"]["method"] == "managed-save", f
+assert f["hit-vm-c"]["ok"] and f["hit-vm-c"]["method"] == "none (shut off)", f
+assert t["hit-vm-a"]["ok"] and t["hit-vm-a"]["message"] == "restored, running", t
+PY
+freeze_thaw eof
+[ "$(beat_id hit-vm-a)" = "$ID_A" ] || fail "a booted again after the writer's thaw"
+log "writer-exec freeze/thaw: managed save while frozen, restored after a thaw request and after end of file"
+
+# 9. What the stopped-guest image restores to: the files of the stop; a guest
+#    started from the restored save and disk goes on from the saved point.
+T2=$(make_loop "$W/restored.img" 768M)
+HI restore "$W/stopped.qcow2" "$T2" > "$W/restore.out" 2>&1 || fail "restore: $(cat "$W/restore.out")"
+mkdir -p "$W/r" && mount "$T2" "$W/r" || fail "mount the restored volume"
+(cd / && sed "s|$VOL/|$W/r/|" "$W/stopped.sums" | sha256sum -c --quiet) || fail "restored files differ from the ones at the stop"
+qemu-img check -q "$W/r/images/a.qcow2" || fail "qemu-img check of the restored disk"
+V save-image-dumpxml "$W/r/qemu/save/hit-vm-a.save" > "$W/saved.xml" || fail "libvirt cannot read the restored save file"
+disk_seq=$(head -c 512 "$W/a-at-stop.raw" | sed -n 's/.*id=\([0-9a-f]*\) seq=\([0-9]*\).*/\1 \2/p')
+[ "${disk_seq% *}" = "$ID_A" ] || fail "the disk at the stop holds '$disk_seq', not a beat of $ID_A"
+# The same guest (libvirt wants the saved uuid and refuses a second domain
+# with it: the original goes) from the restored copy: its disk in the
+# restored tree, its console in a new file.
+V destroy hit-vm-a >/dev/null; V undefine hit-vm-a >/dev/null || fail "undefine a"
+sed -e "s|$VOL/images/|$W/r/images/|g" -e "s|console-hit-vm-a.log|console-hit-vm-r.log|" "$W/saved.xml" > "$W/r.xml"
+grep -q "$W/r/images/a.qcow2" "$W/r.xml" || fail "the saved definition does not name the disk: $(cat "$W/r.xml")"
+V restore "$W/r/qemu/save/hit-vm-a.save" --xml "$W/r.xml" > "$W/vrestore.out" 2>&1 || fail "virsh restore from the restored files: $(cat "$W/vrestore.out")"
+wait_until 20 beating hit-vm-r || fail "the guest restored from the image does not beat: $(cat "$W/console-hit-vm-r.log")"
+first=$(grep -m1 "guest: beat" "$W/console-hit-vm-r.log" | sed 's/.*id=\([0-9a-f]*\) seq=\([0-9]*\).*/\1 \2/')
+n=${disk_seq#* }
+[ "${first% *}" = "$ID_A" ] || fail "restored guest: id ${first% *}, not $ID_A (it booted instead)"
+[ "${first#* }" = "$n" ] || [ "${first#* }" = $((n + 1)) ] || fail "restored guest goes on at seq ${first#* }, its disk says $n: memory and disk disagree"
+grep -q "guest: boot" "$W/console-hit-vm-r.log" && fail "the restored guest booted"
+V destroy hit-vm-a >/dev/null
+log "restore of the stopped-guest image: save and disks as at the stop; the guest restored from them goes on at seq ${first#* } after disk seq $n"
+log "ok"
