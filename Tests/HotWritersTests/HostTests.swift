@@ -78,7 +78,8 @@ import Testing
 
     @Test func aHangingFreezeIsKilledAtTheTimeout() throws {
         let lab = try Lab()
-        try lab.writer("hang", freeze: "sleep 300")
+        let marker = "sleep 3\(Int.random(in: 100...999))"
+        try lab.writer("hang", freeze: marker)
         try lab.writer("ok")
         let t0 = Date()
         let s = FreezeSession(config: lab.config(["hang", "ok"], timeout: 1), volumes: [lab.vol], log: { _ in })
@@ -90,6 +91,15 @@ import Testing
         s.thaw(log: { _ in })
         #expect(lab.exists("ok.thawed"))
         #expect(!lab.exists("hang.thawed"))
+        // Its whole process group is gone, the sleep it started included.
+        let ps = try String(decoding: Data(contentsOf: URL(fileURLWithPath: "/proc/self/status")), as: UTF8.self)
+        _ = ps
+        var alive = false
+        for p in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] where Int(p) != nil {
+            let cmd = (try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(p)/cmdline"))) ?? Data()
+            if String(decoding: cmd, as: UTF8.self).replacingOccurrences(of: "\0", with: " ").hasPrefix(marker) { alive = true }
+        }
+        #expect(!alive)
     }
 
     @Test func aRefusedFreezeAndAFailedThawAreRecorded() throws {
