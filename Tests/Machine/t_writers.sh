@@ -37,6 +37,7 @@ trap 'cleanup_cg; cleanup' EXIT
 # The container process joins the cgroup itself before it execs, so that
 # every write it ever makes is inside the cgroup.
 sh -c "echo \$\$ > $CG/cgroup.procs; exec chroot $BOX /bin/busybox sh -c 'i=0; while :; do i=\$((i+1)); echo \$i > /data/c.tmp; mv /data/c.tmp /data/counter; done'" &
+disown $!  # cleanup_cg ends it through the cgroup
 wait_until 5 test -s "$BOX/data/counter" || fail "the container does not write"
 SET=(--writer-setting "container=${CG#$CG2/} $BOX")
 frozen() { grep -q "frozen 1" "$CG/cgroup.events"; }
@@ -166,6 +167,27 @@ H backup hit-writers -o "$W/6.qcow2" --writers-dir "$WD" --writers elsewhere > "
 [ -e "$MK/elsewhere.asked" ] && fail "a component not on the volume was asked to freeze"
 HI info "$W/6.qcow2" --json | grep -q '"action" *: *"not-covered"' || fail "the off-volume component is not recorded as not covered"
 log "a component off the volume: not frozen, recorded not-covered"
+
+# 6b. A file handed over at thaw time is written into the restored
+# filesystem, owned like its directory; --no-writer-files leaves it out.
+mkdir -p "$M/lab" && chown 4321:4321 "$M/lab"
+mkwriter label "$M/lab" ":" "$OK_F" "{\"thawed\":[{\"id\":\"c\",\"ok\":true,\"artifacts\":[{\"path\":\"$M/lab/label\",\"content\":\"START WAL 1\\\\n\"}]}]}"
+H backup hit-writers -o "$W/6b.qcow2" --writers-dir "$WD" --writers label > "$W/6b.out" 2>&1 || fail "artifact writer: $(cat "$W/6b.out")"
+[ -e "$M/lab/label" ] && fail "the artifact was written to the live volume"
+for how in with without; do
+  dev=$(make_loop "$W/r6.img" 256M)
+  flag=(); [ $how = without ] && flag=(--no-writer-files)
+  HI restore "$W/6b.qcow2" "$dev" --force "${flag[@]}" > "$W/6b.r.out" 2>&1 || fail "restore with artifacts: $(cat "$W/6b.r.out")"
+  mkdir -p "$W/r6" && mount -o ro "$dev" "$W/r6" || fail "mount the restored image (6b)"
+  if [ $how = with ]; then
+    [ "$(cat "$W/r6/lab/label" 2>/dev/null)" = "START WAL 1" ] || fail "the artifact in the restored filesystem: '$(cat "$W/r6/lab/label" 2>&1)'"
+    [ "$(stat -c '%u:%g %a' "$W/r6/lab/label")" = "4321:4321 600" ] || fail "artifact owner/mode: $(stat -c '%u:%g %a' "$W/r6/lab/label")"
+  else
+    [ -e "$W/r6/lab/label" ] && fail "--no-writer-files wrote the artifact"
+  fi
+  umount "$W/r6"; losetup -d "$dev"; rm -f "$W/r6.img"
+done
+log "a thaw-time file: kept in the image, written by restore into the restored filesystem (owner of its directory, 0600); not with --no-writer-files"
 
 # 7. hotimage killed while frozen: the writers read end of file and thaw.
 rm -f "$MK"/*
