@@ -30,9 +30,11 @@ mkdir -p "$M" && mount "$DEV" "$M"
 BOX=$M/box
 mkdir -p "$BOX/bin" "$BOX/data"
 cp "$BB" "$BOX/bin/busybox"
-CG=$CG2/hit-writers-box-$$
-mkdir "$CG"
-cleanup_cg() { [ -d "$CG" ] || return 0; echo 0 > "$CG/cgroup.freeze" 2>/dev/null; echo 1 > "$CG/cgroup.kill" 2>/dev/null; sleep 0.2; rmdir "$CG" 2>/dev/null; }
+# A systemd-like layout under a subtree of our own: TOP/machine.slice/machine-box.scope.
+TOP=$CG2/hit-writers-$$
+CG=$TOP/machine.slice/machine-box.scope
+mkdir -p "$CG"
+cleanup_cg() { [ -d "$CG" ] || return 0; echo 0 > "$CG/cgroup.freeze" 2>/dev/null; echo 1 > "$CG/cgroup.kill" 2>/dev/null; sleep 0.2; rmdir "$CG" "$TOP/machine.slice" "$TOP" 2>/dev/null; }
 trap 'cleanup_cg; cleanup' EXIT
 # The container process joins the cgroup itself before it execs, so that
 # every write it ever makes is inside the cgroup.
@@ -50,7 +52,11 @@ HI writers --writers containers "${SET[@]}" --volumes /proc > "$W/wl2.out" || fa
 grep -q "not covered" "$W/wl2.out" || fail "the container is covered by /proc: $(cat "$W/wl2.out")"
 HI writers --writers containers --json "${SET[@]}" --volumes "$M" | json_get '[0]["components"][0]["coverage"]' | grep -qx fully \
   || fail "writers --json coverage"
-log "writers: the container is fully covered by its volume, not by /proc"
+# Discovery: the populated scopes under machine.slice, root from /proc/PID/root.
+HI writers --writers containers --writer-setting "container-cgroup-root=$TOP" --volumes "$M" > "$W/wl3.out" || fail "writers (3)"
+grep -q "^  machine.slice/machine-box.scope .*fully covered" "$W/wl3.out" && grep -q "root: $BOX  on $M" "$W/wl3.out" \
+  || fail "the machine.slice container was not found with its chroot as root: $(cat "$W/wl3.out")"
+log "writers: the container is fully covered by its volume, not by /proc; found under machine.slice with its chroot as root"
 
 # 1. The container frozen around the snapshot. The test reads the counter
 # while the writers event says frozen and the kernel agrees before and after.
