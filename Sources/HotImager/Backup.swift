@@ -3,7 +3,12 @@
 //   resolve SOURCE (attach name, protected device, mount point, device)
 //   choose the mode (online: a HotCore session; offline: exclusive read)
 //   before-snapshot hooks          (a failure aborts: exit 4)
+//   writers: list components, freeze those on the volume (HotWriters);
+//                                  a failure: thaw, after-* hooks, exit 5
+//                                  (or go on crash-consistent with
+//                                  --allow-unfrozen, recorded)
 //   snapshot: pause, freeze, used-block map minus exclusions, thaw
+//   writers: thaw                  (a failure is recorded: exit 6 at the end)
 //                                  (a failure: after-snapshot and
 //                                   after-backup still run; exit 3)
 //   after-snapshot hooks           (their result is recorded, never stops the backup)
@@ -15,12 +20,15 @@
 // Exit codes: 0 done; 1 reading or writing failed; 2 refused (usage, a
 // volume mounted read-write in offline mode, no HotCore for online mode,
 // the image exists); 3 the snapshot or the session failed (the live volume
-// is unharmed); 4 a before-snapshot hook failed; 6 the image is complete
-// but an after-snapshot or after-backup hook failed; 130 interrupted.
+// is unharmed); 4 a before-snapshot hook failed; 5 a writer failed to
+// freeze a component (nothing imaged); 6 the image is complete but an
+// after-snapshot or after-backup hook, or a writer's thaw, failed;
+// 130 interrupted.
 import Foundation
 import HotCore
 import HotDaemon
 import HotOS
+import HotWriters
 import QCow2
 
 public enum BackupMode: String, Sendable { case online, auto, offline }
@@ -44,11 +52,15 @@ public struct BackupOptions: Sendable {
     public var backend: BackupBackend?
     /// The transient dm-snapshot daemon's COW store (Backup+DM.swift).
     public var dm = DMBackupOptions()
+    /// Writers asked to freeze their components around the snapshot.
+    public var writers = WriterConfig()
+    /// Go on crash-consistent when a component fails to freeze.
+    public var allowUnfrozen = false
     public init(source: String, output: String) { self.source = source; self.output = output }
 }
 
 public enum BackupExit: Int32 {
-    case ok = 0, failed = 1, refused = 2, session = 3, hookAbort = 4, hookFailed = 6, interrupted = 130
+    case ok = 0, failed = 1, refused = 2, session = 3, hookAbort = 4, writerFreeze = 5, hookFailed = 6, interrupted = 130
 }
 
 public struct BackupSummary: Codable, Sendable {
@@ -69,6 +81,8 @@ public struct BackupSummary: Codable, Sendable {
     public var spillPeakBytes: UInt64
     public var emergencyEpisodes: [EmergencyEpisode]
     public var hooks: [HookResult]
+    public var components: [ComponentRecord]
+    public var writerErrors: [String]
     public var partialKept: Bool
 }
 
@@ -102,6 +116,7 @@ public final class BackupJob: @unchecked Sendable {
     private let m = Monitor()
     private var interrupted = false
     private var hookResults: [HookResult] = []
+    private var writers: FreezeSession?
 
     public init(options: BackupOptions, reporter: Reporter) {
         o = options
@@ -161,6 +176,14 @@ public final class BackupJob: @unchecked Sendable {
             return afterFailedSnapshot(.refused, "cannot create the image \(o.output): \(error)", ctx: ctx)
         }
 
+        // Writers: freeze the components whose files are on the volume.
+        if plan.online {
+            if let fail = freezeWriters(plan) {
+                writer.abandon()
+                return afterFailedSnapshot(.writerFreeze, fail, ctx: ctx)
+            }
+        }
+
         // 2. The snapshot (or, offline, the map).
         var session: SessionClient?
         let snap: TakenSnapshot
@@ -197,6 +220,9 @@ public final class BackupJob: @unchecked Sendable {
             let code: BackupExit = (error as? BackupFailure)?.code ?? .session
             return afterFailedSnapshot(code, "snapshot failed: \(error)", ctx: ctx)
         }
+        // Thaw the writers at once: the consistent point is taken.
+        let thawFailures = writers?.thaw(log: { self.r.log($0) }) ?? []
+        if let w = writers { r.event("writers", ["phase": .string("thawed"), "components": .value(w.records)]) }
         let snapSeconds = Double(monotonicNanos() - tSnap) / 1e9
         if mapMethod == "raw" { r.log("no used-block map for this volume: imaging every block (raw)") }
         r.log(String(format: "snapshot taken in %.2f s (%@, map %@): %@ used, %@ excluded, %d attempt(s)", snapSeconds, consistency,
@@ -241,7 +267,8 @@ public final class BackupJob: @unchecked Sendable {
             snapshotTime: iso8601(snap.wallTime), consistency: consistency, mode: plan.online ? "online" : "offline",
             mapMethod: mapMethod, blockSize: plan.volume?.blockSize ?? 4096, clusterSize: 1 << o.clusterBits,
             compression: o.compression.description, usedBytes: snap.usedBytes, imagedBytes: RangeSet.total(snap.protected),
-            excluded: excludedList, hooks: hookResults, emergencyEpisodes: result?.episodes ?? [])
+            excluded: excludedList, hooks: hookResults, emergencyEpisodes: result?.episodes ?? [],
+            components: writers?.records, writerErrors: writers.map { $0.writerErrors })
         var partialKept = false
         if code == .ok {
             do { _ = try writer.finish(metadata: meta.encoded(), complete: true) } catch {
@@ -263,7 +290,7 @@ public final class BackupJob: @unchecked Sendable {
         // 6. after-backup, with the error code.
         let afterBackup = HookRunner.run(o.hooks, .afterBackup, error: code.rawValue, context: ctx, stopOnFailure: false, log: hookLog)
         hookResults += afterBackup
-        if code == .ok && (after + afterBackup).contains(where: { !$0.ok }) { code = .hookFailed }
+        if code == .ok && ((after + afterBackup).contains(where: { !$0.ok }) || !thawFailures.isEmpty) { code = .hookFailed }
 
         let seconds = Double(monotonicNanos() - t0) / 1e9
         let imageBytes = (try? FileManager.default.attributesOfItem(atPath: o.output)[.size] as? UInt64) ?? 0
@@ -275,7 +302,8 @@ public final class BackupJob: @unchecked Sendable {
             ratio: imaged > 0 ? Double(imageBytes) / Double(imaged) : 0,
             megabytesPerSecond: (result?.seconds ?? 0) > 0 ? Double(imaged) / result!.seconds / 1e6 : 0,
             cowPeakBytes: result?.peakBufferBytes ?? 0, spillPeakBytes: result?.peakSpillBytes ?? 0,
-            emergencyEpisodes: result?.episodes ?? [], hooks: hookResults, partialKept: partialKept)
+            emergencyEpisodes: result?.episodes ?? [], hooks: hookResults,
+            components: writers?.records ?? [], writerErrors: writers?.writerErrors ?? [], partialKept: partialKept)
         r.event("summary", ["summary": .value(summary)])
         printSummary(summary)
         return (code, summary)
@@ -285,9 +313,34 @@ public final class BackupJob: @unchecked Sendable {
         r.log(s)
     }
 
+    /// Lists the writers' components and freezes those on the volume. Nil
+    /// when the backup may go on (everything frozen, or --allow-unfrozen);
+    /// otherwise the reason, with everything already thawed.
+    private func freezeWriters(_ plan: Plan) -> String? {
+        guard o.writers.selection != .none else { return nil }
+        let volumes = plan.mount.map { [$0.mountPoint] } ?? []
+        let t0 = monotonicNanos()
+        let w = FreezeSession(config: o.writers, volumes: volumes, log: { self.r.log($0) })
+        writers = w
+        var failures = w.writerErrors
+        if failures.isEmpty || o.allowUnfrozen { failures += w.freeze(log: { self.r.log($0) }) } else {
+            w.markNotFrozen("not asked: another writer failed first")
+        }
+        r.event("writers", ["phase": .string("frozen"), "seconds": .double(Double(monotonicNanos() - t0) / 1e9),
+                            "components": .value(w.records), "errors": .value(failures)])
+        if failures.isEmpty { return nil }
+        if o.allowUnfrozen {
+            r.log("going on crash-consistent for what is not frozen (--allow-unfrozen); recorded in the image")
+            return nil
+        }
+        w.thaw(log: { self.r.log($0) })
+        return "a writer could not freeze its components (\(failures.count) problem(s)); nothing was imaged. Use --allow-unfrozen to go on crash-consistent, or --writers to choose writers"
+    }
+
     /// The snapshot failed (or never started): no data; after-snapshot and
     /// after-backup still run, with the error code.
     private func afterFailedSnapshot(_ code: BackupExit, _ msg: String, ctx: HookContext) -> (BackupExit, BackupSummary?) {
+        writers?.thaw(log: { self.r.log($0) })
         r.log(msg)
         r.event("error", ["message": .string(msg), "exitCode": .int(Int64(code.rawValue))])
         hookResults += HookRunner.run(o.hooks, .afterSnapshot, error: code.rawValue, context: ctx, stopOnFailure: false, log: hookLog)

@@ -23,6 +23,7 @@
 // run every hook.
 import Foundation
 import HotOS
+import HotWriters
 
 public enum HookPhase: String, Codable, Sendable, CaseIterable {
     case beforeSnapshot = "before-snapshot"
@@ -111,13 +112,28 @@ public enum HookRunner {
 ///   compress                                        zstd[:LEVEL] | zlib[:LEVEL] | none
 ///   consistency                                     freeze | wip
 ///   exclude                                         a path (repeatable)
+///   writers                                         all | none | NAME,NAME…
+///   writer-timeout                                  seconds (freeze, and thaw)
+///   allow-unfrozen                                  yes | no
+///   freeze-partial                                  yes | no
+///   writers-dir                                     external writers' directory
+///   container, container-freeze-wait, libvirt-*,    settings of the built-in
+///   vm-*, postgresql-*                              writers (passed to them)
 /// Unknown keys are an error naming the line, so typos do not pass silently.
 public struct HotimageConfig: Sendable {
     public var hooks = HookSet()
     public var compress: String?
     public var consistency: String?
     public var excludes: [String] = []
+    public var writers = WriterConfig()
+    public var allowUnfrozen = false
     public init() {}
+
+    /// Keys passed through to the built-in writers as settings.
+    static func isWriterSetting(_ key: String) -> Bool {
+        key.hasPrefix("container") || key.hasPrefix("libvirt-") || key.hasPrefix("vm-")
+            || key.hasPrefix("postgresql-")
+    }
 
     public static let defaultPath = "/etc/hotimage/hotimage.conf"
 
@@ -153,6 +169,15 @@ public struct HotimageConfig: Sendable {
                 guard value == "freeze" || value == "wip" else { throw SessionError("\(path):\(i + 1): consistency must be freeze or wip") }
                 c.consistency = value
             case "exclude": c.excludes.append(value)
+            case "writers": c.writers.selection = WriterSelection(parsing: value)
+            case "writers-dir": c.writers.directory = value
+            case "writer-timeout":
+                guard let t = Double(value), t > 0 else { throw SessionError("\(path):\(i + 1): writer-timeout must be seconds > 0") }
+                c.writers.timeout = t
+            case "allow-unfrozen", "freeze-partial":
+                guard let b = ["yes": true, "no": false][value] else { throw SessionError("\(path):\(i + 1): \(key) must be yes or no") }
+                if key == "allow-unfrozen" { c.allowUnfrozen = b } else { c.writers.freezePartial = b }
+            case _ where isWriterSetting(key): c.writers.settings.set(key, value)
             default:
                 throw SessionError("\(path):\(i + 1): unknown key '\(key)'")
             }

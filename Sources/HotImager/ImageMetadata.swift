@@ -1,6 +1,7 @@
 // What an image says about itself: stored as JSON in the qcow2 file (the
 // hotimage header extension's tail blob), shown by `hotimage info`.
 import Foundation
+import HotWriters
 
 public struct ImageMetadata: Codable, Sendable {
     public struct Source: Codable, Sendable {
@@ -43,6 +44,9 @@ public struct ImageMetadata: Codable, Sendable {
     public var excluded: [Excluded]
     public var hooks: [HookResult]
     public var emergencyEpisodes: [EmergencyEpisode]
+    /// What each writer's component went through (nil: no writers ran).
+    public var components: [ComponentRecord]?
+    public var writerErrors: [String]?
 
     public func encoded() -> [UInt8] {
         let e = JSONEncoder()

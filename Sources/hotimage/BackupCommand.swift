@@ -4,6 +4,7 @@ import HotCore
 import HotDaemon
 import HotImager
 import HotOS
+import HotWriters
 import QCow2
 
 struct BackupCommand: ParsableCommand {
@@ -55,10 +56,36 @@ struct BackupCommand: ParsableCommand {
           HOTIMAGE_FREEZE (yes|no), HOTIMAGE_IMAGE. A failing after-snapshot or
           after-backup hook does not stop the backup (exit 6 if all else worked).
 
+        WRITERS (application consistency; 'hotimage writers' lists them)
+          Before the snapshot of a mounted volume, every writer is asked which of
+          its components (libvirt guests, containers, PostgreSQL clusters, and
+          the sites' own writers in /etc/hotimage/writers.d) keep files on it;
+          those fully or partially covered are frozen, all writers in parallel,
+          each within --writer-timeout: guests through their agent or by managed
+          save, containers with cgroup.freeze, PostgreSQL with pg_backup_start.
+          They are thawed as soon as the snapshot is taken. The image records,
+          per component, its coverage, how it was frozen and thawed, and files
+          the restore needs (PostgreSQL's backup_label).
+          A component that cannot be frozen (an error, a writer that hangs and
+          is killed) aborts the backup before anything is imaged (exit 5; what
+          was frozen is thawed, after-snapshot and after-backup hooks run), or
+          with --allow-unfrozen the backup goes on crash-consistent for it,
+          recorded. A failed thaw is reported and recorded; the filesystem is
+          thawed regardless; the backup exits 6. If hotimage dies while
+          components are frozen, each writer sees its input close and thaws.
+          --writers none     no writers (the filesystem freeze alone)
+          --writers LIST     only these, e.g. containers,postgresql
+          --writer-setting   a built-in's setting: container=CGROUP [ROOT],
+                             container-freeze-wait, libvirt-uri, vm-wait,
+                             vm-cdrom-counts, vm-resume-wait, postgresql-…
+
         CONFIGURATION FILE (/etc/hotimage/hotimage.conf, or --config)
           key = value lines: before-snapshot, after-snapshot, after-backup (repeatable),
-          hook-timeout, compress, consistency, exclude (repeatable). Command-line
-          options come after (hooks) or override (compress, consistency) the file.
+          hook-timeout, compress, consistency, exclude (repeatable), writers,
+          writer-timeout, allow-unfrozen, freeze-partial (yes: freeze partially
+          covered components too, the default), writers-dir, and the writers'
+          settings (container, vm-…, libvirt-…, postgresql-…). Command-line
+          options come after (hooks, settings) or override (the rest) the file.
 
         OUTPUT
           A progress bar on a terminal (bytes, rate, ETA, COW buffer fill, mode), a
@@ -75,7 +102,9 @@ struct BackupCommand: ParsableCommand {
           3  the snapshot or the session failed, e.g. the dm-snapshot COW store
              overflowed (the live volume is unharmed)
           4  a before-snapshot hook failed; nothing was done
-          6  the image is complete but an after-snapshot or after-backup hook failed
+          5  a writer could not freeze a component; nothing was imaged
+          6  the image is complete but an after-snapshot or after-backup hook,
+             or a writer's thaw, failed
           130 interrupted
         On failure the partial image is removed, or kept with --keep-partial and
         marked incomplete (restore refuses it).
@@ -156,6 +185,21 @@ struct BackupCommand: ParsableCommand {
     @Option(help: ArgumentHelp("dm-snapshot: the COW store's largest size.", valueName: "size"))
     var bufferLimit: String = "16G"
 
+    @Option(help: ArgumentHelp("Writers to ask: all (default), none, or a comma-separated list of names.", valueName: "list"))
+    var writers: String?
+
+    @Option(help: ArgumentHelp("Seconds each writer has to freeze, and again to thaw (default 60).", valueName: "seconds"))
+    var writerTimeout: Double?
+
+    @Flag(help: "Go on crash-consistent when a component fails to freeze (recorded in the image).")
+    var allowUnfrozen = false
+
+    @Option(help: ArgumentHelp("A setting for the built-in writers, e.g. vm-wait=120 (repeatable).", valueName: "key=value"))
+    var writerSetting: [String] = []
+
+    @Option(help: ArgumentHelp("Directory of the external writers (default /etc/hotimage/writers.d).", valueName: "dir"))
+    var writersDir: String?
+
     @OptionGroup var paths: RunDirOptions
 
     func validate() throws {
@@ -172,6 +216,8 @@ struct BackupCommand: ParsableCommand {
         }
         if workers < 1 || workers > 64 { throw ValidationError("--workers must be 1...64") }
         if let e = emergencyAt, parseSize(e) == nil { throw ValidationError("--emergency-at: not a size: \(e)") }
+        if let t = writerTimeout, !(t > 0) { throw ValidationError("--writer-timeout must be seconds > 0") }
+        do { _ = try WriterSettings.parse(arguments: writerSetting) } catch { throw ValidationError("--writer-setting: \(error)") }
     }
 
     func run() throws {
@@ -204,6 +250,12 @@ struct BackupCommand: ParsableCommand {
         o.dm.bufferDir = bufferDir
         o.dm.hbFileBytes = parseSize(hbFileSize)!
         o.dm.bufferLimitBytes = parseSize(bufferLimit)!
+        o.writers = cfg.writers
+        if let w = writers { o.writers.selection = WriterSelection(parsing: w) }
+        if let t = writerTimeout { o.writers.timeout = t }
+        if let d = writersDir { o.writers.directory = d }
+        o.writers.settings.pairs += try! WriterSettings.parse(arguments: writerSetting).pairs
+        o.allowUnfrozen = allowUnfrozen || cfg.allowUnfrozen
         let reporter: Reporter = json ? JSONReporter() : TerminalReporter()
         let job = BackupJob(options: o, reporter: reporter)
         let signals = SignalWaiter()
@@ -233,6 +285,13 @@ struct RestoreCommand: ParsableCommand {
         target, a target smaller than the volume, a target that already holds a \
         filesystem (unless --force).
 
+        Files that writers handed over when they thawed (PostgreSQL's backup_label, \
+        so the restored cluster recovers from the backup's checkpoint) are kept in \
+        the image; once the volume is written, TARGET is mounted in a private \
+        directory (through a loop device if it is a file), they are written at their \
+        place, owned like their directory, mode 0600, and TARGET is unmounted \
+        (--no-writer-files skips this; 'hotimage info --json' shows them).
+
         EXIT CODES
           0  restored
           1  reading the image or writing the target failed
@@ -244,11 +303,13 @@ struct RestoreCommand: ParsableCommand {
     @Flag(help: "Overwrite a target that holds a filesystem.") var force = false
     @Flag(help: "Leave unused space as it is (faster on a target known to read as zeros).") var noDiscard = false
     @Flag(help: "Skip verifying the image before writing (faster; a damaged image is then noticed only where decompression fails).") var noVerify = false
+    @Flag(help: "Do not write the writers' files (e.g. PostgreSQL's backup_label) into the restored filesystem.") var noWriterFiles = false
     @Flag(help: "Print the summary as JSON on stdout.") var json = false
 
     func run() throws {
         var o = RestoreOptions(image: image, target: target)
         o.verifyFirst = !noVerify
+        o.writerFiles = !noWriterFiles
         o.force = force
         o.discard = !noDiscard
         let r = TerminalReporter(quiet: json)

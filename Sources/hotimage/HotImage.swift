@@ -41,7 +41,7 @@ struct HotImage: ParsableCommand {
         version: hotimageVersion,
         subcommands: [Attach.self, Detach.self, Status.self, Snapshot.self,
                       BackupCommand.self, RestoreCommand.self, InfoCommand.self, VerifyCommand.self,
-                      DMSessionCommand.self, VMCommand.self, WriterExecCommand.self])
+                      DMSessionCommand.self, VMCommand.self, WritersCommand.self, WriterExecCommand.self])
 
     /// As ParsableCommand's, but usage errors exit 2 (documented) instead of
     /// ArgumentParser's 64.
