@@ -17,8 +17,12 @@
 #     just closes;
 #   - the scripts' routine (vm stop, backup, vm resume): the image restores
 #     to a filesystem whose disk image and save file are the ones written at
-#     the stop, and a guest restored from those restored files goes on from
-#     the saved point (its memory and its disk agree).
+#     the stop;
+#   - a backup with the libvirt writer while the guests run: the covered
+#     ones are managed-saved for the snapshot and running again after, the
+#     image records it (and their definitions);
+#   - from both images, a guest restored from the restored save file and
+#     disk goes on from the saved point (its memory and its disk agree).
 #
 # libvirtd runs as a child of this test in a private mount namespace: its
 # configuration, sockets and logs are directories of the test bound over
@@ -118,7 +122,6 @@ log "stop --volumes: a alone with --partial no, then b; both in the record; a's 
 
 # 4. The scripts' routine: back up while they are saved.
 sha256sum "$SAVE_A" "$VOL/images/a.qcow2" "$VOL/images/a-base.raw" > "$W/stopped.sums"
-qemu-img convert -O raw "$VOL/images/a.qcow2" "$W/a-at-stop.raw"
 H backup hit-vm -o "$W/stopped.qcow2" > "$W/backup1.out" 2>&1 || fail "backup of the stopped guests: $(cat "$W/backup1.out")"
 
 # 5. resume --from: both back from their memory, the record emptied.
@@ -184,29 +187,81 @@ freeze_thaw eof
 [ "$(beat_id hit-vm-a)" = "$ID_A" ] || fail "a booted again after the writer's thaw"
 log "writer-exec freeze/thaw: managed save while frozen, restored after a thaw request and after end of file"
 
-# 9. What the stopped-guest image restores to: the files of the stop; a guest
-#    started from the restored save and disk goes on from the saved point.
-T2=$(make_loop "$W/restored.img" 768M)
-HI restore "$W/stopped.qcow2" "$T2" > "$W/restore.out" 2>&1 || fail "restore: $(cat "$W/restore.out")"
-mkdir -p "$W/r" && mount "$T2" "$W/r" || fail "mount the restored volume"
-(cd / && sed "s|$VOL/|$W/r/|" "$W/stopped.sums" | sha256sum -c --quiet) || fail "restored files differ from the ones at the stop"
-qemu-img check -q "$W/r/images/a.qcow2" || fail "qemu-img check of the restored disk"
-V save-image-dumpxml "$W/r/qemu/save/hit-vm-a.save" > "$W/saved.xml" || fail "libvirt cannot read the restored save file"
-disk_seq=$(head -c 512 "$W/a-at-stop.raw" | sed -n 's/.*id=\([0-9a-f]*\) seq=\([0-9]*\).*/\1 \2/p')
-[ "${disk_seq% *}" = "$ID_A" ] || fail "the disk at the stop holds '$disk_seq', not a beat of $ID_A"
-# The same guest (libvirt wants the saved uuid and refuses a second domain
-# with it: the original goes) from the restored copy: its disk in the
-# restored tree, its console in a new file.
+# 9. A backup with the libvirt writer while the guests run: both covered
+#    guests are managed-saved for the snapshot and restored after it; c (not
+#    covered) is left alone; the image records it. The save files exist only
+#    while the guests are saved (libvirt removes one when it restores from
+#    it), so finding them in the image shows the snapshot was taken then.
+HI writers --writers libvirt --volumes "$VOL" > "$W/writers.out" || fail "hotimage writers: $(cat "$W/writers.out")"
+grep -q "hit-vm-a.*fully covered" "$W/writers.out" && grep -q "hit-vm-b.*partially covered" "$W/writers.out" \
+  && grep -q "hit-vm-c.*not covered" "$W/writers.out" || fail "hotimage writers coverage: $(cat "$W/writers.out")"
+[ ! -e "$SAVE_A" ] || fail "a's save file is still there while a runs"
+H backup hit-vm -o "$W/live.qcow2" --writers libvirt > "$W/backup2.out" 2>&1 || fail "backup with the libvirt writer: exit $?: $(cat "$W/backup2.out")"
+for g in hit-vm-a hit-vm-b; do
+  [ "$(V domstate $g --reason)" = "running (restored)" ] || fail "$g after the backup: $(V domstate $g --reason)"
+done
+[ "$(beat_id hit-vm-a)" = "$ID_A" ] && [ "$(beat_id hit-vm-b)" = "$ID_B" ] || fail "a guest booted again during the backup"
+[ "$(V domstate hit-vm-c)" = "shut off" ] || fail "c was started"
+HI info "$W/live.qcow2" --json > "$W/live.info" || fail "info"
+python3 - "$W/live.info" <<'PY' || fail "the image's record of the components: $(cat "$W/live.info")"
+import json, sys
+m = json.load(open(sys.argv[1]))["metadata"]
+c = {x["id"]: x for x in m["components"] if x["writer"] == "libvirt"}
+for g, cov in (("hit-vm-a", "fully"), ("hit-vm-b", "partially")):
+    assert c[g]["coverage"] == cov and c[g]["action"] == "frozen", c[g]
+    assert c[g]["method"] == "managed-save" and c[g]["thawed"] is True, c[g]
+    assert "<domain" in c[g]["details"]["xml"] and c[g]["details"]["persistent"] == "yes", c[g]["details"]
+assert c["hit-vm-c"]["action"] == "not-covered", c["hit-vm-c"]
+PY
+log "backup with the libvirt writer: a (fully) and b (partially) saved for the snapshot, running again after; c not covered; recorded with their definitions"
+
+# 10. Both images restore to a filesystem from which the guest comes back:
+#     the stopped one to exactly the files of the stop; from each, a guest
+#     restored from the restored save file and disk goes on from the saved
+#     point (the same boot id; the next beat is the one after the disk's).
+restore_image() {  # image dir
+  local dev; dev=$(make_loop "$W/$(basename "$2").img" 768M)
+  HI restore "$1" "$dev" > "$W/restore.out" 2>&1 || fail "restore $1: $(cat "$W/restore.out")"
+  mkdir -p "$2" && mount "$dev" "$2" || fail "mount the restored $1"
+  qemu-img check -q "$2/images/a.qcow2" && qemu-img check -q "$2/images/b.qcow2" || fail "qemu-img check of the disks restored from $1"
+}
+restore_image "$W/stopped.qcow2" "$W/r1"
+(cd / && sed "s|$VOL/|$W/r1/|" "$W/stopped.sums" | sha256sum -c --quiet) || fail "restored files differ from the ones at the stop"
+restore_image "$W/live.qcow2" "$W/r2"
+# libvirt restores a save only under its own uuid, and refuses a second
+# domain with it: the original a goes.
 V destroy hit-vm-a >/dev/null; V undefine hit-vm-a >/dev/null || fail "undefine a"
-sed -e "s|$VOL/images/|$W/r/images/|g" -e "s|console-hit-vm-a.log|console-hit-vm-r.log|" "$W/saved.xml" > "$W/r.xml"
-grep -q "$W/r/images/a.qcow2" "$W/r.xml" || fail "the saved definition does not name the disk: $(cat "$W/r.xml")"
-V restore "$W/r/qemu/save/hit-vm-a.save" --xml "$W/r.xml" > "$W/vrestore.out" 2>&1 || fail "virsh restore from the restored files: $(cat "$W/vrestore.out")"
-wait_until 20 beating hit-vm-r || fail "the guest restored from the image does not beat: $(cat "$W/console-hit-vm-r.log")"
-first=$(grep -m1 "guest: beat" "$W/console-hit-vm-r.log" | sed 's/.*id=\([0-9a-f]*\) seq=\([0-9]*\).*/\1 \2/')
-n=${disk_seq#* }
-[ "${first% *}" = "$ID_A" ] || fail "restored guest: id ${first% *}, not $ID_A (it booted instead)"
-[ "${first#* }" = "$n" ] || [ "${first#* }" = $((n + 1)) ] || fail "restored guest goes on at seq ${first#* }, its disk says $n: memory and disk disagree"
-grep -q "guest: boot" "$W/console-hit-vm-r.log" && fail "the restored guest booted"
-V destroy hit-vm-a >/dev/null
-log "restore of the stopped-guest image: save and disks as at the stop; the guest restored from them goes on at seq ${first#* } after disk seq $n"
+# guest_from SAVE-DIR DISK-DIR LABEL: restores a from SAVE-DIR's save file
+# with DISK-DIR's disk; sets DISK (the beat on the disk before) and FIRST
+# (the first beat after), each "ID SEQ".
+guest_from() {
+  local save=$1/qemu/save/hit-vm-a.save con="console-hit-vm-$3"
+  [ -s "$save" ] || fail "$3: no save file of a in the restored image"
+  V save-image-dumpxml "$save" > "$W/$3.xml" || fail "$3: libvirt cannot read the restored save file"
+  # A copy next to it (its backing name is relative): the restored files stay as restored.
+  local disk=$2/images/a-$3.qcow2
+  cp "$2/images/a.qcow2" "$disk"
+  qemu-img dd -f qcow2 -O raw bs=512 count=1 if="$disk" of="$W/$3-sector0" || fail "$3: read the restored disk"
+  DISK=$(sed -n 's/.*id=\([0-9a-f]*\) seq=\([0-9]*\).*/\1 \2/p' "$W/$3-sector0")
+  sed -i -e "s|$VOL/images/a.qcow2|$disk|g" -e "s|$VOL/images/|$2/images/|g" -e "s|console-hit-vm-a.log|$con.log|" "$W/$3.xml"
+  grep -q "$disk" "$W/$3.xml" || fail "$3: the saved definition does not name the disk"
+  V restore "$save" --xml "$W/$3.xml" > "$W/$3.out" 2>&1 || fail "$3: virsh restore from the restored files: $(cat "$W/$3.out")"
+  wait_until 20 beating "${con#console-}" || fail "$3: the guest restored from the image does not beat"
+  FIRST=$(grep -m1 "guest: beat" "$W/$con.log" | sed 's/.*id=\([0-9a-f]*\) seq=\([0-9]*\).*/\1 \2/')
+  grep -q "guest: boot" "$W/$con.log" && fail "$3: the restored guest booted"
+  V destroy hit-vm-a >/dev/null
+}
+# The first beat after a restore is the disk's (the save caught the guest
+# between its disk write and its console line) or the next one.
+agree() { [ "${DISK% *}" = "$ID_A" ] && [ "${FIRST% *}" = "$ID_A" ] && { [ "${FIRST#* }" = "${DISK#* }" ] || [ "${FIRST#* }" = $((${DISK#* } + 1)) ]; }; }
+for img in stopped:r1 live:r2; do
+  guest_from "$W/${img#*:}" "$W/${img#*:}" "${img%:*}"
+  agree || fail "${img%:*}: the restored guest goes on at '$FIRST' but its disk says '$DISK': memory and disk disagree"
+  log "${img%:*}: the guest restored from the image goes on at seq ${FIRST#* } after disk seq ${DISK#* } (boot id $ID_A)"
+done
+# Negative control: the stopped image's memory with the live image's disk.
+guest_from "$W/r1" "$W/r2" mixed
+agree && fail "negative control: memory of one image with the disk of the other agreed ('$FIRST' after '$DISK')"
+log "negative control: the stopped image's memory on the live image's disk disagrees ('$FIRST' after '$DISK')"
+log "both images restore: stopped = the files of the stop; from each, the guest resumes from its saved memory on its disk"
 log "ok"
