@@ -6,7 +6,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PATH=/opt/swift/usr/bin:$PATH
 APT_PACKAGES="libnbd-dev libnbd-bin nbdkit libzstd-dev libext2fs-dev libdevmapper-dev qemu-utils fuse3 fio xfsprogs e2fsprogs util-linux python3 psmisc bc procps"
 # libvirt for the libvirt writer's test (t_vm_libvirt: a daemon the test
-# starts, TCG guests), without its recommends (lvm2, the xen/vbox/lxc drivers).
+# starts, TCG guests), without recommends (lvm2, the xen/vbox/lxc drivers).
 APT_PACKAGES_NO_RECOMMENDS="libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 busybox-static"
 
 die() { echo "error: $*" >&2; exit 1; }

@@ -50,6 +50,24 @@ vm_kernel() {
   [ -f "$VM_KERNEL" ] || { echo "error: $VM_KERNEL missing" >&2; return 1; }
 }
 
+# Sets VM_QEMU_GA to a qemu-ga for a guest: the Debian package's binary,
+# downloaded and unpacked into the cache like the kernel (not installed: the
+# host needs no agent service; its libraries are qemu-system-x86's).
+vm_guest_agent() {
+  local x="$VM_CACHE/qemu-ga" deb
+  VM_QEMU_GA="$x/usr/sbin/qemu-ga"
+  [ -x "$VM_QEMU_GA" ] && return 0
+  deb=$(ls "$VM_CACHE"/qemu-guest-agent_*.deb 2>/dev/null | head -1)
+  if [ -z "$deb" ]; then
+    (cd "$VM_CACHE" && apt-get download qemu-guest-agent >/dev/null 2>&1) \
+      || { apt-get update -qq >/dev/null 2>&1; (cd "$VM_CACHE" && apt-get download qemu-guest-agent >/dev/null 2>&1); } \
+      || { echo "error: apt-get download qemu-guest-agent failed" >&2; return 1; }
+    deb=$(ls "$VM_CACHE"/qemu-guest-agent_*.deb | head -1)
+  fi
+  rm -rf "$x"; mkdir -p "$x"
+  dpkg-deb -x "$deb" "$x" && [ -x "$VM_QEMU_GA" ] || { echo "error: no qemu-ga in $deb" >&2; return 1; }
+}
+
 # Prints the module files (relative to VM_MODDIR) needed for VM_MODULES,
 # dependencies first, each once.
 vm_module_closure() {
@@ -71,11 +89,13 @@ vm_module_closure() {
 }
 
 # vm_initramfs [INIT]: builds VM_INITRD with INIT as /init (default the test
-# VM's) and the modules of VM_MODULES, cached by kernel, module list and init.
+# VM's), the modules of VM_MODULES and the host programs of VM_EXTRA_BINS
+# (with the libraries ldd names, at their host paths), cached by kernel,
+# module list, init and programs.
 vm_initramfs() {
   local init="${1:-$ROOT/Tests/VM/initramfs-init}"
   local key
-  key=$( (echo "$VM_KVER $VM_MODULES"; cat "$init"; busybox 2>&1 | head -1) | md5sum | cut -c1-12)
+  key=$( (echo "$VM_KVER $VM_MODULES ${VM_EXTRA_BINS:-}"; cat "$init" ${VM_EXTRA_BINS:-}; busybox 2>&1 | head -1) | md5sum | cut -c1-12)
   VM_INITRD="$VM_CACHE/initrd-$VM_KVER-$key.gz"
   [ -f "$VM_INITRD" ] && return 0
   local t; t=$(mktemp -d)
@@ -87,6 +107,12 @@ vm_initramfs() {
   for rel in $list; do
     cp "$VM_MODDIR/$rel" "$t/mods/"
     basename "$rel" >> "$t/mods/order"
+  done
+  local b lib
+  for b in ${VM_EXTRA_BINS:-}; do
+    for lib in "$b" $(ldd "$b" 2>/dev/null | grep -o '/[^ ]*'); do
+      mkdir -p "$t$(dirname "$lib")" && cp -L "$lib" "$t$lib"
+    done
   done
   cp "$init" "$t/init"; chmod +x "$t/init"
   (cd "$t" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) > "$VM_INITRD.tmp" \

@@ -90,7 +90,7 @@ public struct LibvirtControl: Sendable {
         }
         var note: String?
         if useAgent && d.agent == .answers {
-            let r = virsh.run(["domfsfreeze", name], timeout: min(wait, 60))
+            let r = virsh.run(["domfsfreeze", name], timeout: min(wait, 60), quiet: false)
             if r.ok { return ok(Self.agentFreeze, r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) }
             note = "guest agent freeze failed (\(r.timedOut ? "no answer" : Virsh.clean(r.message))), managed save instead"
         }
@@ -149,7 +149,7 @@ public struct LibvirtControl: Sendable {
         let name = s.name
         switch s.method {
         case Self.agentFreeze:
-            let r = virsh.run(["domfsthaw", name], timeout: min(wait, 60))
+            let r = virsh.run(["domfsthaw", name], timeout: min(wait, 60), quiet: false)
             return ComponentResult(id: name, ok: r.ok, method: s.method,
                                    message: r.ok ? r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
                                        : r.timedOut ? "guest agent thaw: no answer" : Virsh.clean(r.message))

@@ -28,9 +28,11 @@ public struct Virsh: Sendable {
     }
 
     /// `interruptGrace`: at the timeout, SIGINT first (virsh then aborts
-    /// the domain job it started) and this long to finish.
-    public func run(_ args: [String], timeout: Double = Virsh.quick, interruptGrace: Double = 0) -> CapturedRun {
-        ProcessControl.capture([executable, "-q", "-c", uri] + args, environment: ["LC_ALL": "C"],
+    /// the domain job it started) and this long to finish. `quiet` (-q)
+    /// drops headers and messages such as "Froze 1 filesystem(s)".
+    public func run(_ args: [String], timeout: Double = Virsh.quick, interruptGrace: Double = 0,
+                    quiet: Bool = true) -> CapturedRun {
+        ProcessControl.capture([executable] + (quiet ? ["-q"] : []) + ["-c", uri] + args, environment: ["LC_ALL": "C"],
                                timeout: timeout, interruptGrace: interruptGrace)
     }
 

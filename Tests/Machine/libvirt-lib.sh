@@ -62,6 +62,7 @@ trap 'lv_stop; cleanup' EXIT
 
 # lv_xml NAME DISK FORMAT [CDROM]: a guest of 128 MiB booting the test
 # kernel and libvirt-guest-init directly, its console in $W/console-NAME.log.
+# LV_EXTRA: more <devices> XML (a second disk, the guest agent channel).
 lv_xml() {
   local cd=""
   [ -n "${4:-}" ] && cd="<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='$4'/><target dev='hdc' bus='ide'/><readonly/></disk>"
@@ -81,6 +82,7 @@ lv_xml() {
     <emulator>$(command -v qemu-system-x86_64)</emulator>
     <disk type='file' device='disk'><driver name='qemu' type='$3'/><source file='$2'/><target dev='vda' bus='virtio'/></disk>
     $cd
+    ${LV_EXTRA:-}
     <serial type='file'><source path='$W/console-$1.log' append='on'/></serial>
     <memballoon model='none'/>
   </devices>

@@ -43,7 +43,9 @@ for c in virsh libvirtd qemu-system-x86_64 qemu-img busybox python3; do
   command -v $c >/dev/null || skip "$c is not installed (Scripts/lib.sh installs libvirt-daemon, libvirt-clients, qemu-system-x86)"
 done
 vm_kernel >/dev/null 2>&1 || skip "no guest kernel (Scripts/vm-lib.sh vm_kernel: apt-get download failed?)"
-VM_MODULES="virtio_pci virtio_blk" vm_initramfs "$ROOT/Tests/Machine/libvirt-guest-init" >/dev/null || fail "guest initramfs"
+vm_guest_agent >/dev/null 2>&1 || skip "no qemu-ga for the guest (Scripts/vm-lib.sh vm_guest_agent: apt-get download failed?)"
+VM_MODULES="virtio_pci virtio_blk virtio_console crc32c_generic ext4" VM_EXTRA_BINS="$VM_QEMU_GA" \
+  vm_initramfs "$ROOT/Tests/Machine/libvirt-guest-init" >/dev/null || fail "guest initramfs"
 
 attach_new hit-vm 768M
 mkfs.ext4 -q -F "$DEV"
@@ -53,7 +55,8 @@ mkdir -p "$VOL/images" "$W/outside"
 log "libvirtd $(V version --daemon 2>/dev/null | awk '/daemon/ {print $NF}') on $VOL = $DEV (protected)"
 
 # a: everything on the volume (a qcow2 over a raw base, relative backing
-#    name), a CD image elsewhere; b: its base elsewhere; c: all elsewhere.
+#    name), a CD image elsewhere; b: its base elsewhere, a second disk with
+#    an ext4 it writes to, a guest agent; c: all elsewhere.
 qemu-img create -q -f raw "$VOL/images/a-base.raw" 16M
 (cd "$VOL/images" && qemu-img create -q -f qcow2 -b a-base.raw -F raw a.qcow2)
 qemu-img create -q -f raw "$W/outside/b-base.raw" 16M
@@ -61,12 +64,17 @@ qemu-img create -q -f qcow2 -b "$W/outside/b-base.raw" -F raw "$VOL/images/b.qco
 qemu-img create -q -f raw "$W/outside/c.raw" 16M
 truncate -s 1M "$W/outside/cd.iso"
 lv_define hit-vm-a "$VOL/images/a.qcow2" qcow2 "$W/outside/cd.iso"
-lv_define hit-vm-b "$VOL/images/b.qcow2" qcow2
+truncate -s 8M "$VOL/images/b-data.ext4" && mkfs.ext4 -q -F "$VOL/images/b-data.ext4"
+LV_EXTRA="<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='$VOL/images/b-data.ext4'/><target dev='vdb' bus='virtio'/></disk>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>" \
+  lv_define hit-vm-b "$VOL/images/b.qcow2" qcow2
 lv_define hit-vm-c "$W/outside/c.raw" raw
 V start hit-vm-a >/dev/null && V start hit-vm-b >/dev/null || fail "start: $(tail -3 "$LV/log/qemu/"*.log)"
 wait_until 60 beating hit-vm-a && wait_until 60 beating hit-vm-b || fail "the guests do not beat: $(tail -3 "$W"/console-*.log)"
 ID_A=$(beat_id hit-vm-a); ID_B=$(beat_id hit-vm-b)
-log "guests a ($ID_A) and b ($ID_B) running, c defined"
+grep -q "guest: agent on" "$W/console-hit-vm-b.log" && grep -q "guest: /data mounted" "$W/console-hit-vm-b.log" \
+  || fail "b has no agent or no /data: $(cat "$W/console-hit-vm-b.log")"
+log "guests a ($ID_A) and b ($ID_B, with a guest agent) running, c defined"
 
 # 1. layout.
 layout() { "$HOTIMAGE" vm layout --json "$@" > "$W/layout.json" || fail "vm layout $*: exit $?"; }
@@ -78,6 +86,7 @@ layout "$VOL"
 [ "$(cov hit-vm-a "['disposition']")" = "must be stopped" ] && [ "$(cov hit-vm-c "['disposition']")" = "may be backed up as is" ] \
   || fail "dispositions: $(cat "$W/layout.json")"
 [ "$(cov hit-vm-a "[\"files\"][1][\"path\"]")" = "$VOL/images/a-base.raw" ] || fail "a's backing file is not listed second"
+[ "$(cov hit-vm-a "['agent']")" = no ] && [ "$(cov hit-vm-b "['agent']")" = yes ] || fail "agents: a $(cov hit-vm-a "['agent']"), b $(cov hit-vm-b "['agent']")"
 [ "$(cov hit-vm-a "['files'][2]['role']")" = cdrom ] && [ "$(cov hit-vm-a "['files'][2]['counts']")" = False ] || fail "a's CD image"
 layout "$VOL" --cdrom-counts
 [ "$(cov hit-vm-a "['coverage']")" = partially ] || fail "--cdrom-counts: a's CD image elsewhere did not count"
@@ -85,7 +94,7 @@ layout "$W/outside"
 [ "$(cov hit-vm-a "['coverage']")" = not ] && [ "$(cov hit-vm-c "['coverage']")" = fully ] || fail "layout of the other place: $(cat "$W/layout.json")"
 "$HOTIMAGE" vm layout "$VOL" > "$W/layout.txt" || fail "vm layout (text)"
 grep -q "^hit-vm-a: running, must be stopped; persistent; agent no; fully covered" "$W/layout.txt" || fail "text layout: $(cat "$W/layout.txt")"
-log "layout: a fully, b partially, c not covered; --cdrom-counts; another place covers c only"
+log "layout: a fully, b partially, c not covered; b's agent answers; --cdrom-counts; another place covers c only"
 
 # 2. Refusals and failures that change nothing.
 expect_fail() {  # code pattern cmd...
@@ -187,19 +196,21 @@ freeze_thaw eof
 [ "$(beat_id hit-vm-a)" = "$ID_A" ] || fail "a booted again after the writer's thaw"
 log "writer-exec freeze/thaw: managed save while frozen, restored after a thaw request and after end of file"
 
-# 9. A backup with the libvirt writer while the guests run: both covered
-#    guests are managed-saved for the snapshot and restored after it; c (not
-#    covered) is left alone; the image records it. The save files exist only
-#    while the guests are saved (libvirt removes one when it restores from
-#    it), so finding them in the image shows the snapshot was taken then.
+# 9. A backup with the libvirt writer while the guests run: a is
+#    managed-saved for the snapshot and restored after it, b (its agent
+#    answers) frozen inside the guest and thawed, c (not covered) left
+#    alone; the image records it. a's save file exists only while a is saved
+#    (libvirt removes it when it restores from it), so finding it in the
+#    image shows the snapshot was taken then; b's ext4 in the image is clean
+#    as only a frozen ext4 is (no needs_recovery) — and, the negative
+#    control, it is not in a backup without writers.
 HI writers --writers libvirt --volumes "$VOL" > "$W/writers.out" || fail "hotimage writers: $(cat "$W/writers.out")"
 grep -q "hit-vm-a.*fully covered" "$W/writers.out" && grep -q "hit-vm-b.*partially covered" "$W/writers.out" \
   && grep -q "hit-vm-c.*not covered" "$W/writers.out" || fail "hotimage writers coverage: $(cat "$W/writers.out")"
 [ ! -e "$SAVE_A" ] || fail "a's save file is still there while a runs"
 H backup hit-vm -o "$W/live.qcow2" --writers libvirt > "$W/backup2.out" 2>&1 || fail "backup with the libvirt writer: exit $?: $(cat "$W/backup2.out")"
-for g in hit-vm-a hit-vm-b; do
-  [ "$(V domstate $g --reason)" = "running (restored)" ] || fail "$g after the backup: $(V domstate $g --reason)"
-done
+[ "$(V domstate hit-vm-a --reason)" = "running (restored)" ] || fail "a after the backup: $(V domstate hit-vm-a --reason)"
+[ "$(V domstate hit-vm-b)" = running ] || fail "b after the backup: $(V domstate hit-vm-b --reason)"
 [ "$(beat_id hit-vm-a)" = "$ID_A" ] && [ "$(beat_id hit-vm-b)" = "$ID_B" ] || fail "a guest booted again during the backup"
 [ "$(V domstate hit-vm-c)" = "shut off" ] || fail "c was started"
 HI info "$W/live.qcow2" --json > "$W/live.info" || fail "info"
@@ -207,13 +218,15 @@ python3 - "$W/live.info" <<'PY' || fail "the image's record of the components: $
 import json, sys
 m = json.load(open(sys.argv[1]))["metadata"]
 c = {x["id"]: x for x in m["components"] if x["writer"] == "libvirt"}
-for g, cov in (("hit-vm-a", "fully"), ("hit-vm-b", "partially")):
+for g, cov, meth in (("hit-vm-a", "fully", "managed-save"), ("hit-vm-b", "partially", "agent-fsfreeze")):
     assert c[g]["coverage"] == cov and c[g]["action"] == "frozen", c[g]
-    assert c[g]["method"] == "managed-save" and c[g]["thawed"] is True, c[g]
+    assert c[g]["method"] == meth and c[g]["thawed"] is True, c[g]
     assert "<domain" in c[g]["details"]["xml"] and c[g]["details"]["persistent"] == "yes", c[g]["details"]
+assert "Froze 1 filesystem" in c["hit-vm-b"]["freezeMessage"], c["hit-vm-b"]
 assert c["hit-vm-c"]["action"] == "not-covered", c["hit-vm-c"]
 PY
-log "backup with the libvirt writer: a (fully) and b (partially) saved for the snapshot, running again after; c not covered; recorded with their definitions"
+H backup hit-vm -o "$W/nowriters.qcow2" --writers none > "$W/backup3.out" 2>&1 || fail "backup without writers: $(cat "$W/backup3.out")"
+log "backup with the libvirt writer: a saved, b frozen by its agent for the snapshot, both running after; c not covered; recorded with their definitions"
 
 # 10. Both images restore to a filesystem from which the guest comes back:
 #     the stopped one to exactly the files of the stop; from each, a guest
@@ -228,6 +241,15 @@ restore_image() {  # image dir
 restore_image "$W/stopped.qcow2" "$W/r1"
 (cd / && sed "s|$VOL/|$W/r1/|" "$W/stopped.sums" | sha256sum -c --quiet) || fail "restored files differ from the ones at the stop"
 restore_image "$W/live.qcow2" "$W/r2"
+restore_image "$W/nowriters.qcow2" "$W/r3"
+[ -s "$W/r2/qemu/save/hit-vm-a.save" ] && [ ! -e "$W/r2/qemu/save/hit-vm-b.save" ] || fail "the live image's save files: $(ls "$W/r2/qemu/save")"
+[ ! -e "$W/r3/qemu/save/hit-vm-a.save" ] || fail "a save file in the image made without writers"
+dumpe2fs -h "$W/r2/images/b-data.ext4" 2>/dev/null | grep -q "^Filesystem features:.*needs_recovery" \
+  && fail "b's ext4 in the image was not frozen by its agent (needs_recovery)"
+e2fsck -fn "$W/r2/images/b-data.ext4" >/dev/null 2>&1 || fail "b's ext4 in the image does not check clean"
+dumpe2fs -h "$W/r3/images/b-data.ext4" 2>/dev/null | grep -q "^Filesystem features:.*needs_recovery" \
+  || fail "negative control: b's ext4 in the image without writers looks frozen too"
+log "b's ext4 (frozen by its agent) checks clean in the image; without writers it needs journal recovery"
 # libvirt restores a save only under its own uuid, and refuses a second
 # domain with it: the original a goes.
 V destroy hit-vm-a >/dev/null; V undefine hit-vm-a >/dev/null || fail "undefine a"
