@@ -66,7 +66,22 @@ public struct LibvirtControl: Sendable {
     public static let agentFreeze = "agent-fsfreeze"
 
     public var virsh: Virsh
+    /// After a save's wait: how long virsh gets to abort its job on SIGINT,
+    /// and how long the abort may then take to settle.
+    public var interruptGrace: Double = 10
+    public var settleSeconds: Double = 30
     public init(virsh: Virsh) { self.virsh = virsh }
+
+    /// Limits that fit one freeze (or thaw) into `timeout` seconds with time
+    /// to answer: the writer must reply before hotimage kills it, because
+    /// a killed writer cannot thaw.
+    public static func within(_ timeout: Double, virsh: Virsh, wait: Double) -> (LibvirtControl, Double) {
+        var c = LibvirtControl(virsh: virsh)
+        let budget = max(1, timeout - 3)
+        c.interruptGrace = min(c.interruptGrace, budget * 0.1)
+        c.settleSeconds = min(c.settleSeconds, budget * 0.2)
+        return (c, min(wait, budget * 0.7))
+    }
 
     /// Stops (or freezes) one domain within `wait` seconds. The record is
     /// what resume needs; nil when nothing was done or it failed.
@@ -99,7 +114,7 @@ public struct LibvirtControl: Sendable {
                 + "define it (virsh define) or give it a guest agent"].compactMap { $0 }.joined(separator: "; "),
                 method: Self.managedSave)
         }
-        let r = virsh.run(["managedsave", name], timeout: wait, interruptGrace: 10)
+        let r = virsh.run(["managedsave", name], timeout: wait, interruptGrace: interruptGrace)
         if r.timedOut {
             switch settleAbortedSave(name) {
             case .saved: return ok(Self.managedSave, "saved, after the wait limit of \(fmtSeconds(wait))")
@@ -123,9 +138,9 @@ public struct LibvirtControl: Sendable {
     /// did not, and say which, so the report matches libvirt. virsh aborts
     /// its job on SIGINT, but the job may also have finished meanwhile, or
     /// (virsh killed right after sending the request) start late: abort
-    /// until libvirt shows no job twice in a row, for up to 30 s.
+    /// until libvirt shows no job twice in a row, for up to `settleSeconds`.
     func settleAbortedSave(_ name: String) -> SaveEnd {
-        let end = monotonicNanos() + 30_000_000_000
+        let end = monotonicNanos() + UInt64(settleSeconds * 1e9)
         var idle = 0
         while monotonicNanos() < end {
             let st = virsh.state(name)
@@ -142,11 +157,13 @@ public struct LibvirtControl: Sendable {
         return .unknown(virsh.state(name)?.rawValue ?? "unknown")
     }
 
-    /// Undoes a stop. `waitRunning`: wait (up to `wait` s) until the domain
-    /// is back in its prior state (running, or paused if it was; either when
-    /// the prior state is unknown, "").
+    /// Undoes a stop within `wait` seconds. `waitRunning`: wait until the
+    /// domain is back in its prior state (running, or paused if it was;
+    /// either when the prior state is unknown, "").
     public func resume(_ s: StoppedDomain, waitRunning: Bool, wait: Double) -> ComponentResult {
         let name = s.name
+        let end = monotonicNanos() + UInt64(wait * 1e9)
+        func left() -> Double { max(0.5, Double(Int64(end) - Int64(monotonicNanos())) / 1e9) }
         switch s.method {
         case Self.agentFreeze:
             let r = virsh.run(["domfsthaw", name], timeout: min(wait, 60), quiet: false)
@@ -161,7 +178,7 @@ public struct LibvirtControl: Sendable {
                 let msg = now.map { "already \($0.rawValue)" } ?? "no such domain"
                 return ComponentResult(id: name, ok: now != nil, method: s.method, message: msg)
             }
-            let r = virsh.run(["start", name], timeout: wait)
+            let r = virsh.run(["start", name], timeout: left())
             guard r.ok else {
                 return ComponentResult(id: name, ok: false, method: s.method,
                                        message: r.timedOut ? "start: no answer within \(fmtSeconds(wait))" : Virsh.clean(r.message))
@@ -175,7 +192,7 @@ public struct LibvirtControl: Sendable {
                 default: return st == .running || st == .idle || st == prior
                 }
             }
-            guard let got = virsh.waitForState(name, seconds: wait, back), back(got) else {
+            guard let got = virsh.waitForState(name, seconds: left(), back), back(got) else {
                 let target = prior == .paused ? "paused" : prior == nil ? "running or paused" : "running"
                 return ComponentResult(id: name, ok: false, method: s.method,
                                        message: "started but not \(target) after \(fmtSeconds(wait))")

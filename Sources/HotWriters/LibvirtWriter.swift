@@ -25,6 +25,8 @@ public final class LibvirtWriter: BuiltinWriter {
     let settings: LibvirtSettings
     /// What freeze did, for thaw.
     var stopped: [String: StoppedDomain] = [:]
+    /// The freeze request's time limit: hotimage allows the thaw as long.
+    var timeout: Double = 60
 
     public init(settings: WriterSettings) throws {
         self.settings = try LibvirtSettings(settings)
@@ -52,11 +54,8 @@ public final class LibvirtWriter: BuiltinWriter {
         do { virsh = try Virsh.connect(uri: settings.uri) } catch {
             return ids.map { ComponentResult(id: $0, ok: false, message: "\(error)") }
         }
-        // Leave time to abort a save job and answer before hotimage gives
-        // up on this process (it kills writers that miss the deadline, and
-        // a killed writer cannot thaw).
-        let wait = min(settings.wait, max(1, request.timeoutSeconds - 5))
-        let control = LibvirtControl(virsh: virsh)
+        timeout = request.timeoutSeconds
+        let (control, wait) = LibvirtControl.within(timeout, virsh: virsh, wait: settings.wait)
         let paths = settings.paths, agent = settings.useAgent
         let outcomes = inParallel(ids) { id -> (ComponentResult, StoppedDomain?) in
             do {
@@ -79,8 +78,8 @@ public final class LibvirtWriter: BuiltinWriter {
         do { virsh = try Virsh.connect(uri: settings.uri) } catch {
             return todo.map { ComponentResult(id: $0.name, ok: !$0.needsResume, method: $0.method, message: "\(error)") }
         }
-        let control = LibvirtControl(virsh: virsh)
-        let wait = settings.wait, waitRunning = settings.resumeWait
+        let (control, wait) = LibvirtControl.within(timeout, virsh: virsh, wait: settings.wait)
+        let waitRunning = settings.resumeWait
         return inParallel(todo) { control.resume($0, waitRunning: waitRunning, wait: wait) }
     }
 }

@@ -153,10 +153,42 @@ import Testing
         #expect(throws: WriterError.self) { try LibvirtSettings(WriterSettings.parse(arguments: ["vm-wait=soon"])) }
     }
 
+    @Test func limitsFitTheRequest() {
+        // Save, abort and settle within the request's 60 s, with time left to answer.
+        let v = Virsh(uri: "qemu:///system", executable: "/usr/bin/virsh")
+        let (c, wait) = LibvirtControl.within(60, virsh: v, wait: 300)
+        #expect(wait + c.interruptGrace + c.settleSeconds <= 57.0001)
+        #expect(wait > 30)
+        // A short vm-wait is kept; a tiny request still leaves something.
+        #expect(LibvirtControl.within(60, virsh: v, wait: 10).1 == 10)
+        let (t, tw) = LibvirtControl.within(2, virsh: v, wait: 300)
+        #expect(tw > 0 && t.interruptGrace > 0 && t.settleSeconds > 0)
+    }
+
     @Test func recordSaysWhatNeedsResuming() {
         #expect(StoppedDomain(name: "a", priorState: "running", method: "managed-save").needsResume)
         #expect(StoppedDomain(name: "a", priorState: "running", method: "agent-fsfreeze").needsResume)
         #expect(!StoppedDomain(name: "a", priorState: "shut off", method: "none (shut off)").needsResume)
+    }
+
+    @Test func stopRecordRoundTripAndEmptying() throws {
+        let dir = NSTemporaryDirectory() + "hw-rec-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/sub/stopped.json"
+        #expect(try StopRecord.load(path) == nil)
+        var r = StopRecord(uri: "qemu:///system")
+        r.add([StoppedDomain(name: "a", priorState: "running", method: "managed-save")])
+        // Stopped again (say, after a manual start): the first prior state stays.
+        r.add([StoppedDomain(name: "a", priorState: "paused", method: "managed-save"),
+               StoppedDomain(name: "b", priorState: "paused", method: "managed-save")])
+        try r.save(path)
+        let back = try #require(try StopRecord.load(path))
+        #expect(back == r && back.stopped.map(\.priorState) == ["running", "paused"])
+        // Nothing left stopped: the file goes.
+        try StopRecord(uri: "qemu:///system").save(path)
+        #expect(!FileManager.default.fileExists(atPath: path))
+        FileManager.default.createFile(atPath: path, contents: Data("not json".utf8))
+        #expect(throws: WriterError.self) { try StopRecord.load(path) }
     }
 
     @Test func parallelKeepsOrderAndRunsAtOnce() {
