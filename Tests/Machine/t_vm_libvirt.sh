@@ -7,9 +7,10 @@
 #     partial coverage; a volume without the disks covers nothing;
 #   - stop --volumes --partial no stops only the fully covered guest (managed
 #     save, on the volume), then --partial yes the other, recorded in one
-#     file; a paused guest comes back paused; an unknown name or a transient
-#     guest fail with a clear message; a save cut short by --wait leaves a
-#     report that matches libvirt (stopped and recorded, or running and not);
+#     file; stop --all and resume --all; a paused guest comes back paused;
+#     an unknown name or a transient guest fail with a clear message; a save
+#     cut short by --wait leaves a report that matches libvirt (stopped and
+#     recorded, or running and not);
 #   - resume --from brings both back from their saved memory (same boot id,
 #     the counter goes on) and empties the record;
 #   - writer-exec libvirt freeze/thaw (the backup's side of the writer):
@@ -153,6 +154,16 @@ V suspend hit-vm-b >/dev/null
 V resume hit-vm-b >/dev/null
 rm -f "$W/p.json"
 log "a paused guest is saved and comes back paused"
+
+# stop --all / resume --all: every guest that must be stopped, c left as is.
+"$HOTIMAGE" vm stop --all --record "$W/all.json" > "$W/all.out" || fail "vm stop --all: $(cat "$W/all.out")"
+grep -q "hit-vm-c: shut off, left as is" "$W/all.out" && [ "$(V domstate hit-vm-a --reason)" = "shut off (saved)" ] \
+  && [ "$(V domstate hit-vm-b --reason)" = "shut off (saved)" ] || fail "vm stop --all: $(cat "$W/all.out")"
+"$HOTIMAGE" vm resume --all > "$W/allr.out" || fail "vm resume --all: $(cat "$W/allr.out")"
+[ "$(V domstate hit-vm-a)" = running ] && [ "$(V domstate hit-vm-b)" = running ] && [ "$(V domstate hit-vm-c)" = "shut off" ] \
+  || fail "vm resume --all: $(cat "$W/allr.out")"
+rm -f "$W/all.json"
+log "stop --all saved a and b, left c; resume --all brought back exactly those"
 
 # 7. A save cut short by --wait: whatever libvirt did, the report says it.
 "$HOTIMAGE" vm stop hit-vm-b --wait 0.3 --record "$W/short.json" > "$W/short.out" 2>&1; rc=$?
