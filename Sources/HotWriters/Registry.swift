@@ -2,6 +2,7 @@
 // one of them; `hotimage writers` and `backup` run them as processes.
 public let builtinWriters: [any BuiltinWriter.Type] = [
     ContainerWriter.self,
+    PostgresWriter.self,
 ]
 
 public func builtinWriter(named n: String) -> (any BuiltinWriter.Type)? {
