@@ -4,7 +4,9 @@
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PATH=/opt/swift/usr/bin:$PATH
-APT_PACKAGES="libnbd-dev libnbd-bin nbdkit libzstd-dev libext2fs-dev libdevmapper-dev qemu-utils fuse3 fio xfsprogs e2fsprogs util-linux python3 psmisc bc procps"
+# postgresql, postgresql-contrib: t_pg_writer's server, pgbench and pg_amcheck (Debian starts
+# a 15/main cluster on install; the test makes its own and ignores that one).
+APT_PACKAGES="libnbd-dev libnbd-bin nbdkit libzstd-dev libext2fs-dev libdevmapper-dev qemu-utils fuse3 fio xfsprogs e2fsprogs util-linux python3 psmisc bc procps postgresql postgresql-contrib"
 
 die() { echo "error: $*" >&2; exit 1; }
 
