@@ -13,6 +13,8 @@
 # and the pgbench invariants hold: sum(abalance) = sum(bbalance) =
 # sum(tbalance) = sum(delta). With the writer, recovery starts at the
 # writer's checkpoint (the label's START WAL LOCATION).
+# (c) The writer's psql session killed between freeze and thaw: exit 6, the
+# failed thaw recorded with the server's reason.
 # Controls that could fail: a balance changed by one in the restored copy
 # breaks the invariant check; and the label put back as `backup_label`
 # makes the server refuse to start ("WAL ends before end of online
@@ -84,6 +86,12 @@ d = json.load(open(sys.argv[1]))
 c = [x for w in d if w["writer"] == "postgresql" for x in w["components"] if x["component"]["id"] == sys.argv[2]]
 assert len(c) == 1 and c[0]["coverage"] == "fully", c
 PY
+# postgresql-cluster = DATADIR limits the writer to those clusters.
+HI writers --writers postgresql --writer-setting "postgresql-cluster=$DATA" --json | grep -q "\"$PORT:" \
+  || fail "postgresql-cluster = its data directory: the cluster is not listed"
+HI writers --writers postgresql --writer-setting "postgresql-cluster=$W" --json 2> "$W/writers.err" | grep -q "\"$PORT:" \
+  && fail "postgresql-cluster = another directory: the cluster is still listed"
+grep -q "no running cluster there" "$W/writers.err" || fail "postgresql-cluster = another directory: not said: $(cat "$W/writers.err")"
 
 # pgbench through both backups.
 (cd / && exec setpriv --reuid=postgres --regid=postgres --init-groups --reset-env \
@@ -109,6 +117,30 @@ backup() {
 backup b none
 sleep 2
 backup a postgresql
+# (c) The writer's session dies while frozen (its backend terminated as
+# soon as pg_backup_start has returned): the thaw fails with the reason,
+# the backup exits 6 with a complete image, and the server's own words say
+# it aborted the backup when the session ended.
+( for _ in $(seq 1 150); do
+    sql $PORT "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'hotimage'
+               AND state = 'idle' AND query LIKE '%pg_backup_start%'" | grep -q t && exit 0
+    sleep 0.1
+  done; exit 1 ) &
+KILLER=$!
+H backup hit-pg -o "$W/c.qcow2" --writers postgresql > "$W/c.out" 2>&1; rc=$?
+wait $KILLER || fail "(c): the writer's session was never seen between freeze and thaw: $(tail -5 "$W/c.out")"
+[ $rc = 6 ] || fail "(c): backup exited $rc (want 6): $(tail -5 "$W/c.out")"
+HI verify "$W/c.qcow2" > /dev/null || fail "(c): verify"
+HI info --json "$W/c.qcow2" | python3 -c '
+import json, sys
+c = [x for x in json.load(sys.stdin)["metadata"]["components"] if x["writer"] == "postgresql"][0]
+assert c["action"] == "frozen" and c["thawed"] is False and not c.get("artifacts"), c
+m = c["thawMessage"]
+assert "aborting backup due to backend exiting before pg_backup_stop" in m and "terminating connection due to administrator command" in m, m
+' || fail "(c): the image does not record the failed thaw"
+log "c: session killed while frozen: exit 6; $(grep -o "failed to thaw: .*" "$W/c.out" | cut -c1-160)…"
+[ "$(sql $PORT "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'hotimage'")" = 0 ] \
+  || fail "(c): a hotimage session is left on the live server"
 kill -INT $BENCH; wait $BENCH
 
 # (a)'s metadata: the cluster frozen by pg-backup, thawed, its label kept.
