@@ -131,7 +131,7 @@ public struct HotimageConfig: Sendable {
 
     /// Keys passed through to the built-in writers as settings.
     static func isWriterSetting(_ key: String) -> Bool {
-        key == "container" || key == "container-freeze-wait" || key.hasPrefix("libvirt-") || key.hasPrefix("vm-")
+        key.hasPrefix("container") || key.hasPrefix("libvirt-") || key.hasPrefix("vm-")
             || key.hasPrefix("postgresql-")
     }
 

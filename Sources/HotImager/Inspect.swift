@@ -56,6 +56,15 @@ public struct ImageInfo: Codable, Sendable {
         for e in m.emergencyEpisodes {
             line("emergency:", String(format: "at %.1f s for %.1f s, %llu clusters (%@)", e.startSeconds, e.seconds, e.clusters, e.reason))
         }
+        for c in m.components ?? [] where c.action != "not-covered" {
+            var what = "\(c.writer) '\(c.id)', \(c.coverage.rawValue) covered: \(c.action)"
+            if let meth = c.method { what += " (\(meth))" }
+            if let f = c.freezeMessage, !c.frozen { what += ": \(f)" }
+            if let t = c.thawed { what += t ? ", thawed" : ", THAW FAILED: \(c.thawMessage ?? "no reason given")" }
+            if let a = c.artifacts, !a.isEmpty { what += "; keeps " + a.map(\.path).joined(separator: ", ") }
+            line("component:", what)
+        }
+        for e in m.writerErrors ?? [] { line("writer error:", e) }
         return s
     }
 }

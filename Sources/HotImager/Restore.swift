@@ -9,6 +9,9 @@
 // zeroes the rest so the target reads exactly as the image (--no-discard
 // leaves the rest as it was: faster on a target known to be zero), then
 // flushes. A new regular file is created with the volume's size.
+// Then the files that writers handed over at thaw time and the image keeps
+// (a PostgreSQL backup_label) are written into the restored filesystem
+// (Restore+Artifacts.swift); --no-writer-files skips that.
 import Foundation
 import HotCore
 import HotOS
@@ -22,6 +25,8 @@ public struct RestoreOptions: Sendable {
     public var workers = 4
     /// Verify the whole image (every checksum) before writing anything.
     public var verifyFirst = true
+    /// Write the writers' thaw-time files into the restored filesystem.
+    public var writerFiles = true
     public init(image: String, target: String) { self.image = image; self.target = target }
 }
 
@@ -37,10 +42,21 @@ public struct RestoreSummary: Codable, Sendable {
     public var zeroedBytes: UInt64
     public var seconds: Double
     public var discarded: Bool
+    /// Paths (inside the restored filesystem) of the writers' files written.
+    public var writerFiles: [String] = []
 }
 
 public enum RestoreJob {
     public static func run(_ o: RestoreOptions, reporter r: Reporter) throws -> RestoreSummary {
+        var s = try restoreBlocks(o, reporter: r)
+        // Files the writers handed over at thaw time (PostgreSQL's backup_label).
+        if o.writerFiles, let meta = try? QCow2Reader(path: o.image).hotimage.flatMap({ ImageMetadata.decode($0.metadata) }) {
+            s.writerFiles = try placeArtifacts(meta, target: o.target, reporter: r)
+        }
+        return s
+    }
+
+    static func restoreBlocks(_ o: RestoreOptions, reporter r: Reporter) throws -> RestoreSummary {
         let t0 = monotonicNanos()
         let img: QCow2Reader
         do { img = try QCow2Reader(path: o.image) } catch {

@@ -69,6 +69,9 @@ public protocol BuiltinWriter: AnyObject {
 public enum WriterExec {
     /// Serves one verb on stdin/stdout. Returns the process exit code.
     public static func serve(_ type: any BuiltinWriter.Type, verb: String, settings: WriterSettings) -> Int32 {
+        // If hotimage dies before reading an answer, writing it must not kill
+        // this process: it still has to thaw what it froze.
+        signal(SIGPIPE, SIG_IGN)
         let w: any BuiltinWriter
         do { w = try type.init(settings: settings) } catch {
             writeStderr("writer \(type.name): \(error)\n"); return 1

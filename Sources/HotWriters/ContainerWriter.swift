@@ -28,7 +28,9 @@ public final class ContainerWriter: BuiltinWriter {
 
     public required init(settings: WriterSettings) throws {
         self.settings = settings
-        cgroupRoot = Self.cgroup2Mount()
+        // container-cgroup-root: where to look for machine.slice instead of
+        // the cgroup2 mount (a test's own subtree, or a nested hierarchy).
+        cgroupRoot = settings.value("container-cgroup-root") ?? Self.cgroup2Mount()
         freezeWait = try settings.seconds("container-freeze-wait", default: 30)
     }
 

@@ -20,10 +20,14 @@ public final class WriterProcess: @unchecked Sendable {
         pid = p.pid; stdinFD = p.stdin; stdoutFD = p.stdout
     }
 
+    /// Closing its pipes is end of file for the writer: a frozen writer
+    /// thaws and exits by itself. It is not killed here, since a killed
+    /// writer could leave a component frozen for good; a hung one has been
+    /// killed already where the hang was noticed.
     deinit {
         if stdinFD >= 0 { close(stdinFD) }
         close(stdoutFD)
-        if exitStatus == nil { kill(-pid, SIGKILL); _ = ProcessControl.wait(pid) }
+        if exitStatus == nil { _ = ProcessControl.reap(pid) }
     }
 
     /// Sends one line. A writer that has gone away is noticed when its answer is read.

@@ -31,6 +31,10 @@
 //     PostgreSQL backup_label): hotimage stores them in the image and
 //     `restore` writes them into the restored filesystem.
 //
+// A writer must survive writing an answer nobody reads (ignore SIGPIPE; in
+// sh: trap '' PIPE): if hotimage dies while the writer freezes, the answer
+// goes nowhere and the writer must still read end of file and thaw.
+//
 // hotimage kills the writer's process group when an answer does not come
 // within the timeout, which counts as a failure of every component it was
 // asked about; a writer that exits before answering fails the same way.

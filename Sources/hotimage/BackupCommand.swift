@@ -285,6 +285,13 @@ struct RestoreCommand: ParsableCommand {
         target, a target smaller than the volume, a target that already holds a \
         filesystem (unless --force).
 
+        Files that writers handed over when they thawed (PostgreSQL's backup_label, \
+        so the restored cluster recovers from the backup's checkpoint) are kept in \
+        the image; once the volume is written, TARGET is mounted in a private \
+        directory (through a loop device if it is a file), they are written at their \
+        place, owned like their directory, mode 0600, and TARGET is unmounted \
+        (--no-writer-files skips this; 'hotimage info --json' shows them).
+
         EXIT CODES
           0  restored
           1  reading the image or writing the target failed
@@ -296,11 +303,13 @@ struct RestoreCommand: ParsableCommand {
     @Flag(help: "Overwrite a target that holds a filesystem.") var force = false
     @Flag(help: "Leave unused space as it is (faster on a target known to read as zeros).") var noDiscard = false
     @Flag(help: "Skip verifying the image before writing (faster; a damaged image is then noticed only where decompression fails).") var noVerify = false
+    @Flag(help: "Do not write the writers' files (e.g. PostgreSQL's backup_label) into the restored filesystem.") var noWriterFiles = false
     @Flag(help: "Print the summary as JSON on stdout.") var json = false
 
     func run() throws {
         var o = RestoreOptions(image: image, target: target)
         o.verifyFirst = !noVerify
+        o.writerFiles = !noWriterFiles
         o.force = force
         o.discard = !noDiscard
         let r = TerminalReporter(quiet: json)

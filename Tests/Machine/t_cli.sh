@@ -4,7 +4,7 @@
 # errors: exit code 2 and one clear line.
 source "$(dirname "$0")/lib.sh"
 G=$(dirname "$0")/golden
-for c in main attach detach status snapshot backup restore info verify; do
+for c in main attach detach status snapshot backup restore info verify writers; do
   sub=$c; [ $c = main ] && sub=
   COLUMNS=100 "$HOTIMAGE" $sub --help > "$W/help-$c.txt" 2>&1
   if [ "${1:-}" = --update ]; then cp "$W/help-$c.txt" "$G/help-$c.txt"; continue; fi
@@ -40,5 +40,9 @@ expect 2 "neither an attachment" "$HOTIMAGE" backup /nonexistent -o "$W/x.qcow2"
 expect 2 "not a qcow2\|qcow2\|magic" "$HOTIMAGE" verify /etc/hostname
 expect 1 "magic\|qcow2" "$HOTIMAGE" info /etc/hostname
 expect 2 "Missing expected argument" "$HOTIMAGE" restore
+expect 2 "no such writer: nope" "$HOTIMAGE" writers --writers nope --writers-dir "$W"
+expect 2 "writer-timeout must be" "$HOTIMAGE" backup x -o "$W/x.qcow2" --writer-timeout 0
+expect 2 "wants key=value" "$HOTIMAGE" backup x -o "$W/x.qcow2" --writer-setting novalue
+expect 2 "no built-in writer" "$HOTIMAGE" writer-exec nosuch components
 expect 1 "neither a block device nor a regular file" "$HOTIMAGE" attach /dev/null --name hit-null --run-dir "$RUN"
 log "ok"
