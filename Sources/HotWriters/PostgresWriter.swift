@@ -104,6 +104,7 @@ public final class PostgresWriter: BuiltinWriter {
             guard let calls = backupCalls(serverVersion: num) else {
                 throw WriterError("PostgreSQL \(num) is too old: non-exclusive backups without archive wait need 10 or later")
             }
+            _ = try s.run(calls.setup, what: "SET", deadline: deadline)
             _ = try s.run("CHECKPOINT;", what: "CHECKPOINT", deadline: deadline)
             let t1 = monotonicNanos()
             let lsn = try s.run(calls.start, what: calls.startName, deadline: deadline).first ?? "?"
@@ -148,6 +149,10 @@ public final class PostgresWriter: BuiltinWriter {
     // MARK: pure parts (unit-tested)
 
     struct BackupCalls: Equatable {
+        /// A site's statement_timeout must not cut our CHECKPOINT, nor its
+        /// idle_session_timeout (14+) end the session holding the backup
+        /// while the snapshot is taken.
+        var setup: String
         var start: String
         var stop: String
         var startName: String
@@ -163,6 +168,7 @@ public final class PostgresWriter: BuiltinWriter {
         let startArgs = v >= 150000 ? "'hotimage', true" : "'hotimage', true, false"
         let stopArgs = v >= 150000 ? "false" : "false, false"
         return BackupCalls(
+            setup: "SET statement_timeout = 0;" + (v >= 140000 ? " SET idle_session_timeout = 0;" : ""),
             start: "SELECT \(start)(\(startArgs));",
             stop: "SELECT encode(convert_to(labelfile, 'UTF8'), 'hex'), encode(convert_to(coalesce(spcmapfile, ''), 'UTF8'), 'hex'), lsn FROM \(stop)(\(stopArgs));",
             startName: start, stopName: stop)

@@ -87,6 +87,9 @@ import Testing
         let v14 = try #require(PostgresWriter.backupCalls(serverVersion: 140011))
         #expect(v14.start == "SELECT pg_start_backup('hotimage', true, false);")
         #expect(v14.stop.hasSuffix("FROM pg_stop_backup(false, false);"))
+        #expect(v14.setup == "SET statement_timeout = 0; SET idle_session_timeout = 0;")
+        // idle_session_timeout is new in 14: SET on 13 would be an error (and end the session).
+        #expect(PostgresWriter.backupCalls(serverVersion: 130015)?.setup == "SET statement_timeout = 0;")
         #expect(PostgresWriter.backupCalls(serverVersion: 100000)?.startName == "pg_start_backup")
         #expect(PostgresWriter.backupCalls(serverVersion: 90624) == nil)
     }

@@ -76,6 +76,10 @@ start_pg "$DATA" $PORT "$PGLOG/live.log" || { cat "$PGLOG/live.log"; fail "the l
 t0=$(date +%s)
 asp "$PGBIN/pgbench" -h "$SOCK" -p $PORT -i -q -s "$SCALE" postgres > "$W/pgbench-init.log" 2>&1 || { cat "$W/pgbench-init.log"; fail "pgbench -i"; }
 sql $PORT "CREATE EXTENSION amcheck" || fail "CREATE EXTENSION amcheck"
+# A site's idle_session_timeout shorter than the snapshot window (the WIP
+# wait alone is up to 5 s under pgbench) would end the writer's session, and
+# its backup, before the thaw: the writer turns it off for its session.
+sql $PORT "ALTER SYSTEM SET idle_session_timeout = '1s'" "SELECT pg_reload_conf()" > /dev/null || fail "idle_session_timeout"
 log "cluster on $DEV: PostgreSQL $(sql $PORT "SHOW server_version"), pgbench scale $SCALE ($(du -sm "$DATA" | cut -f1) MB) in $(( $(date +%s) - t0 )) s"
 
 # The writer sees it, fully covered by the volume.
