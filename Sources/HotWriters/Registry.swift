@@ -3,6 +3,7 @@
 public let builtinWriters: [any BuiltinWriter.Type] = [
     ContainerWriter.self,
     LibvirtWriter.self,
+    PostgresWriter.self,
 ]
 
 public func builtinWriter(named n: String) -> (any BuiltinWriter.Type)? {

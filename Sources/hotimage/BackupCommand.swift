@@ -285,8 +285,8 @@ struct RestoreCommand: ParsableCommand {
         target, a target smaller than the volume, a target that already holds a \
         filesystem (unless --force).
 
-        Files that writers handed over when they thawed (PostgreSQL's backup_label, \
-        so the restored cluster recovers from the backup's checkpoint) are kept in \
+        Files that writers handed over when they thawed (PostgreSQL's backup label, \
+        as backup_label.hotimage in the data directory) are kept in \
         the image; once the volume is written, TARGET is mounted in a private \
         directory (through a loop device if it is a file), they are written at their \
         place, owned like their directory, mode 0600, and TARGET is unmounted \
