@@ -31,20 +31,13 @@ extension ProcessControl {
     /// started gives status 127 and the reason in stderr, like a shell.
     public static func capture(_ argv: [String], environment: [String: String] = [:],
                                timeout: Double, interruptGrace: Double = 0) -> CapturedRun {
-        var errP: [Int32] = [0, 0]
-        guard pipe(&errP) == 0 else {
-            return CapturedRun(status: nil, stdout: "", stderr: "pipe: \(String(cString: strerror(errno)))", timedOut: false)
-        }
-        _ = fcntl(errP[0], F_SETFD, FD_CLOEXEC)
-        let p: (pid: pid_t, stdin: Int32, stdout: Int32)
-        do { p = try spawnPiped(argv, environment: environment, stderrFD: errP[1]) } catch {
-            close(errP[0]); close(errP[1])
+        let p: (pid: pid_t, stdin: Int32, stdout: Int32, stderr: Int32)
+        do { p = try spawnPiped(argv, environment: environment, pipeStderr: true) } catch {
             return CapturedRun(status: nil, stdout: "", stderr: "\(error)", timedOut: false)
         }
-        close(errP[1])
         close(p.stdin)
         var out: [UInt8] = [], err: [UInt8] = []
-        var open: [Int32] = [p.stdout, errP[0]]
+        var open: [Int32] = [p.stdout, p.stderr]
         var deadline = monotonicNanos() + UInt64(max(0, timeout) * 1e9)
         var timedOut = false
         var buf = [UInt8](repeating: 0, count: 65536)
@@ -72,7 +65,7 @@ extension ProcessControl {
                 }
             }
         }
-        close(p.stdout); close(errP[0])
+        close(p.stdout); close(p.stderr)
         if timedOut { kill(-p.pid, SIGKILL); kill(p.pid, SIGKILL) }  // a no-op if it exited on SIGINT
         let code = wait(p.pid)
         return CapturedRun(status: code, stdout: String(decoding: out, as: UTF8.self),

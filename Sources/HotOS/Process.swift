@@ -40,16 +40,19 @@ public enum ProcessControl {
     }
 
     /// Starts `argv` with pipes to its stdin and from its stdout; its stderr
-    /// goes to `stderrFD` (default ours). `environment` is added to ours.
-    /// Returns the pid, the write end of its stdin and the read end of its
-    /// stdout (both close-on-exec here; the caller closes them).
-    public static func spawnPiped(_ argv: [String], environment: [String: String] = [:], stderrFD: Int32 = 2,
-                                  newSession: Bool = true) throws -> (pid: pid_t, stdin: Int32, stdout: Int32) {
-        var inP: [Int32] = [0, 0], outP: [Int32] = [0, 0]
+    /// goes to ours, or, with `pipeStderr`, to a third pipe. `environment` is
+    /// added to ours. Returns the pid and our ends of the pipes (stderr -1
+    /// without `pipeStderr`), close-on-exec here; the caller closes them.
+    public static func spawnPiped(_ argv: [String], environment: [String: String] = [:], pipeStderr: Bool = false,
+                                  newSession: Bool = true) throws -> (pid: pid_t, stdin: Int32, stdout: Int32, stderr: Int32) {
+        var inP: [Int32] = [0, 0], outP: [Int32] = [0, 0], errP: [Int32] = [-1, 2]
         try syscall("pipe") { pipe(&inP) }
-        do { try syscall("pipe") { pipe(&outP) } } catch { close(inP[0]); close(inP[1]); throw error }
+        do {
+            try syscall("pipe") { pipe(&outP) }
+            if pipeStderr { do { try syscall("pipe") { pipe(&errP) } } catch { close(outP[0]); close(outP[1]); throw error } }
+        } catch { close(inP[0]); close(inP[1]); throw error }
         // Our ends must not leak into other children (spawn closes all but stdio).
-        for fd in [inP[1], outP[0]] { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        for fd in [inP[1], outP[0], errP[0]] where fd >= 0 { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         var env = ProcessInfo.processInfo.environment
         for (k, v) in environment { env[k] = v }
         var cenv: [UnsafeMutablePointer<CChar>?] = env.map { strdup("\($0.key)=\($0.value)") }
@@ -57,11 +60,32 @@ public enum ProcessControl {
         var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
         cargs.append(nil)
         defer { for p in cargs { free(p) }; for p in cenv { free(p) } }
-        let pid = hs_spawn_fds(cargs, cenv, inP[0], outP[1], stderrFD, newSession ? 1 : 0)
+        let pid = hs_spawn_fds(cargs, cenv, inP[0], outP[1], errP[1], newSession ? 1 : 0)
         let e = errno
         close(inP[0]); close(outP[1])
-        if pid < 0 { close(inP[1]); close(outP[0]); throw OSError("fork", errno: e, object: argv.first ?? "") }
-        return (pid, inP[1], outP[0])
+        if pipeStderr { close(errP[1]) }
+        if pid < 0 {
+            close(inP[1]); close(outP[0])
+            if pipeStderr { close(errP[0]) }
+            throw OSError("fork", errno: e, object: argv.first ?? "")
+        }
+        return (pid, inP[1], outP[0], errP[0])
+    }
+
+    /// Waits up to `timeout` seconds for `pid` to exit and returns its exit
+    /// code; past that it is killed (its process group too with
+    /// `killGroup`), reaped, and nil is returned.
+    public static func waitExit(_ pid: pid_t, timeout: Double, killGroup: Bool = false) -> Int32? {
+        let deadline = monotonicNanos() + UInt64(max(0, timeout) * 1e9)
+        while true {
+            if let s = reap(pid) { return exitCode(s) }
+            if monotonicNanos() >= deadline { break }
+            usleep(5_000)
+        }
+        if killGroup { kill(-pid, SIGKILL) }
+        kill(pid, SIGKILL)
+        _ = reap(pid, block: true)
+        return nil
     }
 
     /// waitpid without blocking: the exit status if the child has ended.

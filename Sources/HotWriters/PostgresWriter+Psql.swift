@@ -51,14 +51,10 @@ public final class PsqlSession: @unchecked Sendable {
     /// is psql's). It shares our process group, so hotimage killing the
     /// writer's group kills it too.
     public init(_ argv: [String]) throws {
-        var errPipe: [Int32] = [0, 0]
-        guard pipe(&errPipe) == 0 else { throw WriterError("pipe: \(String(cString: strerror(errno)))") }
-        _ = fcntl(errPipe[0], F_SETFD, FD_CLOEXEC)
-        defer { Glibc.close(errPipe[1]) }
         do {
-            let p = try ProcessControl.spawnPiped(argv, stderrFD: errPipe[1], newSession: false)
-            pid = p.pid; stdinFD = p.stdin; stdoutFD = p.stdout; stderrFD = errPipe[0]
-        } catch { Glibc.close(errPipe[0]); throw WriterError("cannot start \(argv.joined(separator: " ")): \(error)") }
+            let p = try ProcessControl.spawnPiped(argv, pipeStderr: true, newSession: false)
+            pid = p.pid; stdinFD = p.stdin; stdoutFD = p.stdout; stderrFD = p.stderr
+        } catch { throw WriterError("cannot start \(argv.joined(separator: " ")): \(error)") }
     }
 
     deinit { close() }
@@ -118,15 +114,10 @@ public final class PsqlSession: @unchecked Sendable {
     /// psql's exit code within `timeout` seconds, else nil (it is killed).
     @discardableResult
     public func waitExit(timeout: Double) -> Int32? {
-        if let c = exitCode { return c }
-        let deadline = monotonicNanos() + UInt64(timeout * 1e9)
-        repeat {
-            if let s = ProcessControl.reap(pid) { exitCode = ProcessControl.exitCode(s); return exitCode }
-            usleep(5_000)
-        } while monotonicNanos() < deadline
-        kill(pid, SIGKILL)
-        exitCode = ProcessControl.reap(pid, block: true).map(ProcessControl.exitCode) ?? -1
-        return nil
+        if let c = exitCode { return c >= 0 ? c : nil }
+        let c = ProcessControl.waitExit(pid, timeout: timeout)
+        exitCode = c ?? -1   // -1: killed here
+        return c
     }
 
     /// Ends the session: end of input makes psql disconnect (and the server

@@ -160,7 +160,8 @@ public final class FreezeSession: @unchecked Sendable {
                     log(m); failures.append(m)
                 }
             }
-            if let e = err, results.contains(where: { _ in true }) { log("writer \(w.name): \(e)") }
+            // An error beside a usable answer (a bad exit after thawing) is only logged.
+            if let e = err, !results.isEmpty { log("writer \(w.name): \(e)") }
         }
         return failures
     }

@@ -9,7 +9,8 @@ public final class WriterProcess: @unchecked Sendable {
     private var stdinFD: Int32
     private let stdoutFD: Int32
     private var buffer: [UInt8] = []
-    private var exitStatus: Int32?
+    /// The exit code once reaped (-1: killed when it would not exit).
+    private var exitCode: Int32?
 
     public init(_ argv: [String], volumes: [String]) throws {
         self.argv = argv
@@ -27,7 +28,7 @@ public final class WriterProcess: @unchecked Sendable {
     deinit {
         if stdinFD >= 0 { close(stdinFD) }
         close(stdoutFD)
-        if exitStatus == nil { _ = ProcessControl.reap(pid) }
+        if exitCode == nil { _ = ProcessControl.reap(pid) }
     }
 
     /// Sends one line. A writer that has gone away is noticed when its answer is read.
@@ -83,15 +84,9 @@ public final class WriterProcess: @unchecked Sendable {
     /// or nil (then it is killed).
     @discardableResult
     public func waitExit(timeout: Double) -> Int32? {
-        if let s = exitStatus { return ProcessControl.exitCode(s) }
-        let deadline = monotonicNanos() + UInt64(timeout * 1e9)
-        while true {
-            if let s = ProcessControl.reap(pid) { exitStatus = s; return ProcessControl.exitCode(s) }
-            if monotonicNanos() >= deadline { break }
-            usleep(5_000)
-        }
-        killGroup()
-        if let s = ProcessControl.reap(pid, block: true) { exitStatus = s }
-        return nil
+        if let c = exitCode { return c >= 0 ? c : nil }
+        let c = ProcessControl.waitExit(pid, timeout: timeout, killGroup: true)
+        exitCode = c ?? -1
+        return c
     }
 }

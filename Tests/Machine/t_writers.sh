@@ -70,7 +70,7 @@ H backup hit-writers -o "$W/1.qcow2" --json --writers containers "${SET[@]}" --p
 BK=$!
 seen=""
 for _ in $(seq 1 3000); do
-  if grep -q '"event":"writers".*"phase":"frozen"' "$W/1.json" 2>/dev/null || grep -q '"phase":"frozen"' "$W/1.json" 2>/dev/null; then
+  if grep -q '"event":"writers".*"phase":"frozen"\|"phase":"frozen".*"event":"writers"' "$W/1.json" 2>/dev/null; then
     frozen && { v=$(counter); frozen && seen=$v; }; break
   fi
   sleep 0.01
