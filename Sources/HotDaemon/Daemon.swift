@@ -140,7 +140,7 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
         ProcessControl.keepLargeAllocationsInHeap()
         do { try ProcessControl.lockMemory() } catch { logger.warning("\(error) (continuing without locked memory)") }
         Threads.start(name: "ticker") { [self] in tickLoop() }
-        Threads.start(name: "mover") { [self] in moverLoop() }
+        for i in 0..<2 { Threads.start(name: "mover-\(i)") { [self] in moverLoop() } }
         let dev: String
         if options.via == "nbd" {
             let k = KernelNBDFrontend(runDir: options.dir, logger: logger)
@@ -249,7 +249,7 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
     private func moverLoop() {
         while !m.withLock({ stopping }) {
             if engine.waitForSpillWork(timeoutNanos: 100_000_000) {
-                while engine.spillStep(maxBlocks: 256) > 0 {}
+                while engine.spillStep(maxBlocks: 1024) > 0 {}
             }
         }
     }

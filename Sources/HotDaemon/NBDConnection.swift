@@ -74,49 +74,87 @@ final class NBDConnection: @unchecked Sendable {
         }
     }
 
+    /// Bytes asked of the socket when the decoder needs more: enough for
+    /// many small requests per read, while after a large WRITE only the next
+    /// header is read, so the following payload goes straight to its buffer.
+    static let readAhead = 64 << 10
+    static let largeWrite = 64 << 10
+
     private func transmission(_ neg: NBDNegotiated, leftover: [UInt8]) {
         var decoder = NBDRequestDecoder(maxPayload: Int(NBDServer.maxRequest))
         decoder.feed(leftover)
         let snapshot = neg.exportName == "snapshot"
         let context = neg.validationContext
-        let bufSize = 1 << 20
-        let buf = UnsafeMutableRawPointer.allocate(byteCount: bufSize, alignment: 16)
-        defer { buf.deallocate() }
+        let pool = server.buffers
+        var afterLargeWrite = false
+        // Set once a request arrives while another is in flight: the client
+        // pipelines, so requests go to the pool even when they look alone.
+        var pipelined = false
         while true {
             // Decode everything buffered before reading more.
             while true {
-                let msg: NBDIncoming?
-                do { msg = try decoder.next() } catch {
+                let header: NBDRequest?
+                do { header = try decoder.nextHeader() } catch {
                     logger.warning("nbd: closing connection: \(error)")
                     return
                 }
-                guard case .request(let req, let payload)? = msg else { break }
-                if req.command == NBDCommand.disc.rawValue { return }
+                guard let req = header else { break }
+                var payload: UnsafeMutableRawPointer?
+                let length = Int(req.length)
+                if req.hasPayload {
+                    // The payload goes from the socket straight into a request
+                    // buffer; only the bytes already read ahead are copied.
+                    let p = pool.get(length)
+                    let got = decoder.takeBuffered(into: p, max: length)
+                    do {
+                        if got < length, try !socket.readExactly(into: p + got, count: length - got) {
+                            throw OSError("read", errno: ECONNRESET, object: "peer closed mid-message")
+                        }
+                    } catch {
+                        pool.put(p, length)
+                        logger.warning("nbd: client vanished mid-request (\(describe(req)): \(error))")
+                        return
+                    }
+                    payload = p
+                    afterLargeWrite = length >= NBDConnection.largeWrite
+                } else {
+                    afterLargeWrite = false
+                }
+                if req.command == NBDCommand.disc.rawValue {
+                    if let payload { pool.put(payload, length) }
+                    return
+                }
                 if let err = nbdValidate(req, context: context) {
+                    if let payload { pool.put(payload, length) }
                     logger.info("nbd: refused \(describe(req)): \(err)")
                     reply(neg, req, error: err, message: "invalid request")
                     continue
                 }
-                // A lone request (nothing else in flight or buffered: a
-                // queue-depth-1 client such as each nbdfuse connection) runs
-                // here, saving two thread hand-offs; pipelined ones go to the pool.
+                // A lone request of a client that does not pipeline (such as
+                // each nbdfuse connection) runs here, saving two thread
+                // hand-offs; pipelined ones go to the pool, so the next
+                // request is read while this one runs.
                 let alone = flight.withLock { () -> Bool in
                     while inFlight >= NBDServer.maxInFlightPerConnection { flight.wait() }
                     inFlight += 1
-                    return inFlight == 1 && decoder.bufferedBytes == 0
+                    if inFlight > 1 || decoder.bufferedBytes > 0 { pipelined = true }
+                    return !pipelined
                 }
                 if alone {
                     execute(neg, req, payload: payload, snapshot: snapshot)
+                    if let payload { pool.put(payload, length) }
                     flight.withLock { inFlight -= 1; flight.broadcast() }
                     continue
                 }
                 server.queue.submit { [self] in
                     execute(neg, req, payload: payload, snapshot: snapshot)
+                    if let payload { pool.put(payload, length) }
                     flight.withLock { inFlight -= 1; flight.broadcast() }
                 }
             }
+            let want = afterLargeWrite ? max(1, NBDConst.requestHeaderSize - decoder.bufferedBytes) : NBDConnection.readAhead
             let n: Int
-            do { n = try socket.readSome(into: buf, count: bufSize) } catch {
+            do { n = try decoder.fill(max: want) { try socket.readSome(into: $0, count: $1) } } catch {
                 logger.info("nbd: read failed: \(error)")
                 return
             }
@@ -126,7 +164,6 @@ final class NBDConnection: @unchecked Sendable {
                 }
                 return
             }
-            decoder.feed(UnsafeRawBufferPointer(start: buf, count: n))
         }
     }
 
@@ -153,7 +190,7 @@ final class NBDConnection: @unchecked Sendable {
         }
     }
 
-    private func execute(_ neg: NBDNegotiated, _ req: NBDRequest, payload: [UInt8], snapshot: Bool) {
+    private func execute(_ neg: NBDNegotiated, _ req: NBDRequest, payload: UnsafeMutableRawPointer?, snapshot: Bool) {
         guard let cmd = req.knownCommand else {
             return reply(neg, req, error: .inval, message: "unknown command")
         }
@@ -161,8 +198,8 @@ final class NBDConnection: @unchecked Sendable {
             switch cmd {
             case .read:
                 let count = Int(req.length)
-                let data = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1), alignment: 4096)
-                defer { data.deallocate() }
+                let data = server.buffers.get(count)
+                defer { server.buffers.put(data, count) }
                 if snapshot {
                     try engine.snapshotRead(offset: req.offset, count: count, into: data)
                 } else {
@@ -176,8 +213,8 @@ final class NBDConnection: @unchecked Sendable {
                 }
                 send(header, data, count)
             case .write:
-                try payload.withUnsafeBytes { p in
-                    try engine.write(offset: req.offset, count: p.count, from: p.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!)
+                if req.length > 0, let payload {
+                    try engine.write(offset: req.offset, count: Int(req.length), from: payload)
                 }
                 if req.flags & NBDConst.fua != 0 { try engine.flush() }
                 ok(neg, req)

@@ -22,6 +22,7 @@ public final class NBDServer: @unchecked Sendable {
     let engine: SnapshotEngine
     let logger: Logger
     let queue: WorkQueue
+    let buffers = BufferPool(keep: 32)
     private var listener: UnixSocket?
     private let m = Monitor()
     private var connections: [ObjectIdentifier: NBDConnection] = [:]

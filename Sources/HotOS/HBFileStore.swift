@@ -4,9 +4,18 @@
 // (file index << 32 | slot index). Freed slots are reused lowest file
 // first; a last file whose slots are all free is deleted, so the files
 // shrink as the imager archives. `removeAll` deletes every file.
+//
+// The files are written and read with O_DIRECT when the slot size allows
+// (a multiple of 4 KiB): an hb file is scratch written once and read at most
+// once, so the page cache gains nothing from it, while buffered writes would
+// evict the live workload's cache and add to the dirty pages the kernel
+// throttles the application's own writes against. A file system that
+// refuses O_DIRECT (at open, or EINVAL at the first write) gets buffered
+// files instead; `directIO` tells which is in use.
 #if canImport(Glibc)
 import Glibc
 #endif
+import CHotShim
 
 public final class HBFileStore: @unchecked Sendable {
     public let directory: String
@@ -21,6 +30,7 @@ public final class HBFileStore: @unchecked Sendable {
         var nextUnused: UInt32    // slots below this have been handed out at least once
         var free: [UInt32]
         var live: Int
+        var direct: Bool
     }
     private var files: [HBFile?] = []
     /// I/O running outside the lock, and descriptors whose close waits for it:
@@ -29,6 +39,11 @@ public final class HBFileStore: @unchecked Sendable {
     private var ioInFlight = 0
     private var pendingClose: [Int32] = []
     private let slotsPerFile: UInt32
+    /// O_DIRECT for new files (guarded by the mutex); turned off for good
+    /// when the directory's file system refuses it.
+    private var wantDirect: Bool
+    /// Alignment O_DIRECT needs of buffers, offsets and lengths.
+    static let directAlignment = 4096
 
     public enum StoreError: Error, CustomStringConvertible {
         case full(limit: UInt64)
@@ -41,8 +56,11 @@ public final class HBFileStore: @unchecked Sendable {
         }
     }
 
-    public init(directory: String, slotBytes: Int, fileBytes: UInt64, limitBytes: UInt64) {
+    /// `directIO` asks for O_DIRECT files; it is used only when `slotBytes`
+    /// is a multiple of 4 KiB and the file system accepts it.
+    public init(directory: String, slotBytes: Int, fileBytes: UInt64, limitBytes: UInt64, directIO: Bool = true) {
         self.directory = directory
+        wantDirect = directIO && slotBytes % HBFileStore.directAlignment == 0
         self.slotBytes = slotBytes
         self.fileBytes = max(fileBytes, UInt64(slotBytes))
         self.limitBytes = limitBytes
@@ -59,11 +77,11 @@ public final class HBFileStore: @unchecked Sendable {
     }
 
     /// Takes a file's descriptor for I/O outside the lock; pair with `endIO`.
-    private func beginIO(_ i: Int) -> Int32 {
+    private func beginIO(_ i: Int) -> (fd: Int32, direct: Bool) {
         locked {
-            guard i < files.count, let f = files[i] else { return -1 }
+            guard i < files.count, let f = files[i] else { return (-1, false) }
             ioInFlight += 1
-            return f.fd
+            return (f.fd, f.direct)
         }
     }
 
@@ -104,9 +122,15 @@ public final class HBFileStore: @unchecked Sendable {
             }
             let i = files.firstIndex(where: { $0 == nil }) ?? files.count
             let path = directory + "/" + HBFileStore.fileName(i)
-            let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            var fd: Int32 = -1
+            let direct = wantDirect
+            if wantDirect {
+                fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | HS_O_DIRECT, 0o600)
+                if fd < 0 && errno == EINVAL { wantDirect = false }
+            }
+            if fd < 0 && !wantDirect { fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) }
             if fd < 0 { throw StoreError.os(OSError("open", errno: errno, object: path)) }
-            let f = HBFile(fd: fd, path: path, nextUnused: 1, free: [], live: 1)
+            let f = HBFile(fd: fd, path: path, nextUnused: 1, free: [], live: 1, direct: direct && wantDirect)
             if i == files.count { files.append(f) } else { files[i] = f }
             return UInt64(i) << 32
         }
@@ -116,20 +140,9 @@ public final class HBFileStore: @unchecked Sendable {
     public func store(_ data: UnsafeRawPointer, count: Int) throws -> UInt64 {
         precondition(count <= slotBytes)
         let loc = try allocate()
-        let fd = beginIO(Int(loc >> 32))
-        defer { if fd >= 0 { endIO() } }
-        guard fd >= 0 else { throw StoreError.os(OSError("pwrite", errno: EBADF, object: "hb slot \(loc) (buffer files removed)")) }
-        let off = off_t(loc & 0xffff_ffff) * off_t(slotBytes)
-        var done = 0
-        while done < count {
-            let n = pwrite(fd, data + done, count - done, off + off_t(done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                let e = errno
-                free(loc)
-                throw StoreError.os(OSError("pwrite", errno: e, object: directory + "/" + HBFileStore.fileName(Int(loc >> 32))))
-            }
-            done += n
+        do { try writeRun(loc, [(data, count)]) } catch {
+            free(loc)
+            throw error
         }
         return loc
     }
@@ -176,41 +189,105 @@ public final class HBFileStore: @unchecked Sendable {
 
     private func writeRun(_ first: UInt64, _ items: [(UnsafeRawPointer, Int)]) throws {
         let i = Int(first >> 32)
-        let fd = beginIO(i)
+        let (fd, direct) = beginIO(i)
         guard fd >= 0 else { throw StoreError.os(OSError("pwritev", errno: EBADF, object: HBFileStore.fileName(i))) }
         defer { endIO() }
+        let off = off_t(first & 0xffff_ffff) * off_t(slotBytes)
+        if direct {
+            // Whole aligned slots only: a short or unaligned item goes
+            // through a zero-padded bounce slot.
+            let align = HBFileStore.directAlignment
+            let odd = items.indices.filter { Int(bitPattern: items[$0].0) % align != 0 || items[$0].1 != slotBytes }
+            let bounce = odd.isEmpty ? nil : UnsafeMutableRawPointer.allocate(byteCount: odd.count * slotBytes, alignment: align)
+            defer { bounce?.deallocate() }
+            var iov = items.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.0), iov_len: slotBytes) }
+            for (k, j) in odd.enumerated() {
+                let slot = bounce! + k * slotBytes
+                slot.copyMemory(from: items[j].0, byteCount: items[j].1)
+                memset(slot + items[j].1, 0, slotBytes - items[j].1)
+                iov[j].iov_base = slot
+            }
+            let e = pwritevAll(fd, &iov, off)
+            if e == 0 { return }
+            guard e == EINVAL else { throw StoreError.os(OSError("pwritev", errno: e, object: directory + "/" + HBFileStore.fileName(i))) }
+            // The file system took O_DIRECT at open but not this write.
+            dropDirect(i, fd)
+        }
         var iov = items.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.0), iov_len: $0.1) }
-        var off = off_t(first & 0xffff_ffff) * off_t(slotBytes)
+        let e = pwritevAll(fd, &iov, off)
+        if e != 0 { throw StoreError.os(OSError("pwritev", errno: e, object: directory + "/" + HBFileStore.fileName(i))) }
+    }
+
+    /// Writes every iovec at `offset`; 0 or the errno.
+    private func pwritevAll(_ fd: Int32, _ iov: inout [iovec], _ offset: off_t) -> Int32 {
+        var off = offset
         var start = 0
         while start < iov.count {
             let n = min(iov.count - start, 1024)
             let put = iov.withUnsafeMutableBufferPointer { p in pwritev(fd, p.baseAddress! + start, Int32(n), off) }
             if put < 0 {
                 if errno == EINTR { continue }
-                throw StoreError.os(OSError("pwritev", errno: errno, object: directory + "/" + HBFileStore.fileName(i)))
+                return errno
             }
+            if put == 0 { return EIO }
             off += off_t(put)
             advance(&iov, start: &start, by: put)
         }
+        return 0
+    }
+
+    /// Turns O_DIRECT off for file `i` and for files yet to be made.
+    private func dropDirect(_ i: Int, _ fd: Int32) {
+        locked {
+            wantDirect = false
+            if i < files.count, var f = files[i], f.fd == fd {
+                f.direct = false
+                files[i] = f
+            }
+        }
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~HS_O_DIRECT)
     }
 
     public func load(_ location: UInt64, into buf: UnsafeMutableRawPointer, count: Int) throws {
         let i = Int(location >> 32)
-        let fd = beginIO(i)
+        let (fd, direct) = beginIO(i)
         guard fd >= 0 else { throw StoreError.os(OSError("pread", errno: EBADF, object: "hb slot \(location)")) }
         defer { endIO() }
         let off = off_t(location & 0xffff_ffff) * off_t(slotBytes)
+        if direct {
+            let align = HBFileStore.directAlignment
+            let whole = Int(bitPattern: buf) % align == 0 && count == slotBytes
+            let target = whole ? buf : UnsafeMutableRawPointer.allocate(byteCount: slotBytes, alignment: align)
+            defer { if !whole { target.deallocate() } }
+            let e = preadAll(fd, target, slotBytes, off)
+            if e == 0 {
+                if !whole { buf.copyMemory(from: target, byteCount: count) }
+                return
+            }
+            guard e == EINVAL else { throw StoreError.os(OSError("pread", errno: e, object: directory + "/" + HBFileStore.fileName(i))) }
+            dropDirect(i, fd)
+        }
+        let e = preadAll(fd, buf, count, off)
+        if e != 0 { throw StoreError.os(OSError("pread", errno: e, object: directory + "/" + HBFileStore.fileName(i))) }
+    }
+
+    /// Reads exactly `count` bytes at `offset`; 0 or the errno (EIO for a short file).
+    private func preadAll(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ count: Int, _ offset: off_t) -> Int32 {
         var done = 0
         while done < count {
-            let n = pread(fd, buf + done, count - done, off + off_t(done))
+            let n = pread(fd, buf + done, count - done, offset + off_t(done))
             if n < 0 {
                 if errno == EINTR { continue }
-                throw StoreError.os(OSError("pread", errno: errno, object: directory + "/" + HBFileStore.fileName(i)))
+                return errno
             }
-            if n == 0 { throw StoreError.os(OSError("pread", errno: EIO, object: "short read in " + HBFileStore.fileName(i))) }
+            if n == 0 { return EIO }
             done += n
         }
+        return 0
     }
+
+    /// Whether new buffer files use O_DIRECT (false once the file system refused it).
+    public var directIO: Bool { locked { wantDirect } }
 
     public func free(_ location: UInt64) {
         locked {

@@ -6,9 +6,10 @@
 // returns nil when the bytes are not there, which is what lets the decoders
 // treat hostile input as "not yet complete" or "malformed" instead of
 // crashing. `NBDInputBuffer` is a consumed-prefix FIFO shared by the request
-// decoder and the handshake: bytes are appended at the end, consumed from a
-// moving head index, and the dead prefix is dropped only when that is cheap
-// relative to what remains (amortised O(1) per byte). Everything here is
+// decoder and the handshake: bytes are appended (or read straight from the
+// socket) at a tail index, consumed from a head index, and the live bytes
+// move to the front only when the free space at the tail runs out (they
+// are then at most one partial message). Everything here is
 // internal; the public surface is the codecs built on top.
 
 extension Array where Element == UInt8 {
@@ -70,24 +71,66 @@ struct NBDByteReader {
     }
 }
 
-/// A FIFO of received bytes: append at the tail, consume from the head.
+/// A FIFO of received bytes: append (or read straight) into free space at
+/// the tail, consume from the head. `storage` is allocated space, not
+/// content: the bytes are `storage[head..<tail]`.
 struct NBDInputBuffer {
     private(set) var storage: [UInt8] = []
     private(set) var head = 0
+    private(set) var tail = 0
 
-    var count: Int { storage.count - head }
+    /// Capacity kept between messages; a larger buffer (a big WRITE payload
+    /// decoded whole) is released once it is drained.
+    static let keepBytes = 1 << 20
+
+    var count: Int { tail - head }
 
     mutating func append(_ bytes: UnsafeRawBufferPointer) {
-        storage.append(contentsOf: bytes)
+        guard bytes.count > 0 else { return }
+        makeRoom(bytes.count)
+        storage.withUnsafeMutableBytes { ($0.baseAddress! + tail).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count) }
+        tail += bytes.count
     }
 
     mutating func append(_ bytes: [UInt8]) {
-        storage.append(contentsOf: bytes)
+        bytes.withUnsafeBytes { append($0) }
+    }
+
+    /// Lets `read` put up to `max` bytes straight into free space at the
+    /// tail (no intermediate copy); it returns how many it wrote.
+    mutating func fill(max: Int, _ read: (UnsafeMutableRawPointer, Int) throws -> Int) rethrows -> Int {
+        makeRoom(max)
+        let n = try storage.withUnsafeMutableBytes { try read($0.baseAddress! + tail, max) }
+        precondition(n >= 0 && n <= max)
+        tail += n
+        return n
+    }
+
+    /// Ensures `n` free bytes after the tail: moves the live bytes to the
+    /// front when that suffices (they are few: at most one partial message
+    /// is left after decoding), grows otherwise.
+    private mutating func makeRoom(_ n: Int) {
+        if storage.count - tail >= n { return }
+        if head > 0 {
+            let live = count
+            if live > 0 {
+                storage.withUnsafeMutableBytes { p in
+                    (p.baseAddress!).copyMemory(from: p.baseAddress! + head, byteCount: live)
+                }
+            }
+            head = 0
+            tail = live
+            if storage.count - tail >= n { return }
+        }
+        var newSize = Swift.max(storage.count, 4096)
+        while newSize - tail < n { newSize *= 2 }
+        storage.append(contentsOf: repeatElement(0, count: newSize - storage.count))
     }
 
     /// Big-endian integer at `offset` bytes past the head.
     func peek<T: FixedWidthInteger>(_: T.Type, at offset: Int) -> T? {
-        loadBE(storage, at: head + offset, as: T.self)
+        guard offset >= 0, offset <= count - MemoryLayout<T>.size else { return nil }
+        return loadBE(storage, at: head + offset, as: T.self)
     }
 
     /// Copies `length` bytes starting `offset` past the head (caller has
@@ -97,36 +140,36 @@ struct NBDInputBuffer {
         return Array(storage[start..<(start + length)])
     }
 
+    /// Copies up to `max` bytes from the head into `dst` and consumes them.
+    mutating func take(into dst: UnsafeMutableRawPointer, max: Int) -> Int {
+        let n = Swift.min(max, count)
+        guard n > 0 else { return 0 }
+        storage.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress! + head, byteCount: n) }
+        consume(n)
+        return n
+    }
+
     /// Drops `n` bytes from the head (n <= count).
     mutating func consume(_ n: Int) {
         head += n
-        compactIfWorthwhile()
+        if head == tail {
+            head = 0
+            tail = 0
+            if storage.count > NBDInputBuffer.keepBytes { storage = [] }
+        }
     }
 
     /// Removes and returns everything still buffered.
     mutating func takeAll() -> [UInt8] {
-        let out = Array(storage[head...])
-        storage.removeAll(keepingCapacity: false)
-        head = 0
+        let out = Array(storage[head..<tail])
+        removeAll()
         return out
     }
 
     mutating func removeAll() {
-        storage.removeAll(keepingCapacity: false)
+        storage = []
         head = 0
-    }
-
-    private mutating func compactIfWorthwhile() {
-        if head == storage.count {
-            // Keep a modest buffer for the next message; release the memory
-            // of a large WRITE payload.
-            storage.removeAll(keepingCapacity: storage.capacity <= 1 << 20)
-            head = 0
-        } else if head >= 4096 && head >= storage.count - head {
-            // Moving the live tail costs no more than the bytes already consumed.
-            storage.removeSubrange(0..<head)
-            head = 0
-        }
+        tail = 0
     }
 }
 

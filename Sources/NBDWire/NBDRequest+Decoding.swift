@@ -121,15 +121,56 @@ public struct NBDRequestDecoder {
         input.append(bytes)
     }
 
+    /// Lets `read` put up to `max` received bytes straight into the
+    /// decoder's buffer (one copy fewer than `feed`); returns its result.
+    public mutating func fill(max: Int, _ read: (UnsafeMutableRawPointer, Int) throws -> Int) rethrows -> Int {
+        guard failure == nil else { return 0 }
+        return try input.fill(max: max, read)
+    }
+
     /// Next complete message, or nil if more bytes are needed.
     ///
     /// Throws `NBDWireError.badMagic` / `.payloadTooLarge` for input that
     /// breaks framing (and keeps throwing it afterwards). Semantically wrong
     /// but well-framed requests decode normally; see `nbdValidate`.
     public mutating func next() throws -> NBDIncoming? {
-        if let failure { throw failure }
+        guard let request = try peekHeader() else { return nil }
         let headerSize = NBDConst.requestHeaderSize
-        guard input.count >= headerSize,
+        guard request.hasPayload else {
+            input.consume(headerSize)
+            return .request(request, payload: [])
+        }
+        let total = headerSize + Int(request.length)
+        guard input.count >= total else { return nil }
+        let payload = input.copy(from: headerSize, length: Int(request.length))
+        input.consume(total)
+        return .request(request, payload: payload)
+    }
+
+    /// Header-first decoding, for a server that reads WRITE payloads straight
+    /// into its own buffers: the next request header as soon as its 28 bytes
+    /// are buffered, consuming only the header. After a WRITE the caller owns
+    /// the next `length` bytes of the stream: it takes what is already
+    /// buffered with `takeBuffered(into:max:)` and reads the rest from the
+    /// connection itself, before asking for the next header. Framing errors
+    /// as for `next()`.
+    public mutating func nextHeader() throws -> NBDRequest? {
+        guard let request = try peekHeader() else { return nil }
+        input.consume(NBDConst.requestHeaderSize)
+        return request
+    }
+
+    /// Moves up to `max` buffered bytes (the start of a WRITE payload after
+    /// `nextHeader`) to `dst`; returns how many.
+    public mutating func takeBuffered(into dst: UnsafeMutableRawPointer, max: Int) -> Int {
+        guard failure == nil else { return 0 }
+        return input.take(into: dst, max: max)
+    }
+
+    /// The header at the front, checked for framing, not consumed.
+    private mutating func peekHeader() throws -> NBDRequest? {
+        if let failure { throw failure }
+        guard input.count >= NBDConst.requestHeaderSize,
               let magic = input.peek(UInt32.self, at: 0),
               let flags = input.peek(UInt16.self, at: 4),
               let command = input.peek(UInt16.self, at: 6),
@@ -137,24 +178,15 @@ public struct NBDRequestDecoder {
               let offset = input.peek(UInt64.self, at: 16),
               let length = input.peek(UInt32.self, at: 24)
         else { return nil }
-
         guard magic == NBDConst.requestMagic else {
             return try fail(.badMagic(magic))
         }
         let request = NBDRequest(flags: flags, command: command, cookie: cookie,
                                  offset: offset, length: length)
-        guard request.hasPayload else {
-            input.consume(headerSize)
-            return .request(request, payload: [])
-        }
-        guard UInt64(length) <= UInt64(maxPayload) else {
+        if request.hasPayload && UInt64(length) > UInt64(maxPayload) {
             return try fail(.payloadTooLarge(length))
         }
-        let total = headerSize + Int(length)
-        guard input.count >= total else { return nil }
-        let payload = input.copy(from: headerSize, length: Int(length))
-        input.consume(total)
-        return .request(request, payload: payload)
+        return request
     }
 
     /// Number of further bytes needed before `next()` can return a message
@@ -172,7 +204,7 @@ public struct NBDRequestDecoder {
         return max(0, headerSize + Int(length) - input.count)
     }
 
-    private mutating func fail(_ error: NBDWireError) throws -> NBDIncoming? {
+    private mutating func fail<T>(_ error: NBDWireError) throws -> T? {
         failure = error
         input.removeAll()
         throw error
