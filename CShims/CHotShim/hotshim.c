@@ -174,6 +174,7 @@ pid_t hs_spawn_fds(char *const argv[], char *const envp[], int in_fd, int out_fd
 
 
 const int HS_O_DIRECT = O_DIRECT;
+int hs_pending_bytes(int fd) { int n = 0; return ioctl(fd, FIONREAD, &n) < 0 ? -1 : n; }
 const int HS_FALLOC_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
 const int HS_FALLOC_ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
 int hs_fallocate(int fd, int mode, uint64_t offset, uint64_t len) {

@@ -65,8 +65,8 @@ public final class SnapshotEngine: @unchecked Sendable {
     var used: BlockBitmap
     var protected: BlockBitmap
     var buffered: BlockBitmap
-    var index: [UInt64: BufferEntry] = [:]
-    var busy: [UInt64: Int32] = [:]
+    var index: BufferIndex
+    var busy = BusyMarks()
 
     // Memory tier.
     let arena: UnsafeMutableRawPointer
@@ -96,8 +96,7 @@ public final class SnapshotEngine: @unchecked Sendable {
         // mlockall) before the first write needs it.
         arena.initializeMemory(as: UInt8.self, repeating: 0, count: slotCount * config.blockSize)
         freeSlots = (0..<Int32(slotCount)).reversed().map { $0 }
-        index.reserveCapacity(slotCount)
-        busy.reserveCapacity(1024)
+        index = BufferIndex(minimumCapacity: slotCount)
         lastWriteEnd = clock.now()
     }
 
@@ -168,7 +167,7 @@ public final class SnapshotEngine: @unchecked Sendable {
         for r in runs { for b in r { busy[b] = -1 } }
     }
 
-    func markShared(_ b: UInt64) { busy[b, default: 0] += 1 }
+    func markShared(_ b: UInt64) { busy[b] = (busy[b] ?? 0) + 1 }
 
     func unmark(_ b: UInt64) {
         guard let v = busy[b] else { return }

@@ -79,6 +79,8 @@ final class NBDConnection: @unchecked Sendable {
     /// header is read, so the following payload goes straight to its buffer.
     static let readAhead = 64 << 10
     static let largeWrite = 64 << 10
+    /// WRITEs up to this size run on the reader thread.
+    static let inlineWrite = 16 << 10
 
     private func transmission(_ neg: NBDNegotiated, leftover: [UInt8]) {
         var decoder = NBDRequestDecoder(maxPayload: Int(NBDServer.maxRequest))
@@ -87,9 +89,6 @@ final class NBDConnection: @unchecked Sendable {
         let context = neg.validationContext
         let pool = server.buffers
         var afterLargeWrite = false
-        // Set once a request arrives while another is in flight: the client
-        // pipelines, so requests go to the pool even when they look alone.
-        var pipelined = false
         while true {
             // Decode everything buffered before reading more.
             while true {
@@ -130,17 +129,25 @@ final class NBDConnection: @unchecked Sendable {
                     reply(neg, req, error: err, message: "invalid request")
                     continue
                 }
-                // A lone request of a client that does not pipeline (such as
-                // each nbdfuse connection) runs here, saving two thread
-                // hand-offs; pipelined ones go to the pool, so the next
-                // request is read while this one runs.
+                // Where the request runs. Here, on the reader thread, saving
+                // two thread hand-offs, when it is alone (nothing else in
+                // flight or waiting: a client at queue depth 1, such as each
+                // nbdfuse connection), or when it is a small plain WRITE (it
+                // lands in the page cache in microseconds, less than a
+                // hand-off costs). Otherwise on the pool, so the next request
+                // is read while this one runs and a read that waits for the
+                // disk holds up nothing else. After a large WRITE only its
+                // header was read ahead, so the socket itself is asked
+                // whether more is waiting.
+                let smallWrite = req.command == NBDCommand.write.rawValue && length <= NBDConnection.inlineWrite
+                    && req.flags & NBDConst.fua == 0
                 let alone = flight.withLock { () -> Bool in
                     while inFlight >= NBDServer.maxInFlightPerConnection { flight.wait() }
                     inFlight += 1
-                    if inFlight > 1 || decoder.bufferedBytes > 0 { pipelined = true }
-                    return !pipelined
+                    return inFlight == 1 && decoder.bufferedBytes == 0
                 }
-                if alone {
+                let here = smallWrite || alone && (!afterLargeWrite || socket.pendingBytes == 0)
+                if here {
                     execute(neg, req, payload: payload, snapshot: snapshot)
                     if let payload { pool.put(payload, length) }
                     flight.withLock { inFlight -= 1; flight.broadcast() }
@@ -255,11 +262,15 @@ final class NBDConnection: @unchecked Sendable {
     }
 
     private func ok(_ neg: NBDNegotiated, _ req: NBDRequest) {
-        var out: [UInt8] = []
         // Non-read commands answer with a simple reply even when structured
         // replies are on (allowed by the spec, and what nbdkit does).
-        NBDReply.simple(cookie: req.cookie, error: 0, into: &out)
-        send(out, nil, 0)
+        withUnsafeTemporaryAllocation(byteCount: NBDConst.simpleReplyHeaderSize, alignment: 8) { b in
+            NBDReply.simple(cookie: req.cookie, error: 0, at: b.baseAddress!)
+            writeLock.withLock {
+                guard !broken else { return }
+                do { try socket.writeAll(b.baseAddress!, count: b.count) } catch { dropAfterFailedReply(error) }
+            }
+        }
     }
 
     private func reply(_ neg: NBDNegotiated, _ req: NBDRequest, error: NBDErrno, message: String) {
@@ -275,11 +286,14 @@ final class NBDConnection: @unchecked Sendable {
     private func send(_ header: [UInt8], _ data: UnsafeRawPointer?, _ count: Int) {
         writeLock.withLock {
             guard !broken else { return }
-            do { try socket.writeAll(header: header, data: data, count: count) } catch {
-                broken = true
-                logger.info("nbd: reply failed, dropping connection: \(error)")
-                socket.shutdownBoth()
-            }
+            do { try socket.writeAll(header: header, data: data, count: count) } catch { dropAfterFailedReply(error) }
         }
+    }
+
+    /// Write lock held.
+    private func dropAfterFailedReply(_ error: Error) {
+        broken = true
+        logger.info("nbd: reply failed, dropping connection: \(error)")
+        socket.shutdownBoth()
     }
 }

@@ -2,6 +2,7 @@
 // listening sockets, and whole-buffer reads and writes that retry EINTR
 // and short transfers.
 #if canImport(Glibc)
+import CHotShim
 import Glibc
 #endif
 
@@ -72,6 +73,9 @@ public final class UnixSocket: @unchecked Sendable {
     public func readSome(into buf: UnsafeMutableRawPointer, count: Int) throws -> Int {
         try syscall("read") { Glibc.read(fd, buf, count) }
     }
+
+    /// Bytes already received and not yet read (0 if unknown).
+    public var pendingBytes: Int { max(0, Int(hs_pending_bytes(fd))) }
 
     /// Reads exactly `count` bytes; false at a clean end of stream before any byte.
     public func readExactly(into buf: UnsafeMutableRawPointer, count: Int) throws -> Bool {

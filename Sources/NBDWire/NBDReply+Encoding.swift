@@ -25,6 +25,14 @@ public enum NBDReply {
         out.appendBE(cookie)
     }
 
+    /// Writes the 16-byte simple reply header at `p` (no allocation: the
+    /// server's per-request success reply).
+    public static func simple(cookie: UInt64, error: UInt32, at p: UnsafeMutableRawPointer) {
+        p.storeBytes(of: NBDConst.simpleReplyMagic.bigEndian, toByteOffset: 0, as: UInt32.self)
+        p.storeBytes(of: error.bigEndian, toByteOffset: 4, as: UInt32.self)
+        p.storeBytes(of: cookie.bigEndian, toByteOffset: 8, as: UInt64.self)
+    }
+
     /// Simple reply header with a typed error (nil = success).
     public static func simple(cookie: UInt64, errno: NBDErrno?, into out: inout [UInt8]) {
         simple(cookie: cookie, error: errno?.rawValue ?? 0, into: &out)

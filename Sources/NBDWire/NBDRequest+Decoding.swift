@@ -16,9 +16,14 @@
 //   unknown command is assumed to have none — exactly what a spec-following
 //   server must assume too.
 //
-// A header is only consumed once its whole message (header + WRITE payload)
-// is buffered, so `bufferedBytes` always counts the bytes of the next
-// incomplete message and nothing is ever half-consumed. Extended headers
+// Two ways to take messages out. `next()` consumes a header only once its
+// whole message (header + WRITE payload) is buffered, so `bufferedBytes`
+// counts the bytes of the next incomplete message and nothing is ever
+// half-consumed. `nextHeader()` is for the server: it consumes the header
+// alone, and the caller moves the WRITE payload into its own buffer (the
+// part already read ahead with `takeBuffered`, the rest straight from the
+// socket), so a large payload is never copied through the decoder. A
+// server may also read into the decoder's buffer directly (`fill`). Extended headers
 // (experimental) are not implemented: their magic is a framing error here,
 // and the handshake never agrees to NBD_OPT_EXTENDED_HEADERS.
 
@@ -107,6 +112,9 @@ public struct NBDRequestDecoder {
 
     /// Bytes received but not yet returned as part of a message.
     public var bufferedBytes: Int { input.count }
+
+    /// Bytes the decoder's buffer occupies (tests).
+    var storageBytes: Int { input.storage.count }
 
     /// The framing error already reported, if any.
     public var error: NBDWireError? { failure }

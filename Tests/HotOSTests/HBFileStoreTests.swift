@@ -252,3 +252,73 @@ struct HBFileStoreTests {
         #expect(dir.files.isEmpty)
     }
 }
+
+// O_DIRECT files (4 KiB slots): the batch path with aligned slots, a short
+// last block and an unaligned source (both through the bounce slot), loads
+// into unaligned and short buffers, in a directory on the disk and in one
+// on tmpfs (O_DIRECT there or the buffered fallback, whichever the kernel
+// gives; the bytes must be right either way).
+@Suite("HBFileStore, O_DIRECT")
+struct HBFileStoreDirectTests {
+    static let slot = 4096
+
+    func exercise(_ dir: String) throws -> Bool {
+        let s = HBFileStore(directory: dir, slotBytes: Self.slot, fileBytes: UInt64(Self.slot * 8), limitBytes: 1 << 20)
+        defer { s.removeAll() }
+        let arena = UnsafeMutableRawPointer.allocate(byteCount: Self.slot * 12 + 1, alignment: 4096)
+        defer { arena.deallocate() }
+        let fill = slotData(5, count: Self.slot * 12 + 1)
+        fill.withUnsafeBytes { arena.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        // Ten aligned slots, then a short one (the device's last block).
+        var batch: [(UnsafeRawPointer, Int)] = (0..<10).map { (UnsafeRawPointer(arena + $0 * Self.slot), Self.slot) }
+        batch.append((UnsafeRawPointer(arena + 10 * Self.slot), 1000))
+        let locs = try s.store(batch: batch)
+        #expect(locs.count == 11)
+        #expect(s.fileCount == 2)   // 8 slots per file
+        // An unaligned source through the single-slot path.
+        let odd = try s.store(UnsafeRawPointer(arena + 1), count: Self.slot)
+        for (k, loc) in locs.enumerated() {
+            let n = k == 10 ? 1000 : Self.slot
+            #expect(try s.load(loc, count: n) == Array(fill[(k * Self.slot)..<(k * Self.slot + n)]), "slot \(k)")
+        }
+        #expect(try s.load(odd, count: Self.slot) == Array(fill[1...Self.slot]))
+        // A load into an unaligned buffer, and a partial one.
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: Self.slot + 3, alignment: 4096)
+        defer { buf.deallocate() }
+        try s.load(locs[3], into: buf + 3, count: Self.slot)
+        #expect(Array(UnsafeRawBufferPointer(start: buf + 3, count: Self.slot)) == Array(fill[(3 * Self.slot)..<(4 * Self.slot)]))
+        try s.load(locs[4], into: buf, count: 10)
+        #expect(Array(UnsafeRawBufferPointer(start: buf, count: 10)) == Array(fill[(4 * Self.slot)..<(4 * Self.slot + 10)]))
+        return s.directIO
+    }
+
+    @Test("Round trips on the disk use O_DIRECT")
+    func onDisk() throws {
+        let dir = try TempDir()
+        let direct = try exercise(dir.path)
+        // /tmp here is ext4 or XFS, which take O_DIRECT.
+        #expect(direct, "the buffer files on \(dir.path) fell back to buffered I/O")
+    }
+
+    @Test("Round trips on tmpfs (O_DIRECT or its fallback)")
+    func onTmpfs() throws {
+        guard FileManager.default.fileExists(atPath: "/dev/shm") else {
+            print("skipped: no /dev/shm")
+            return
+        }
+        let path = "/dev/shm/hbfilestore-test-\(getpid())-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: false)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let direct = try exercise(path)
+        print("tmpfs buffer files: \(direct ? "O_DIRECT" : "buffered (fallback)")")
+    }
+
+    @Test("Slots smaller than 4 KiB never use O_DIRECT")
+    func smallSlots() throws {
+        let dir = try TempDir()
+        let s = HBFileStore(directory: dir.path, slotBytes: 512, fileBytes: 2048, limitBytes: 1 << 20)
+        #expect(!s.directIO)
+        let loc = try s.store(slotData(1))
+        #expect(try s.load(loc) == slotData(1))
+    }
+}

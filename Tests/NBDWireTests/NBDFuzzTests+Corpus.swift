@@ -22,8 +22,59 @@ struct NBDFuzzTests {
     enum DecoderOutcome: Equatable { case clean(messages: Int, buffered: Int), threw(NBDWireError) }
     enum HandshakeOutcome: Equatable { case negotiating, transmission(leftover: Int), closed }
 
-    /// Feeds `input` to a decoder in the given chunks, draining after each feed.
+    /// Feeds `input` to a decoder in the given chunks, draining after each
+    /// feed; the header-first path (as the server reads) must agree.
     static func exerciseDecoder(_ input: [UInt8], _ chunking: Chunking, maxPayload: Int = 4096) -> DecoderOutcome {
+        let outcome = exerciseNext(input, chunking, maxPayload: maxPayload)
+        let (viaNext, nextError) = collect(input, chunking, maxPayload: maxPayload, headerFirst: false)
+        let (viaHeaders, headerError) = collect(input, chunking, maxPayload: maxPayload, headerFirst: true)
+        #expect(viaHeaders == viaNext && headerError == nextError, "header-first decoding disagrees with next()")
+        return outcome
+    }
+
+    /// The complete messages and the framing error, by `next()` or by
+    /// `nextHeader` + `takeBuffered` + reads of the remaining chunks (a
+    /// payload cut off by the end of input is dropped, as `next()` holds it back).
+    static func collect(_ input: [UInt8], _ chunking: Chunking, maxPayload: Int, headerFirst: Bool) -> ([NBDIncoming], NBDWireError?) {
+        var chunks = chunking.split(input)[...]
+        var pending: [UInt8] = []
+        var decoder = NBDRequestDecoder(maxPayload: maxPayload)
+        var out: [NBDIncoming] = []
+        do {
+            while true {
+                if headerFirst {
+                    while let r = try decoder.nextHeader() {
+                        guard r.hasPayload else { out.append(.request(r, payload: [])); continue }
+                        var payload = [UInt8](repeating: 0, count: Int(r.length))
+                        var got = payload.withUnsafeMutableBytes { decoder.takeBuffered(into: $0.baseAddress!, max: $0.count) }
+                        while got < payload.count {
+                            if pending.isEmpty {
+                                guard let c = chunks.popFirst() else { return (out, nil) }
+                                pending = c
+                            }
+                            let n = min(pending.count, payload.count - got)
+                            payload.replaceSubrange(got..<(got + n), with: pending[0..<n])
+                            pending.removeFirst(n)
+                            got += n
+                        }
+                        out.append(.request(r, payload: payload))
+                    }
+                } else {
+                    while let m = try decoder.next() { out.append(m) }
+                }
+                if pending.isEmpty {
+                    guard let c = chunks.popFirst() else { return (out, nil) }
+                    pending = c
+                }
+                decoder.feed(pending)
+                pending = []
+            }
+        } catch {
+            return (out, error as? NBDWireError)
+        }
+    }
+
+    static func exerciseNext(_ input: [UInt8], _ chunking: Chunking, maxPayload: Int) -> DecoderOutcome {
         var decoder = NBDRequestDecoder(maxPayload: maxPayload)
         var messages = 0
         let bound = input.count / NBDConst.requestHeaderSize + 1
