@@ -47,10 +47,4 @@ final class BufferPool: @unchecked Sendable {
         pthread_mutex_unlock(&mutex)
         if !kept { p.deallocate() }
     }
-
-    var cached: Int {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return free.count
-    }
 }
