@@ -18,28 +18,11 @@ import HotCore
 
 // MARK: - Helpers (file-private so they cannot clash with other test files)
 
-/// SplitMix64: small deterministic PRNG, so every failure is reproducible from its seed.
-private struct BitmapTestRNG {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    /// Uniform in 0...bound (bias irrelevant here).
-    mutating func upTo(_ bound: UInt64) -> UInt64 {
-        bound == .max ? next() : next() % (bound + 1)
-    }
-}
-
 private let chunk = BlockBitmap.blocksPerChunk
 
 /// An interesting block position for a bitmap of `bc` blocks: often on or next to a chunk
 /// or word boundary, sometimes at or past the end, otherwise uniform.
-private func randomPoint(_ rng: inout BitmapTestRNG, _ bc: UInt64) -> UInt64 {
+private func randomPoint(_ rng: inout TestRNG, _ bc: UInt64) -> UInt64 {
     func near(_ x: UInt64) -> UInt64 {
         switch rng.next() % 3 {
         case 0: return x == 0 ? 0 : x - 1
@@ -57,7 +40,7 @@ private func randomPoint(_ rng: inout BitmapTestRNG, _ bc: UInt64) -> UInt64 {
     }
 }
 
-private func randomRange(_ rng: inout BitmapTestRNG, _ bc: UInt64) -> Range<UInt64> {
+private func randomRange(_ rng: inout TestRNG, _ bc: UInt64) -> Range<UInt64> {
     let a = randomPoint(&rng, bc), b = randomPoint(&rng, bc)
     switch rng.next() % 8 {
     case 0: return 0..<UInt64.max                   // everything (clamping)
@@ -188,7 +171,7 @@ private func setRunsViaForEach(_ b: BlockBitmap, _ r: Range<UInt64>) -> [Range<U
 }
 
 /// A random second operand for intersection / subtraction / union, with its model.
-private func randomOther(_ rng: inout BitmapTestRNG, _ bc: UInt64) -> (BlockBitmap, IntervalModel) {
+private func randomOther(_ rng: inout TestRNG, _ bc: UInt64) -> (BlockBitmap, IntervalModel) {
     let filled = rng.next() % 2 == 0
     var b = BlockBitmap(blockCount: bc, filled: filled)
     var m = IntervalModel(blockCount: bc, filled: filled)
@@ -221,7 +204,7 @@ struct BlockBitmapTests {
         3 * 32768 + 5,      // three whole chunks and a 5-block tail
     ])
     func modelBased(blockCount bc: UInt64) {
-        var rng = BitmapTestRNG(seed: 0x5EED_0000 ^ bc)
+        var rng = TestRNG(seed: 0x5EED_0000 ^ bc)
         var bitmap = BlockBitmap(blockCount: bc)
         var model = IntervalModel(blockCount: bc)
         let naive = bc <= 1024
@@ -334,7 +317,7 @@ struct BlockBitmapTests {
         var b = BlockBitmap(blockCount: tib, filled: true)
         // Uniform: only the chunk table, about 128 KiB per TiB.
         #expect(b.memoryBytes <= Self.tableBytes)
-        var rng = BitmapTestRNG(seed: 42)
+        var rng = TestRNG(seed: 42)
         var removed = Set<UInt64>()
         for _ in 0..<4000 {
             let x = rng.upTo(tib - 1)
@@ -357,7 +340,7 @@ struct BlockBitmapTests {
     @Test("1 TiB filled, then 4000 clustered removals: memory stays under 200 KiB")
     func memoryClustered() {
         var b = BlockBitmap(blockCount: Self.tib, filled: true)
-        var rng = BitmapTestRNG(seed: 7)
+        var rng = TestRNG(seed: 7)
         // Writes land in 10 hot chunks of the device.
         let hot = (0..<10).map { _ in rng.upTo(Self.tib / chunk - 1) * chunk }
         for _ in 0..<4000 {

@@ -6,22 +6,11 @@ import Testing
 // forming and breaking: the deletions are what an off-by-one in the shift
 // condition would corrupt (a later key becomes unreachable).
 
-private struct MapTestRNG {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 @Suite("BlockMap")
 struct BlockMapTests {
     @Test("Random inserts, updates and removals match a Dictionary", arguments: [1 as UInt64, 2, 3, 4])
     func matchesModel(seed: UInt64) {
-        var rng = MapTestRNG(state: seed)
+        var rng = TestRNG(seed: seed)
         var map = BlockMap()
         var model: [UInt64: UInt64] = [:]
         // Keys from a small range (dense, collisions and long runs) and

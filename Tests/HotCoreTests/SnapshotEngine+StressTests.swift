@@ -13,18 +13,6 @@ import HotCore
 // - every written block was copied exactly once; nothing stays buffered after release.
 // Every thread is joined with a timeout so a deadlock fails the test instead of hanging it.
 
-private struct StressRNG {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func below(_ n: UInt64) -> UInt64 { next() % n }
-}
-
 private func sameBytes(_ a: UnsafeRawBufferPointer, _ b: ArraySlice<UInt8>) -> Bool {
     guard a.count == b.count else { return false }
     return b.withUnsafeBytes { memcmp(a.baseAddress!, $0.baseAddress!, a.count) == 0 }
@@ -60,7 +48,7 @@ struct SnapshotEngineStressTests {
             threads.append(engSpawn {
                 let lo = UInt64(w) * region
                 var model = Array(image[Int(blk(lo))..<Int(blk(lo + region))])
-                var rng = StressRNG(state: UInt64(w) &* 7919 &+ 1)
+                var rng = TestRNG(seed: UInt64(w) &* 7919 &+ 1)
                 for i in 0..<writesPerWriter {
                     let n = 1 + rng.below(3)
                     let b = lo + rng.below(region - n + 1)
@@ -91,7 +79,7 @@ struct SnapshotEngineStressTests {
         let writersDone = threads
         for r in 0..<2 {
             threads.append(engSpawn {
-                var rng = StressRNG(state: 0xABCD &+ UInt64(r))
+                var rng = TestRNG(seed: 0xABCD &+ UInt64(r))
                 let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 8 * 4096, alignment: 16)
                 defer { buf.deallocate() }
                 while !stop.value {
@@ -182,7 +170,7 @@ struct SnapshotEngineStressTests {
         let releaserProblems = EngBox<[String]>([])
         let releaser: (EngBox<Bool>) -> Void = { _ in
             // An imager: reads each 16-block chunk of the snapshot, checks it, releases it.
-            var rng = StressRNG(state: 99)
+            var rng = TestRNG(seed: 99)
             var chunks = Array(0..<Self.blocks / 16)
             for i in chunks.indices.reversed() { chunks.swapAt(i, Int(rng.below(UInt64(i + 1)))) }
             let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * 4096, alignment: 16)
