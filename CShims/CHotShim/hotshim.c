@@ -175,6 +175,14 @@ pid_t hs_spawn_fds(char *const argv[], char *const envp[], int in_fd, int out_fd
 
 const int HS_O_DIRECT = O_DIRECT;
 int hs_pending_bytes(int fd) { int n = 0; return ioctl(fd, FIONREAD, &n) < 0 ? -1 : n; }
+long hs_splice_from_file(int fd, uint64_t offset, int pipe_w, unsigned long len) {
+    loff_t off = (loff_t)offset;
+    return (long)splice(fd, &off, pipe_w, NULL, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+}
+long hs_splice_to(int pipe_r, int fd, unsigned long len) {
+    return (long)splice(pipe_r, NULL, fd, NULL, len, SPLICE_F_MOVE);
+}
+int hs_pipe_set_size(int fd, int bytes) { return fcntl(fd, F_SETPIPE_SZ, bytes); }
 const int HS_FALLOC_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
 const int HS_FALLOC_ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
 int hs_fallocate(int fd, int mode, uint64_t offset, uint64_t len) {

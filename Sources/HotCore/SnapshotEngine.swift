@@ -142,7 +142,8 @@ public final class SnapshotEngine: @unchecked Sendable {
         return Int(min(UInt64(bs), device.size - start))
     }
 
-    func checkRange(_ offset: UInt64, _ length: UInt64) throws {
+    /// Throws `outOfRange` unless offset..<offset+length lies on the device.
+    public func checkRange(_ offset: UInt64, _ length: UInt64) throws {
         let (end, overflow) = offset.addingReportingOverflow(length)
         if overflow || end > device.size {
             throw EngineError.outOfRange(offset: offset, length: length, size: device.size)

@@ -56,6 +56,18 @@ public struct DaemonStatus: Codable, Sendable {
     public var engine: EngineStatus
     /// dm-snapshot backend facts (DMStatus.swift); nil for HotCore.
     public var dm: DMSessionStatus? = nil
+    /// READ replies of the NBD server since it started; nil for dm.
+    public var reads: ReadCounters? = nil
+}
+
+/// How the NBD server answered READs: spliced from the live device's page
+/// cache (no copy in the daemon) or copied through a buffer (the snapshot
+/// export, READs over 1 MiB, or splicing off).
+public struct ReadCounters: Codable, Sendable {
+    public var spliced: UInt64
+    public var copied: UInt64
+    /// False when splicing was turned off (HOTIMAGE_NO_SPLICE, or refused).
+    public var spliceEnabled: Bool
 }
 
 public struct ControlReply: Codable, Sendable {

@@ -46,7 +46,8 @@ extension Daemon {
                      via: options.via, pid: getpid(), bufferDir: options.resolvedBufferDir,
                      nbdSocket: nbd.socketPath, snapshotURI: snapshotURI,
                      connections: nbd.connectionCount, frozen: frozenMountPoint,
-                     bufferLimitBytes: options.bufferLimitBytes, engine: engine.status())
+                     bufferLimitBytes: options.bufferLimitBytes, engine: engine.status(),
+                     reads: nbd.pipes.counters)
     }
 
     private func begin(_ id: Int, _ req: ControlRequest) -> ControlReply {

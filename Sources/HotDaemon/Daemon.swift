@@ -126,7 +126,10 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
         // Stale hb files of a previous daemon of this name.
         for i in 0..<100 { unlink(bdir + "/" + HBFileStore.fileName(i)) }
         engine = SnapshotEngine(device: device, spill: hb, config: options.engine)
-        nbd = NBDServer(socketPath: options.dir + "/nbd.sock", engine: engine, logger: logger, workers: options.workers)
+        // HOTIMAGE_NO_SPLICE=1 copies every READ (for A/B benchmarks).
+        let splice = ProcessInfo.processInfo.environment["HOTIMAGE_NO_SPLICE"] == nil
+        nbd = NBDServer(socketPath: options.dir + "/nbd.sock", engine: engine, logger: logger, workers: options.workers,
+                        spliceFD: splice ? device.fd : nil)
         control = ControlServer(path: options.dir + "/control.sock", logger: logger)
     }
 

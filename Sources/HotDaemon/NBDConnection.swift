@@ -205,6 +205,7 @@ final class NBDConnection: @unchecked Sendable {
             switch cmd {
             case .read:
                 let count = Int(req.length)
+                if !snapshot, try spliceRead(neg, req) { return }
                 let data = server.buffers.get(count)
                 defer { server.buffers.put(data, count) }
                 if snapshot {
@@ -212,13 +213,8 @@ final class NBDConnection: @unchecked Sendable {
                 } else {
                     try engine.read(offset: req.offset, count: count, into: data)
                 }
-                var header: [UInt8] = []
-                if neg.structuredReplies {
-                    NBDReply.offsetData(cookie: req.cookie, offset: req.offset, dataLength: count, done: true, into: &header)
-                } else {
-                    NBDReply.simple(cookie: req.cookie, error: 0, into: &header)
-                }
-                send(header, data, count)
+                send(readHeader(neg, req), data, count)
+                server.pipes.count(spliced: false)
             case .write:
                 if req.length > 0, let payload {
                     try engine.write(offset: req.offset, count: Int(req.length), from: payload)
@@ -259,6 +255,48 @@ final class NBDConnection: @unchecked Sendable {
             else { logger.error("nbd: live \(describe(req)) failed: \(error)") }
             reply(neg, req, error: e, message: "\(error)")
         }
+    }
+
+    private func readHeader(_ neg: NBDNegotiated, _ req: NBDRequest) -> [UInt8] {
+        var header: [UInt8] = []
+        if neg.structuredReplies {
+            NBDReply.offsetData(cookie: req.cookie, offset: req.offset, dataLength: Int(req.length), done: true, into: &header)
+        } else {
+            NBDReply.simple(cookie: req.cookie, error: 0, into: &header)
+        }
+        return header
+    }
+
+    /// A live READ answered by splicing the device's pages to the socket
+    /// (no copy in the daemon). False: not spliced (splicing off, the READ
+    /// too large for a pipe, or the kernel refused it); copy instead. A read
+    /// error throws, before anything is sent.
+    private func spliceRead(_ neg: NBDNegotiated, _ req: NBDRequest) throws -> Bool {
+        guard let fd = server.spliceFD, let pipe = server.pipes.get(offset: req.offset, count: Int(req.length)) else {
+            return false
+        }
+        var reusable = false
+        defer { server.pipes.put(pipe, reusable: reusable) }
+        try engine.checkRange(req.offset, UInt64(req.length))
+        do {
+            try pipe.fill(from: fd, offset: req.offset, count: Int(req.length))
+        } catch let e as OSError where e.errno == EINVAL && pipe.buffered == 0 {
+            server.pipes.disable("\(e)")
+            return false
+        } catch let e as OSError where e.errno == EAGAIN {
+            return false  // more slots than pages expected: copy (the pipe is closed)
+        }
+        let header = readHeader(neg, req)
+        writeLock.withLock {
+            guard !broken else { return }
+            do {
+                try socket.writeAll(header)
+                try pipe.drain(to: socket.fd)
+                reusable = true
+                server.pipes.count(spliced: true)
+            } catch { dropAfterFailedReply(error) }
+        }
+        return true
     }
 
     private func ok(_ neg: NBDNegotiated, _ req: NBDRequest) {

@@ -23,6 +23,10 @@ public final class NBDServer: @unchecked Sendable {
     let logger: Logger
     let queue: WorkQueue
     let buffers = BufferPool(keep: 32)
+    /// The live device's descriptor, for READ replies spliced from its page
+    /// cache; nil: every READ is copied through a buffer.
+    let spliceFD: Int32?
+    let pipes: PipePool
     private var listener: UnixSocket?
     private let m = Monitor()
     private var connections: [ObjectIdentifier: NBDConnection] = [:]
@@ -30,14 +34,19 @@ public final class NBDServer: @unchecked Sendable {
     public static let maxRequest: UInt32 = 32 << 20
     public static let maxInFlightPerConnection = 64
 
-    public init(socketPath: String, engine: SnapshotEngine, logger: Logger, workers: Int = 8) {
+    public init(socketPath: String, engine: SnapshotEngine, logger: Logger, workers: Int = 8, spliceFD: Int32? = nil) {
         self.socketPath = socketPath
         self.engine = engine
         self.logger = logger
+        self.spliceFD = spliceFD
+        pipes = PipePool(enabled: spliceFD != nil, keep: 32, logger: logger)
         queue = WorkQueue(threads: workers, name: "nbd-worker")
     }
 
     public func start() throws {
+        // A reply to a peer that has gone must fail with EPIPE, not kill the
+        // process (splice to a socket raises SIGPIPE; send uses MSG_NOSIGNAL).
+        signal(SIGPIPE, SIG_IGN)
         let l = try UnixSocket.listen(path: socketPath)
         listener = l
         Threads.start(name: "nbd-accept") { [self] in

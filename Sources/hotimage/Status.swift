@@ -83,6 +83,9 @@ struct Status: ParsableCommand {
         lines.append(String(format: "  deadlines: snapshot %.0f s, buffer %.0f s, heartbeat %.0f s; pause %.0f ms; map memory %@",
                             e.deadlines.snapshotSeconds, e.deadlines.memorySeconds, e.deadlines.heartbeatSeconds,
                             e.deadlines.pauseMs, formatBytes(UInt64(e.mapMemoryBytes))))
+        if let r = s.reads {
+            lines.append("  NBD reads: \(r.spliced) spliced, \(r.copied) copied\(r.spliceEnabled ? "" : " (splicing off)")")
+        }
         return lines.joined(separator: "\n")
     }
 }
