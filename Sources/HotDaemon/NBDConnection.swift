@@ -89,6 +89,8 @@ final class NBDConnection: @unchecked Sendable {
         let context = neg.validationContext
         let pool = server.buffers
         var afterLargeWrite = false
+        let batch = ReplyBatch()
+        defer { flush(batch) }
         while true {
             // Decode everything buffered before reading more.
             while true {
@@ -148,7 +150,12 @@ final class NBDConnection: @unchecked Sendable {
                 }
                 let here = smallWrite || alone && (!afterLargeWrite || socket.pendingBytes == 0)
                 if here {
-                    execute(neg, req, payload: payload, snapshot: snapshot)
+                    if smallWrite, let payload {
+                        writeBatched(neg, req, payload: payload, batch: batch)
+                    } else {
+                        flush(batch)
+                        execute(neg, req, payload: payload, snapshot: snapshot)
+                    }
                     if let payload { pool.put(payload, length) }
                     flight.withLock { inFlight -= 1; flight.broadcast() }
                     continue
@@ -159,6 +166,7 @@ final class NBDConnection: @unchecked Sendable {
                     flight.withLock { inFlight -= 1; flight.broadcast() }
                 }
             }
+            flush(batch)  // before waiting for the client
             let want = afterLargeWrite ? max(1, NBDConst.requestHeaderSize - decoder.bufferedBytes) : NBDConnection.readAhead
             let n: Int
             do { n = try decoder.fill(max: want) { try socket.readSome(into: $0, count: $1) } } catch {
@@ -299,6 +307,34 @@ final class NBDConnection: @unchecked Sendable {
         return true
     }
 
+    /// A small plain WRITE on the reader thread. Its success reply joins the
+    /// batch, sent with one write when the reader has decoded everything it
+    /// read (or the batch is full): a burst of small WRITEs costs one send
+    /// instead of one each. A failure flushes the batch and answers at once.
+    private func writeBatched(_ neg: NBDNegotiated, _ req: NBDRequest, payload: UnsafeMutableRawPointer, batch: ReplyBatch) {
+        do {
+            if req.length > 0 { try engine.write(offset: req.offset, count: Int(req.length), from: payload) }
+        } catch {
+            flush(batch)
+            let e = errno(for: error)
+            if e != .io { logger.info("nbd: \(describe(req)) failed: \(error)") }
+            else { logger.error("nbd: live \(describe(req)) failed: \(error)") }
+            reply(neg, req, error: e, message: "\(error)")
+            return
+        }
+        NBDReply.simple(cookie: req.cookie, error: 0, at: batch.next())
+        if batch.full { flush(batch) }
+    }
+
+    private func flush(_ batch: ReplyBatch) {
+        guard batch.count > 0 else { return }
+        writeLock.withLock {
+            guard !broken else { return }
+            do { try socket.writeAll(batch.bytes, count: batch.byteCount) } catch { dropAfterFailedReply(error) }
+        }
+        batch.count = 0
+    }
+
     private func ok(_ neg: NBDNegotiated, _ req: NBDRequest) {
         // Non-read commands answer with a simple reply even when structured
         // replies are on (allowed by the spec, and what nbdkit does).
@@ -333,5 +369,23 @@ final class NBDConnection: @unchecked Sendable {
         broken = true
         logger.info("nbd: reply failed, dropping connection: \(error)")
         socket.shutdownBoth()
+    }
+}
+
+/// Success replies of small WRITEs run on the reader thread, waiting to go
+/// out with one write (simple replies: 16 bytes each).
+final class ReplyBatch {
+    static let capacity = 64
+    let bytes = UnsafeMutableRawPointer.allocate(byteCount: capacity * NBDConst.simpleReplyHeaderSize, alignment: 8)
+    var count = 0
+    var full: Bool { count == ReplyBatch.capacity }
+    var byteCount: Int { count * NBDConst.simpleReplyHeaderSize }
+    deinit { bytes.deallocate() }
+
+    /// Room for the next reply.
+    func next() -> UnsafeMutableRawPointer {
+        precondition(count < ReplyBatch.capacity)
+        count += 1
+        return bytes + (count - 1) * NBDConst.simpleReplyHeaderSize
     }
 }

@@ -5,7 +5,9 @@ Pipelines batches of READs of many sizes (512 B to 2 MiB, so both sides of
 the 1 MiB splice limit) at sector-aligned random offsets, including the
 device's last bytes, and compares every reply with the device itself read
 directly. Then WRITEs through the export and reads them back at once (a
-spliced reply must show the new data), checks that a READ past the end gets
+spliced reply must show the new data), sends a pipelined burst of 300 small
+WRITEs (some FUA) and checks each cookie is answered once and every block
+reads back as last written, checks that a READ past the end gets
 an error and the connection goes on, and that replies of interleaved
 requests match their cookies.
 Usage: nbd_readcheck.py NBD_SOCKET DEVICE SIZE {structured|simple} SEED
@@ -146,6 +148,35 @@ for i in range(20):
         fail("READ after WRITE %d+%d: cookie %d errno %d, %s" %
              (offset, length, c, err, "same" if data == payload else "data differs"))
     checked += 1
+
+# A pipelined burst of small WRITEs (their replies are batched by the
+# server), some with FUA: every cookie answered once, then every block reads
+# back as written (a later WRITE of the same block wins).
+burst, blocks = {}, {}
+writes = []
+for i in range(300):
+    length = rng.choice([512, 4096, 8192])
+    offset = rng.randrange(0, (SIZE - length) // 4096 + 1) * 4096
+    payload = rng.randbytes(length)
+    cookie += 1
+    flags = 1 if i % 37 == 0 else 0  # FUA
+    writes.append(struct.pack(">IHHQQI", REQ_MAGIC, flags, CMD_WRITE, cookie, offset, length) + payload)
+    burst[cookie] = (offset, length)
+    for b in range(offset // SECTOR, (offset + length) // SECTOR):
+        blocks[b] = payload[(b * SECTOR - offset):(b * SECTOR - offset) + SECTOR]
+s.sendall(b"".join(writes))
+for _ in range(len(burst)):
+    c, err, _ = read_reply(s, {})
+    if c not in burst or err:
+        fail("burst WRITE reply: cookie %d (%s) errno %d" % (c, "known" if c in burst else "unknown or repeated", err))
+    del burst[c]
+for b, data in blocks.items():
+    cookie += 1
+    send_request(s, CMD_READ, cookie, b * SECTOR, SECTOR)
+    c, err, got = read_reply(s, {cookie: SECTOR})
+    if err or got != data:
+        fail("block %d after the WRITE burst: errno %d, %s" % (b, err, "same" if got == data else "differs"))
+checked += len(blocks)
 
 # A READ past the end fails; the connection goes on.
 cookie += 1

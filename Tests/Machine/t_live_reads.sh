@@ -3,8 +3,8 @@
 # spliced from the device's page cache (the default) and copied through a
 # buffer (HOTIMAGE_NO_SPLICE=1), with structured and with simple replies,
 # 512 B to 2 MiB (both sides of the 1 MiB splice limit), pipelined, the
-# device's last bytes, data read back right after a WRITE, a READ past the
-# end refused; and the whole device read back through the protected device.
+# device's last bytes, data read back right after a WRITE, a pipelined burst
+# of small WRITEs (batched replies) read back, a READ past the end refused; and the whole device read back through the protected device.
 # `status --json` must show which way the READs went.
 source "$(dirname "$0")/lib.sh"
 CHECK="$(dirname "$0")/nbd_readcheck.py"
