@@ -124,6 +124,7 @@ final class KernelNBDFrontend: @unchecked Sendable {
     /// A socketpair whose daemon end NBDServer serves; returns the kernel end.
     private func newConnection(_ server: NBDServer) throws -> Int32 {
         let (mine, theirs) = try KernelNBD.socketPair()
+        UnixSocket.setSendBuffer(fd: theirs, NBDServer.sendBufferBytes)  // the kernel's WRITE payloads
         server.adoptTransmission(socket: UnixSocket(fd: mine), export: "live") { [weak self] in self?.replaceClosed() }
         return theirs
     }

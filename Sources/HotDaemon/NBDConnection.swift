@@ -32,6 +32,7 @@ final class NBDConnection: @unchecked Sendable {
     var engine: SnapshotEngine { server.engine }
 
     func run() {
+        socket.setSendBuffer(NBDServer.sendBufferBytes)
         defer {
             // Let running requests finish before the socket goes.
             flight.withLock { while inFlight > 0 { flight.wait() } }

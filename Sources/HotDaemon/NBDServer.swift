@@ -33,6 +33,11 @@ public final class NBDServer: @unchecked Sendable {
     private var nextID = 0
     public static let maxRequest: UInt32 = 32 << 20
     public static let maxInFlightPerConnection = 64
+    /// Send buffer of every NBD socket (both ends of the kernel's pairs).
+    /// The default (~208 KiB) makes a 1 MiB READ reply wait for the reader
+    /// several times; 2 MiB lets whole replies through: nbd 1 MiB reads
+    /// went from 2.4–3.1 to 7.5–8.4 GB/s (paired runs, spliced replies).
+    public static let sendBufferBytes = 2 << 20
 
     public init(socketPath: String, engine: SnapshotEngine, logger: Logger, workers: Int = 8, spliceFD: Int32? = nil) {
         self.socketPath = socketPath

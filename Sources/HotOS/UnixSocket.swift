@@ -69,6 +69,25 @@ public final class UnixSocket: @unchecked Sendable {
         return UnixSocket(fd: c)
     }
 
+    /// Asks for a send buffer of `bytes` (SO_SNDBUFFORCE as root, past
+    /// net.core.wmem_max; else SO_SNDBUF, capped by it). Returns the size the
+    /// kernel reports afterwards (it doubles the request for bookkeeping).
+    @discardableResult
+    public func setSendBuffer(_ bytes: Int) -> Int { UnixSocket.setSendBuffer(fd: fd, bytes) }
+
+    @discardableResult
+    public static func setSendBuffer(fd: Int32, _ bytes: Int) -> Int {
+        var v = Int32(clamping: bytes)
+        let size = socklen_t(MemoryLayout<Int32>.size)
+        if setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &v, size) != 0 {
+            _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, size)
+        }
+        var got: Int32 = 0
+        var len = size
+        _ = getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &got, &len)
+        return Int(got)
+    }
+
     /// Reads what is available (at least one byte); 0 at end of stream.
     public func readSome(into buf: UnsafeMutableRawPointer, count: Int) throws -> Int {
         try syscall("read") { Glibc.read(fd, buf, count) }
