@@ -29,8 +29,6 @@ final class PipePool: @unchecked Sendable {
         self.logger = logger
     }
 
-    var enabled: Bool { m.withLock { on } }
-
     /// A pipe for a READ of `count` bytes at `offset`, or nil: splicing
     /// off, or the range spans more pages than a pipe holds.
     func get(offset: UInt64, count: Int) -> SplicePipe? {
