@@ -42,6 +42,10 @@ public final class HBFileStore: @unchecked Sendable {
     /// O_DIRECT for new files (guarded by the mutex); turned off for good
     /// when the directory's file system refuses it.
     private var wantDirect: Bool
+    /// Tests only (@testable): the next O_DIRECT write fails with EINVAL
+    /// without being tried, as on a file system that takes O_DIRECT at open
+    /// and refuses it at the first write.
+    var refuseNextDirectWrite = false
     /// Alignment O_DIRECT needs of buffers, offsets and lengths.
     static let directAlignment = 4096
 
@@ -207,7 +211,11 @@ public final class HBFileStore: @unchecked Sendable {
                 memset(slot + items[j].1, 0, slotBytes - items[j].1)
                 iov[j].iov_base = slot
             }
-            let e = pwritevAll(fd, &iov, off)
+            let refused = locked { () -> Bool in
+                defer { refuseNextDirectWrite = false }
+                return refuseNextDirectWrite
+            }
+            let e = refused ? EINVAL : pwritevAll(fd, &iov, off)
             if e == 0 { return }
             guard e == EINVAL else { throw StoreError.os(OSError("pwritev", errno: e, object: directory + "/" + HBFileStore.fileName(i))) }
             // The file system took O_DIRECT at open but not this write.

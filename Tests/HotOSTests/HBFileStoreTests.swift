@@ -1,6 +1,6 @@
 import Foundation
 import Testing
-import HotOS
+@testable import HotOS
 
 // HBFileStore: the hb_NN.tmp file tier of the COW buffer. Every test works in its own
 // temporary directory under /tmp and deletes it. Small slots (512 B) and files
@@ -298,6 +298,34 @@ struct HBFileStoreDirectTests {
         let direct = try exercise(dir.path)
         // /tmp here is ext4 or XFS, which take O_DIRECT.
         #expect(direct, "the buffer files on \(dir.path) fell back to buffered I/O")
+    }
+
+    @Test("O_DIRECT refused at the first write: that write and every later one go buffered, nothing lost")
+    func refusedAtWrite() throws {
+        let dir = try TempDir()
+        let s = HBFileStore(directory: dir.path, slotBytes: Self.slot, fileBytes: UInt64(Self.slot * 4), limitBytes: 1 << 20)
+        defer { s.removeAll() }
+        #expect(s.directIO)
+        let arena = UnsafeMutableRawPointer.allocate(byteCount: Self.slot * 6, alignment: 4096)
+        defer { arena.deallocate() }
+        let fill = slotData(3, count: Self.slot * 6)
+        fill.withUnsafeBytes { arena.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        s.refuseNextDirectWrite = true
+        let first = try s.store(batch: (0..<3).map { (UnsafeRawPointer(arena + $0 * Self.slot), Self.slot) })
+        #expect(!s.refuseNextDirectWrite)           // the refusal was met
+        #expect(!s.directIO)                        // and O_DIRECT is off for new files
+        // More slots: the rest of file 0 and a new, buffered, file 1.
+        let more = try s.store(batch: (3..<6).map { (UnsafeRawPointer(arena + $0 * Self.slot), Self.slot) })
+        #expect(s.fileCount == 2)
+        for (k, loc) in (first + more).enumerated() {
+            #expect(try s.load(loc, count: Self.slot) == Array(fill[(k * Self.slot)..<((k + 1) * Self.slot)]), "slot \(k)")
+        }
+        // The file on disk holds the bytes (not only a cache of this process).
+        let fd = open(dir.path + "/hb_00.tmp", O_RDONLY)
+        defer { close(fd) }
+        var back = [UInt8](repeating: 0, count: Self.slot)
+        #expect(back.withUnsafeMutableBytes { pread(fd, $0.baseAddress!, Self.slot, off_t(Self.slot)) } == Self.slot)
+        #expect(back == Array(fill[Self.slot..<(2 * Self.slot)]))
     }
 
     @Test("Round trips on tmpfs (O_DIRECT or its fallback)")

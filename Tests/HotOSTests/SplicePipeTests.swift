@@ -96,3 +96,22 @@ private final class SpliceFixture {
         #expect(e.errno == EAGAIN)
     }
 }
+
+// The daemon turns splicing off for good when a fill fails with EINVAL and
+// nothing reached the pipe (NBDConnection.spliceRead): the kernel's answer
+// for a source it cannot splice from. A directory is such a source on every
+// kernel (no splice_read), so that answer is checked here.
+@Test func aSourceTheKernelCannotSpliceGivesEINVALWithNothingBuffered() throws {
+    let dir = open("/tmp", O_RDONLY | O_DIRECTORY)
+    #expect(dir >= 0)
+    defer { close(dir) }
+    let pipe = try SplicePipe(capacity: 1 << 20)
+    defer { pipe.close() }
+    do {
+        try pipe.fill(from: dir, offset: 0, count: 4096)
+        Issue.record("splice from a directory succeeded")
+    } catch let e as OSError {
+        #expect(e.errno == EINVAL, "\(e)")
+    }
+    #expect(pipe.buffered == 0)
+}
