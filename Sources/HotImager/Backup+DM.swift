@@ -80,8 +80,13 @@ extension BackupJob {
             }
             return nil
         }
-        let inUse = mount.map { !$0.readOnly } ?? false
-        guard o.mode == .online || (o.mode == .auto && inUse) else { return nil }
+        // In use (mounted read-write, stacked on, held open): online in auto.
+        // A quiet one goes offline below.
+        var inUse = mount.map { !$0.readOnly } ?? false
+        if !inUse && o.mode == .auto, let u = DeviceUsers.scan(path: device) {
+            inUse = u.users.contains { !$0.isReadOnlyMount }
+        }
+        guard onlineRequired || (o.mode == .auto && inUse) else { return nil }
         try checkOutput(mount: mount, device: device)
         let dir = try spawnDMDaemon(device: device, name: info.name)
         let vol: AttachedVolume

@@ -38,6 +38,8 @@ public struct BackupOptions: Sendable {
     public var output: String
     public var mode: BackupMode = .auto
     public var consistency: Consistency?
+    /// --consistency was given on the command line: it asks for online.
+    public var consistencyGiven = false
     public var compression: QCow2Compression = .zstd(level: 1)
     public var clusterBits = 16
     public var excludes: [String] = []
@@ -105,6 +107,15 @@ public func findDaemon(_ target: String, runDir: String) -> String? {
         let dev = raw.trimmingCharacters(in: .whitespacesAndNewlines)
         if dev == target { return d }
         if let m = mount, Mounts.of(device: dev).contains(where: { $0.mountPoint == m.mountPoint }) { return d }
+    }
+    // The real device behind an attachment (or another node of it).
+    guard target.hasPrefix("/"), let want = BlockDeviceID.ofNode(target) else { return nil }
+    for n in names.sorted() {
+        let d = runDir + "/" + n
+        guard FileManager.default.fileExists(atPath: d + "/control.sock") else { continue }
+        if let dev = try? String(contentsOfFile: d + "/device", encoding: .utf8),
+           BlockDeviceID.ofNode(dev.trimmingCharacters(in: .whitespacesAndNewlines)) == want { return d }
+        if let real = (try? SessionClient.locate(runDir: d))?.realDevice, BlockDeviceID.ofNode(real) == want { return d }
     }
     return nil
 }
@@ -229,7 +240,8 @@ public final class BackupJob: @unchecked Sendable {
                      mapMethod, formatBytes(snap.usedBytes), formatBytes(snap.excludedBytes), snap.attempts))
         r.event("snapshot", ["seconds": .double(snapSeconds), "consistency": .string(consistency), "mapMethod": .string(mapMethod),
                              "usedBytes": .uint(snap.usedBytes), "excludedBytes": .uint(snap.excludedBytes),
-                             "attempts": .int(Int64(snap.attempts)), "time": .string(iso8601(snap.wallTime))])
+                             "attempts": .int(Int64(snap.attempts)), "time": .string(iso8601(snap.wallTime)),
+                             "cutMonotonicNs": .uint(snap.armedAtNanos)])
 
         // 3. after-snapshot: recorded, never stops the backup.
         let after = HookRunner.run(o.hooks, .afterSnapshot, error: 0, context: ctx, stopOnFailure: false, log: hookLog)
@@ -248,6 +260,9 @@ public final class BackupJob: @unchecked Sendable {
             if m.withLock({ interrupted }) { im.cancel("interrupted") }
             result = try im.run { self.r.progress($0, phase: "imaging") }
             r.finishProgress()
+            if let u = usersAppeared(plan) {
+                throw ImagerError(description: "the volume was put to use while it was read offline (\(u)): the image may not be one point in time; back up online through 'hotimage attach'", sessionFailed: false)
+            }
         } catch {
             r.finishProgress()
             code = m.withLock({ interrupted }) ? .interrupted : ((error as? ImagerError)?.sessionFailed == true ? .session : .failed)
@@ -367,24 +382,34 @@ public final class BackupJob: @unchecked Sendable {
 
     // MARK: resolving the source
 
+    /// Online is asked for: --mode online, or a --consistency given on the
+    /// command line (a freeze or a pause only means something online).
+    var onlineRequired: Bool { o.mode == .online || o.consistencyGiven }
+
     func resolve() throws -> Plan {
+        if o.mode == .offline && o.consistencyGiven {
+            throw BackupFailure(code: .refused, description: "--consistency applies to online backups; --mode offline reads a quiet volume as it is (drop one of them)")
+        }
+        // An attachment (by name, protected device, mount point or real
+        // device): always through it. Only a session gives a point in time
+        // while the volume can be written, and HotCore is already there.
         if let d = findDaemon(o.source, runDir: o.runDir) {
             let vol: AttachedVolume
             do { vol = try SessionClient.locate(runDir: d) } catch { throw BackupFailure(code: .failed, description: "\(error)") }
             try checkBackend(vol)
             let mount = Mounts.of(device: vol.protectedDevice).first
-            let real = vol.realDevice
-            let inUse = mount.map { !$0.readOnly } ?? false
             let online: Bool
             switch o.mode {
-            case .online: online = true
-            case .auto: online = inUse
+            case .online, .auto: online = true
             case .offline:
-                if inUse { throw BackupFailure(code: .refused, description: "\(vol.protectedDevice) is mounted read-write at \(mount!.mountPoint): offline mode refuses it (use --mode online or auto)") }
+                try requireQuiet(vol.protectedDevice, attachment: vol.name)
                 online = false
             }
+            if online, o.consistency == .freeze, mount == nil {
+                throw BackupFailure(code: .refused, description: "--consistency freeze: \(vol.protectedDevice) holds no mounted filesystem to freeze (use --consistency wip, or leave it out)")
+            }
             try checkOutput(mount: mount, device: vol.protectedDevice)
-            return Plan(daemon: d, volume: vol, readDevice: vol.protectedDevice, realDevice: real, mount: mount, online: online, size: vol.size)
+            return Plan(daemon: d, volume: vol, readDevice: vol.protectedDevice, realDevice: vol.realDevice, mount: mount, online: online, size: vol.size)
         }
         // An existing device-mapper volume (LVM LV, dm-linear) online: a transient dm-snapshot daemon.
         if let p = try resolveDMVolume() { return p }
@@ -404,15 +429,15 @@ public final class BackupJob: @unchecked Sendable {
         guard (st.st_mode & S_IFMT) == S_IFBLK || (st.st_mode & S_IFMT) == S_IFREG else {
             throw BackupFailure(code: .refused, description: "\(device) is not a block device or image file")
         }
-        let inUse = mount.map { !$0.readOnly } ?? false
-        if o.mode == .online || (o.mode == .auto && inUse) {
-            throw BackupFailure(code: .refused, description: inUse
-                ? "\(device) is mounted read-write at \(mount!.mountPoint) and not behind HotCore: attach it first (hotimage attach), or unmount it for an offline backup"
-                : "\(device) is not behind HotCore: online mode needs 'hotimage attach \(device)' (or use --mode offline)")
+        if let m = mount, !m.readOnly {
+            throw BackupFailure(code: .refused, description: o.mode == .offline
+                ? "\(device) is mounted read-write at \(m.mountPoint): offline mode refuses it (unmount it, or attach it with 'hotimage attach \(device)' and back up online)"
+                : "\(device) is mounted read-write at \(m.mountPoint) and not behind HotCore: attach it first (hotimage attach), or unmount it for an offline backup")
         }
-        if inUse {
-            throw BackupFailure(code: .refused, description: "\(device) is mounted read-write at \(mount!.mountPoint): offline mode refuses it")
+        if onlineRequired {
+            throw BackupFailure(code: .refused, description: "\(device) is not behind HotCore: \(o.mode == .online ? "online mode" : "--consistency") needs 'hotimage attach \(device)' first (or --mode offline on a quiet volume)")
         }
+        if (st.st_mode & S_IFMT) == S_IFBLK { try requireQuiet(device, attachment: nil) }
         try checkOutput(mount: mount, device: device)
         let size: UInt64
         do {
@@ -420,6 +445,32 @@ public final class BackupJob: @unchecked Sendable {
             size = probeDev.size
         } catch { throw BackupFailure(code: .refused, description: "\(error)") }
         return Plan(daemon: nil, volume: nil, readDevice: device, realDevice: nil, mount: mount, online: false, size: size)
+    }
+
+    /// Offline needs a quiet volume: nothing mounted read-write, stacked on
+    /// it, or holding it open (DeviceUsers). O_EXCL alone does not see a
+    /// program that opened the device plainly. A read-only mount is quiet.
+    func requireQuiet(_ device: String, attachment: String?) throws {
+        guard let usage = DeviceUsers.scan(path: device) else { return }
+        var users = usage.users.filter { !$0.isReadOnlyMount }
+        // A probe that blkid or udev runs on a new device is gone a moment later.
+        if !usage.processes.isEmpty && usage.processes.count == users.count {
+            usleep(300_000)
+            users = (DeviceUsers.scan(path: device)?.users ?? []).filter { !$0.isReadOnlyMount }
+        }
+        guard !users.isEmpty else { return }
+        let what = attachment.map { "back up online through the attachment ('hotimage backup \($0)', the default mode)" }
+            ?? "stop them, or put the volume behind HotCore ('hotimage attach \(device)', then use the device it prints) and back up online"
+        throw BackupFailure(code: .refused, description: "\(device) is in use, and offline mode needs a quiet volume: "
+            + users.map(\.description).joined(separator: "; ") + ". Either \(what)")
+    }
+
+    /// Whether anything began using an offline volume while it was read
+    /// (a check before and after; the exclusive open keeps mounts away).
+    func usersAppeared(_ plan: Plan) -> String? {
+        guard !plan.online, let usage = DeviceUsers.scan(path: plan.readDevice) else { return nil }
+        let users = usage.users.filter { !$0.isReadOnlyMount }
+        return users.isEmpty ? nil : users.map(\.description).joined(separator: "; ")
     }
 
     /// The image must not live on the volume being backed up.

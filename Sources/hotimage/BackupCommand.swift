@@ -12,21 +12,38 @@ struct BackupCommand: ParsableCommand {
         commandName: "backup",
         abstract: "Back up a volume, online or offline, into a qcow2 image.",
         discussion: """
-        SOURCE is an attachment name, the protected device that 'attach' printed, a \
-        mount point, or (offline) a device or image file.
+        SOURCE is an attachment name, the protected device that 'attach' printed, \
+        the device behind an attachment, a mount point, or a device or image \
+        file for an offline backup.
 
-        MODES
-          online   a HotCore session: a write-inactivity pause, a freeze (or the pause
-                   alone with --consistency wip), the used-block map, copy-on-write of
-                   the used blocks while the image is written; applications keep writing.
-          offline  the volume must be unmounted (or mounted read-only); it is read
-                   directly under exclusive access (O_EXCL), without HotCore.
-          auto     online when the volume is mounted read-write, else offline (default).
+        MODES (chosen by what uses the volume, not by whether it is mounted)
+          online   a session: a write-inactivity pause, a freeze (or the pause
+                   alone with --consistency wip), the used-block map, then
+                   copy-on-write of the used blocks while the image is
+                   written; applications keep writing. Without a mounted
+                   filesystem the cut is taken at a pause and every block is
+                   imaged (raw map).
+          offline  the volume is read directly, without a session, and must
+                   be quiet: O_EXCL succeeds, and nothing is mounted
+                   read-write, stacked (loop, dm, md) or open (any process,
+                   from /proc/PID/fd) on the device, a partition of it, or
+                   anything stacked on it. Otherwise it is refused (exit 2),
+                   naming the processes or holders. A read-only mount is
+                   quiet. Uses that begin while it is read fail the backup.
+          auto     (default) an attached volume: online, mounted or not, as
+                   only a session gives one point in time while a program
+                   may write. A device or LV in use (mounted read-write, or
+                   held open): online through dm-snapshot for a dm device,
+                   else refused with what to do. A quiet one: offline.
+        --consistency (freeze or wip) asks for online; with --mode offline it
+        is a usage error (exit 2). A whole disk whose partition is mounted is
+        in use.
 
         BACKENDS (online; --backend, default: by what SOURCE is)
           hotcore      HotCore, the userspace interceptor of 'attach' (--via fuse or
-                       nbd): protects only used blocks, and each block only until it
-                       is in the image (the protected area shrinks as the backup goes).
+                       nbd): protects only used blocks, and each block only until
+                       it is in the image (the protected area shrinks as the
+                       backup goes).
           dm-snapshot  the kernel's dm-snapshot, for a device-mapper volume: an
                        attachment made with 'attach --via dm', or any LVM LV or
                        dm-linear device given directly (a session daemon is started
@@ -43,9 +60,10 @@ struct BackupCommand: ParsableCommand {
 
         WHAT IS IMAGED
           Mounted ext4/XFS (and any filesystem with FS_IOC_GETFSMAP): the used blocks.
-          Unmounted ext2/3/4: the used blocks from libext2fs. Anything else: every
-          block ("raw"), said in the output. Swap files on the volume are always left
-          out; --exclude leaves out a file or directory (its extents, read with FIEMAP).
+          Unmounted ext2/3/4: the used blocks from libext2fs. Anything else:
+          every block ("raw"), said in the output. Swap files on the volume are
+          always left out; --exclude leaves out a file or directory (its
+          extents, read with FIEMAP).
           The image records what was left out. Unused blocks stay unallocated.
 
         HOOKS (also from the configuration file; run by /bin/sh -c)
@@ -80,25 +98,29 @@ struct BackupCommand: ParsableCommand {
                              vm-cdrom-counts, vm-resume-wait, postgresql-…
 
         CONFIGURATION FILE (/etc/hotimage/hotimage.conf, or --config)
-          key = value lines: before-snapshot, after-snapshot, after-backup (repeatable),
-          hook-timeout, compress, consistency, exclude (repeatable), writers,
-          writer-timeout, allow-unfrozen, freeze-partial (yes: freeze partially
-          covered components too, the default), writers-dir, and the writers'
+          key = value lines: before-snapshot, after-snapshot, after-backup
+          (repeatable), hook-timeout, compress, consistency (for online
+          backups), exclude (repeatable), writers, writer-timeout,
+          allow-unfrozen, freeze-partial (yes: freeze partially covered
+          components too, the default), writers-dir, and the writers'
           settings (container, vm-…, libvirt-…, postgresql-…). Command-line
-          options come after (hooks, settings) or override (the rest) the file.
+          options come after (hooks, settings) or override (the rest) the
+          file.
 
         OUTPUT
-          A progress bar on a terminal (bytes, rate, ETA, COW buffer fill, mode), a
-          summary at the end (time, used bytes, image bytes, ratio, COW peak, emergency
-          episodes). --json prints one JSON object per line on stdout instead (events
-          start, snapshot, log, progress, summary, error).
+          A progress bar on a terminal (bytes, rate, ETA, COW buffer fill,
+          mode), a summary at the end (time, used bytes, image bytes, ratio,
+          COW peak, emergency episodes). --json prints one JSON object per
+          line on stdout instead (events start, snapshot, log, progress,
+          summary, error; snapshot carries the cut on CLOCK_MONOTONIC).
 
         EXIT CODES
           0  the image is complete
           1  reading the volume or writing the image failed
-          2  refused: usage, the image exists, offline mode on a volume mounted
-             read-write, online mode without HotCore or device-mapper, a backend
-             the source does not have
+          2  refused: usage, the image exists, offline mode on a volume in
+             use (mounted read-write, stacked on, or open), online mode
+             without HotCore or device-mapper, a backend the source does not
+             have
           3  the snapshot or the session failed, e.g. the dm-snapshot COW store
              overflowed (the live volume is unharmed)
           4  a before-snapshot hook failed; nothing was done
@@ -111,12 +133,14 @@ struct BackupCommand: ParsableCommand {
 
         Examples:
           hotimage backup data -o /backup/data.qcow2
-          hotimage backup /srv/db -o /backup/db.qcow2 --before-snapshot 'psql -c checkpoint'
-          hotimage backup /dev/sdc1 --mode offline -o /backup/sdc1.qcow2 --compress zlib
-          hotimage backup /dev/vg0/home -o /backup/home.qcow2 --backend dm-snapshot --buffer-dir /var/tmp/hb
+          hotimage backup /srv/db -o /backup/db.qcow2 \\
+              --before-snapshot 'psql -c checkpoint'
+          hotimage backup /dev/sdc1 --mode offline -o /backup/sdc1.qcow2
+          hotimage backup /dev/vg0/home -o /backup/home.qcow2 \\
+              --backend dm-snapshot --buffer-dir /var/tmp/hb
         """)
 
-    @Argument(help: "Attachment name, protected device, mount point, or (offline) device.")
+    @Argument(help: "Attachment name, protected or real device, mount point, or (offline) a quiet device.")
     var source: String
 
     @Option(name: [.customShort("o"), .long], help: ArgumentHelp("The qcow2 image to write.", valueName: "image"))
@@ -125,7 +149,7 @@ struct BackupCommand: ParsableCommand {
     @Option(help: "online, auto or offline.")
     var mode: String = "auto"
 
-    @Option(help: "freeze (default when mounted) or wip (the write-inactivity pause alone).")
+    @Option(help: "freeze (default when mounted) or wip (the write-inactivity pause alone); implies online.")
     var consistency: String?
 
     @Option(help: ArgumentHelp("zstd[:LEVEL] (default zstd:1), zlib[:LEVEL] or none.", valueName: "method"))
@@ -210,6 +234,9 @@ struct BackupCommand: ParsableCommand {
         if let r = maxRate, (parseSize(r) ?? 0) == 0 { throw ValidationError("--max-rate: not a size: \(r)") }
         if BackupMode(rawValue: mode) == nil { throw ValidationError("--mode must be online, auto or offline") }
         if let c = consistency, c != "freeze" && c != "wip" { throw ValidationError("--consistency must be freeze or wip") }
+        if consistency != nil && mode == "offline" {
+            throw ValidationError("--consistency applies to online backups; --mode offline reads a quiet volume as it is (drop one of them)")
+        }
         if let c = compress { do { _ = try QCow2Compression(parsing: c) } catch { throw ValidationError("--compress: \(error)") } }
         guard let cs = parseSize(clusterSize), cs >= 4096, cs <= 2 << 20, cs & (cs - 1) == 0 else {
             throw ValidationError("--cluster-size must be a power of two from 4K to 2M")
@@ -227,7 +254,10 @@ struct BackupCommand: ParsableCommand {
         } catch { throw CLIExit.fail("\(error)", code: 2) }
         var o = BackupOptions(source: source, output: output)
         o.mode = BackupMode(rawValue: mode)!
-        if let c = consistency ?? cfg.consistency { o.consistency = Consistency(rawValue: c) }
+        // --consistency asks for online; the configuration file's is a default
+        // for online backups and does not apply offline.
+        if let c = consistency ?? (o.mode == .offline ? nil : cfg.consistency) { o.consistency = Consistency(rawValue: c) }
+        o.consistencyGiven = consistency != nil
         do { o.compression = try QCow2Compression(parsing: compress ?? cfg.compress ?? "zstd:1") } catch {
             throw CLIExit.fail("compress: \(error)", code: 2)
         }
