@@ -162,6 +162,9 @@ struct BackupCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Let this group read the image too (mode 0640, owner root); default: root only (0600).", valueName: "group"))
     var group: String?
 
+    @Flag(help: "Also say what is not on this host (no libvirt, no PostgreSQL, no containers).")
+    var verbose = false
+
     @Flag(help: "One JSON event per line on stdout.")
     var json = false
 
@@ -262,6 +265,7 @@ struct BackupCommand: ParsableCommand {
         if let d = writersDir { o.writers.directory = d }
         o.writers.settings.pairs += try! WriterSettings.parse(arguments: writerSetting).pairs
         o.allowUnfrozen = allowUnfrozen || cfg.allowUnfrozen
+        o.writers.quietUnavailable = !verbose
         let reporter: Reporter = json ? JSONReporter() : TerminalReporter()
         let job = BackupJob(options: o, reporter: reporter)
         let signals = SignalWaiter()
