@@ -46,6 +46,8 @@ public struct BackupOptions: Sendable {
     public var hooks = HookSet()
     public var keepPartial = false
     public var overwrite = false
+    /// Who may read the image (and a kept partial one): root only, or a group too.
+    public var imageAccess = DataFileAccess.ownerOnly
     public var runDir = "/run/hotimage"
     public var pauseMs: Double?
     public var imager = ImagerConfig()
@@ -182,7 +184,7 @@ public final class BackupJob: @unchecked Sendable {
         let writer: QCow2Writer
         do {
             writer = try QCow2Writer(path: o.output, virtualSize: plan.size, clusterBits: o.clusterBits,
-                                     compression: o.compression, overwrite: o.overwrite)
+                                     compression: o.compression, overwrite: o.overwrite, access: o.imageAccess)
         } catch {
             return afterFailedSnapshot(.refused, "cannot create the image \(o.output): \(error)", ctx: ctx)
         }

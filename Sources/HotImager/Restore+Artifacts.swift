@@ -36,8 +36,13 @@ extension RestoreJob {
             }
         }
         defer { if let l = loop { try? Loop.detach(l) } }
-        let dir = NSTemporaryDirectory() + "hotimage-restore-\(getpid())"
-        mkdir(dir, 0o700)
+        // A fresh directory of our own (mkdtemp: 0700, never one that
+        // someone else made in advance under a predictable name).
+        var template = Array((NSTemporaryDirectory() + "hotimage-restore-XXXXXX").utf8CString)
+        guard mkdtemp(&template) != nil else {
+            throw RestoreFailure(refused: false, description: "creating a directory to mount the restored filesystem: \(String(cString: strerror(errno)))")
+        }
+        let dir = String(cString: template)
         defer { rmdir(dir) }
         var opts = ["-t", fs]
         if fs == "xfs" { opts += ["-o", "nouuid"] }

@@ -8,7 +8,8 @@
 // Writes every allocated cluster (decoded on all cores), then discards or
 // zeroes the rest so the target reads exactly as the image (--no-discard
 // leaves the rest as it was: faster on a target known to be zero), then
-// flushes. A new regular file is created with the volume's size.
+// flushes. A new regular file is created with the volume's size, mode 0600
+// whatever the umask (it holds every file of the volume).
 // Then the files that writers handed over at thaw time and the image keeps
 // (a PostgreSQL backup_label) are written into the restored filesystem
 // (Restore+Artifacts.swift); --no-writer-files skips that.
@@ -88,7 +89,8 @@ public enum RestoreJob {
             throw RestoreFailure(refused: true, description: "\(o.target) is mounted at \(mnt.mountPoint); unmount it first")
         }
         if !exists {
-            let fd = open(o.target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            // Mode 0600 whatever the umask: the file holds the whole volume.
+            let fd = DataFileAccess.ownerOnly.open(o.target, flags: O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC)
             if fd < 0 { throw RestoreFailure(refused: true, description: "creating \(o.target): \(String(cString: strerror(errno)))") }
             let ok = ftruncate(fd, off_t(size)) == 0
             close(fd)

@@ -47,7 +47,7 @@ public final class ContainerWriter: BuiltinWriter {
     func containers() throws -> [Container] {
         guard let root = cgroupRoot else {
             if !settings.values("container").isEmpty { throw WriterError("containers are configured but cgroup v2 is not mounted") }
-            writeStderr("writer containers: cgroup v2 is not mounted: no containers\n")
+            unavailableNote("containers", "cgroup v2 is not mounted: no containers")
             return []
         }
         var out: [Container] = []

@@ -35,7 +35,9 @@ public final class LibvirtWriter: BuiltinWriter {
     public func components(volumes: [String]) throws -> [WriterComponent] {
         let virsh: Virsh
         do { virsh = try Virsh.connect(uri: settings.uri) } catch {
-            writeStderr("writer libvirt: \(error)\n")
+            if (error as? WriterError)?.unavailable == true { unavailableNote("libvirt", "\(error)") } else {
+                writeStderr("writer libvirt: \(error)\n")
+            }
             return []
         }
         let names = try virsh.domainNames()

@@ -83,7 +83,7 @@ public final class FreezeSession: @unchecked Sendable {
             let t0 = monotonicNanos()
             var proc: WriterProcess?
             do {
-                let p = try WriterProcess(w.argv("freeze", settings: cfg.settings), volumes: vols)
+                let p = try WriterProcess(w.argv("freeze", settings: cfg.settings), volumes: vols, quiet: cfg.quietUnavailable)
                 proc = p
                 p.send(jsonLine(FreezeRequest(components: ids, volumes: vols, timeoutSeconds: cfg.timeout)))
                 let reply = try decodeLine(FreezeReply.self, try p.readLine(timeout: cfg.timeout, what: "freeze"))

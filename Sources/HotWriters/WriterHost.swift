@@ -52,6 +52,9 @@ public struct WriterConfig: Sendable {
     /// Freeze partially covered components too (their part on the volume
     /// is then consistent).
     public var freezePartial = true
+    /// Ask the writers not to say that their application is not on this
+    /// host (backup without --verbose).
+    public var quietUnavailable = false
     public init() {}
 
     public static func currentExecutable() -> String {
@@ -113,10 +116,10 @@ func parallelMap<T, R>(_ items: [T], _ body: @escaping @Sendable (T) -> R) -> [R
 public enum WriterHost {
     /// Asks every writer for its components, in parallel.
     public static func list(_ writers: [WriterSpec], volumes: [String], config: WriterConfig) -> [WriterListing] {
-        let settings = config.settings, timeout = config.listTimeout
+        let settings = config.settings, timeout = config.listTimeout, quiet = config.quietUnavailable
         return parallelMap(writers) { w in
             do {
-                let p = try WriterProcess(w.argv("components", settings: settings), volumes: volumes)
+                let p = try WriterProcess(w.argv("components", settings: settings), volumes: volumes, quiet: quiet)
                 p.send(jsonLine(ComponentsRequest(volumes: volumes)))
                 p.closeInput()
                 let line = try p.readLine(timeout: timeout, what: "components")

@@ -12,12 +12,15 @@ public final class WriterProcess: @unchecked Sendable {
     /// The exit code once reaped (-1: killed when it would not exit).
     private var exitCode: Int32?
 
-    public init(_ argv: [String], volumes: [String]) throws {
+    /// `quiet`: ask it not to say that its application is not on this host.
+    public init(_ argv: [String], volumes: [String], quiet: Bool = false) throws {
         self.argv = argv
-        let p = try ProcessControl.spawnPiped(argv, environment: [
+        var env = [
             "HOTIMAGE_VOLUMES": volumes.joined(separator: " "),
             "HOTIMAGE_WRITER_PROTOCOL": String(writerProtocolVersion),
-        ])
+        ]
+        if quiet { env[writerQuietVariable] = "1" }
+        let p = try ProcessControl.spawnPiped(argv, environment: env)
         pid = p.pid; stdinFD = p.stdin; stdoutFD = p.stdout
     }
 

@@ -6,8 +6,11 @@
 // executable as hotimage (`hotimage writer-exec NAME VERB`), so they go
 // through exactly this protocol too. One JSON object per line on stdout;
 // stderr is for humans (it goes to hotimage's log). Environment:
-// HOTIMAGE_VOLUMES (the mount points being backed up, space separated) and
-// HOTIMAGE_WRITER_PROTOCOL=1.
+// HOTIMAGE_VOLUMES (the mount points being backed up, space separated),
+// HOTIMAGE_WRITER_PROTOCOL=1, and HOTIMAGE_WRITER_QUIET=1 when a writer
+// should not say that its application is simply not on this host (backup
+// without --verbose; `hotimage writers` leaves it unset, since saying so is
+// its job).
 //
 //   WRITER components
 //     stdin:  {"protocol":1,"volumes":["/srv/data"]}
@@ -39,6 +42,7 @@
 // within the timeout, which counts as a failure of every component it was
 // asked about; a writer that exits before answering fails the same way.
 import Foundation
+import HotOS
 
 public let writerProtocolVersion = 1
 
@@ -125,7 +129,21 @@ public struct ThawRequest: Codable, Sendable {
 
 public struct WriterError: Error, CustomStringConvertible, Sendable {
     public var description: String
-    public init(_ d: String) { description = d }
+    /// The application is not on this host (no virsh, no cgroup v2): not a
+    /// failure, and said only when asked (unavailableNote).
+    public var unavailable = false
+    public init(_ d: String, unavailable: Bool = false) { description = d; self.unavailable = unavailable }
+}
+
+/// The environment variable that asks writers to keep quiet about
+/// applications that are not on this host.
+public let writerQuietVariable = "HOTIMAGE_WRITER_QUIET"
+
+/// Says on stderr (hotimage's log) that a writer's application is not on
+/// this host, unless hotimage asked for quiet (backup without --verbose).
+func unavailableNote(_ writer: String, _ text: String) {
+    if ProcessInfo.processInfo.environment[writerQuietVariable] == "1" { return }
+    writeStderr("writer \(writer): \(text)\n")
 }
 
 /// One line of JSON (no pretty printing, sorted keys, no trailing newline).

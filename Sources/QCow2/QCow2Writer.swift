@@ -220,19 +220,22 @@ public final class QCow2Writer: @unchecked Sendable {
     /// qemu's refcount_max for 16-bit refcounts.
     static let refcountMax: UInt16 = 0xFFFF
 
-    /// Creates the image file (O_EXCL unless `overwrite`). `clusterBits` is
-    /// 9...21; `virtualSize` must be a multiple of 512 (qemu counts sectors)
-    /// and within qemu's limits for the cluster size (32 MiB of L1 table).
+    /// Creates the image file (O_EXCL unless `overwrite`), mode 0600 (0640
+    /// with a group in `access`) whatever the umask: an image is as secret
+    /// as the volume (DataFileAccess.swift). `clusterBits` is 9...21;
+    /// `virtualSize` must be a multiple of 512 (qemu counts sectors) and
+    /// within qemu's limits for the cluster size (32 MiB of L1 table).
     public convenience init(path: String, virtualSize: UInt64, clusterBits: Int = 16,
-                            compression: QCow2Compression, overwrite: Bool = false) throws {
+                            compression: QCow2Compression, overwrite: Bool = false,
+                            access: DataFileAccess = .ownerOnly) throws {
         try self.init(path: path, virtualSize: virtualSize, clusterBits: clusterBits, compression: compression,
-                      overwrite: overwrite, runBytes: nil, rawBatchClusters: nil)
+                      overwrite: overwrite, access: access, runBytes: nil, rawBatchClusters: nil)
     }
 
     /// `runBytes` / `rawBatchClusters` override the staging sizes (tests use
     /// tiny ones to exercise many concurrent flushes).
     init(path: String, virtualSize: UInt64, clusterBits: Int, compression: QCow2Compression,
-         overwrite: Bool, runBytes: Int?, rawBatchClusters: Int?) throws {
+         overwrite: Bool, access: DataFileAccess = .ownerOnly, runBytes: Int?, rawBatchClusters: Int?) throws {
         guard (Q.minClusterBits...Q.maxClusterBits).contains(clusterBits) else {
             throw QCow2Error("cluster_bits \(clusterBits) is out of range: qcow2 images need 9...21 (512 bytes to 2 MiB clusters)", path: path)
         }
@@ -272,7 +275,7 @@ public final class QCow2Writer: @unchecked Sendable {
         self.rawCapacity = max(1, rawBatchClusters ?? ((4 << 20) / Int(cs)))
 
         let flags = O_WRONLY | O_CREAT | O_CLOEXEC | (overwrite ? O_TRUNC : O_EXCL)
-        let fd = open(path, flags, 0o644)
+        let fd = access.open(path, flags: flags)
         if fd < 0 {
             let e = errno
             if e == EEXIST {

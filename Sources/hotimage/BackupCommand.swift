@@ -113,6 +113,7 @@ struct BackupCommand: ParsableCommand {
           COW peak, emergency episodes). --json prints one JSON object per
           line on stdout instead (events start, snapshot, log, progress,
           summary, error; snapshot carries the cut on CLOCK_MONOTONIC).
+          The image is mode 0600 whatever the umask; --group G: 0640, group G.
 
         EXIT CODES
           0  the image is complete
@@ -182,6 +183,12 @@ struct BackupCommand: ParsableCommand {
     @Flag(help: "Overwrite an existing image file.")
     var force = false
 
+    @Option(help: ArgumentHelp("Let this group read the image too (mode 0640, owner root); default: root only (0600).", valueName: "group"))
+    var group: String?
+
+    @Flag(help: "Also say what is not on this host (no libvirt, no PostgreSQL, no containers).")
+    var verbose = false
+
     @Flag(help: "One JSON event per line on stdout.")
     var json = false
 
@@ -245,6 +252,7 @@ struct BackupCommand: ParsableCommand {
         if let e = emergencyAt, parseSize(e) == nil { throw ValidationError("--emergency-at: not a size: \(e)") }
         if let t = writerTimeout, !(t > 0) { throw ValidationError("--writer-timeout must be seconds > 0") }
         do { _ = try WriterSettings.parse(arguments: writerSetting) } catch { throw ValidationError("--writer-setting: \(error)") }
+        if let g = group, groupID(named: g) == nil { throw ValidationError("--group: no such group: \(g)") }
     }
 
     func run() throws {
@@ -270,6 +278,7 @@ struct BackupCommand: ParsableCommand {
         if let t = hookTimeout { o.hooks.timeoutSeconds = t }
         o.keepPartial = keepPartial
         o.overwrite = force
+        o.imageAccess = DataFileAccess(group: group.flatMap(groupID(named:)))
         o.runDir = paths.runDir
         o.pauseMs = pauseMs
         o.imager.workers = workers
@@ -286,6 +295,7 @@ struct BackupCommand: ParsableCommand {
         if let d = writersDir { o.writers.directory = d }
         o.writers.settings.pairs += try! WriterSettings.parse(arguments: writerSetting).pairs
         o.allowUnfrozen = allowUnfrozen || cfg.allowUnfrozen
+        o.writers.quietUnavailable = !verbose
         let reporter: Reporter = json ? JSONReporter() : TerminalReporter()
         let job = BackupJob(options: o, reporter: reporter)
         let signals = SignalWaiter()

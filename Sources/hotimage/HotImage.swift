@@ -23,12 +23,13 @@ struct HotImage: ParsableCommand {
         and every virtualisation tool read; 'restore' writes it back.
 
         Typical use (as root):
-          hotimage attach /dev/sdb1 --name data      # prints the protected device, e.g. /dev/loop3
-          mount /dev/loop3 /srv/data                 # use the protected device from now on
-          hotimage backup data -o /backup/data.qcow2 # online, while applications write
+          hotimage attach /dev/sdb1 --name data   # prints the protected device
+          mount /dev/loop3 /srv/data              # use it (here /dev/loop3) now
+          hotimage backup data -o /backup/data.qcow2   # online, apps writing
           hotimage verify /backup/data.qcow2
           hotimage restore /backup/data.qcow2 /dev/sdc1
-          hotimage snapshot data -- nbdcopy '$HOTIMAGE_SNAPSHOT_URI' /backup/data.raw
+          hotimage snapshot data -- \\
+              nbdcopy '$HOTIMAGE_SNAPSHOT_URI' /backup/data.raw
           hotimage status data
           umount /srv/data && hotimage detach data
 

@@ -20,14 +20,14 @@ struct Snapshot: ParsableCommand {
         literally in its arguments, quoted, and are replaced) with these variables set, heart-beating while it runs, \
         and ends the session when COMMAND exits:
 
-          HOTIMAGE_SNAPSHOT_URI  nbd+unix:///snapshot?socket=... (read-only, point in time;
-                                 blocks outside the used map read as zeros and are
-                                 reported as holes)
-          HOTIMAGE_NBD_SOCKET    the daemon's NBD socket
-          HOTIMAGE_ARMED_NS      the cut, in CLOCK_MONOTONIC nanoseconds
-          HOTIMAGE_USED_BYTES    bytes in the used-block map
-          HOTIMAGE_SNAPSHOT_DEVICE  (attach --via dm) the read-only dm-snapshot device;
-                                 the URI is empty then
+          HOTIMAGE_SNAPSHOT_URI     nbd+unix:///snapshot?socket=... (read-only,
+                                    the point in time; blocks outside the used
+                                    map read as zeros, reported as holes)
+          HOTIMAGE_NBD_SOCKET       the daemon's NBD socket
+          HOTIMAGE_ARMED_NS         the cut, in CLOCK_MONOTONIC nanoseconds
+          HOTIMAGE_USED_BYTES       bytes in the used-block map
+          HOTIMAGE_SNAPSHOT_DEVICE  (attach --via dm) the read-only dm-snapshot
+                                    device; the URI is empty then
 
         Consistency: 'freeze' (default when a filesystem is mounted) freezes it for \
         the map read; 'wip' relies on the pause alone and starts again if a write \
@@ -35,8 +35,10 @@ struct Snapshot: ParsableCommand {
         every block.
 
         Examples:
-          hotimage snapshot data -- nbdcopy '$HOTIMAGE_SNAPSHOT_URI' /backup/data.raw
-          hotimage snapshot /srv/data -- sh -c 'qemu-img convert -O qcow2 "$HOTIMAGE_SNAPSHOT_URI" /backup/d.qcow2'
+          hotimage snapshot data -- \\
+              nbdcopy '$HOTIMAGE_SNAPSHOT_URI' /backup/data.raw
+          hotimage snapshot /srv/data -- sh -c \\
+              'qemu-img convert -O qcow2 "$HOTIMAGE_SNAPSHOT_URI" /backup/d.qcow2'
 
         Exit status: COMMAND's, or 3 if the session failed while it ran.
         """)

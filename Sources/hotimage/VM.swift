@@ -41,9 +41,9 @@ struct VMCommand: ParsableCommand {
           paused comes back paused. 'resume --from' resumes what a record lists and
           removes those that came back from it.
 
-        Libvirt is reached with virsh (libvirt-clients); --uri names the connection.
-        Managed saves go to /var/lib/libvirt/qemu/save for qemu:///system: for a
-        backup that restores a guest with its memory, that directory must be on a
+        Libvirt is reached with virsh (libvirt-clients); --uri names the connection. \
+        Managed saves go to /var/lib/libvirt/qemu/save for qemu:///system: for a \
+        backup that restores a guest with its memory, that directory must be on a \
         volume being backed up (layout says so when it is not).
 
         EXIT CODES

@@ -27,7 +27,8 @@ struct WritersCommand: ParsableCommand {
 
         WRITERS
           libvirt      libvirt domains (see also 'hotimage vm')
-          containers   cgroup-v2 containers: machine.slice, and 'container = CGROUP [ROOT]'
+          containers   cgroup-v2 containers: those in machine.slice, and those
+                       named by 'container = CGROUP [ROOT]'
           postgresql   running PostgreSQL clusters (pg_backup_start/stop)
           external     every executable in /etc/hotimage/writers.d, speaking the
                        writer protocol (docs/WRITERS.md): 'NAME components' prints
