@@ -12,6 +12,12 @@
 // throttles the application's own writes against. A file system that
 // refuses O_DIRECT (at open, or EINVAL at the first write) gets buffered
 // files instead; `directIO` tells which is in use.
+//
+// Given `directoryFD` (the daemon opens the buffer directory once, at
+// attach), files are created and deleted relative to that descriptor
+// (openat/unlinkat): a file system mounted later over the directory's path
+// (or a parent of it) cannot redirect the hb files onto another volume. The
+// files are 0600 whatever the umask: they hold the volume's data.
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -19,6 +25,8 @@ import CHotShim
 
 public final class HBFileStore: @unchecked Sendable {
     public let directory: String
+    /// The buffer directory, held open (not owned: the caller closes it); -1: by path.
+    public let directoryFD: Int32
     public let slotBytes: Int
     public let fileBytes: UInt64
     public let limitBytes: UInt64
@@ -27,6 +35,7 @@ public final class HBFileStore: @unchecked Sendable {
     private struct HBFile {
         var fd: Int32
         var path: String
+        var name: String { String(path.split(separator: "/").last ?? "") }
         var nextUnused: UInt32    // slots below this have been handed out at least once
         var free: [UInt32]
         var live: Int
@@ -62,8 +71,9 @@ public final class HBFileStore: @unchecked Sendable {
 
     /// `directIO` asks for O_DIRECT files; it is used only when `slotBytes`
     /// is a multiple of 4 KiB and the file system accepts it.
-    public init(directory: String, slotBytes: Int, fileBytes: UInt64, limitBytes: UInt64, directIO: Bool = true) {
+    public init(directory: String, directoryFD: Int32 = -1, slotBytes: Int, fileBytes: UInt64, limitBytes: UInt64, directIO: Bool = true) {
         self.directory = directory
+        self.directoryFD = directoryFD
         wantDirect = directIO && slotBytes % HBFileStore.directAlignment == 0
         self.slotBytes = slotBytes
         self.fileBytes = max(fileBytes, UInt64(slotBytes))
@@ -105,6 +115,19 @@ public final class HBFileStore: @unchecked Sendable {
         i < 10 ? "hb_0\(i).tmp" : "hb_\(i).tmp"
     }
 
+    /// Opens (creates) hb file `name` in the buffer directory, 0600.
+    private func openFile(_ name: String, _ flags: Int32) -> Int32 {
+        let fd = directoryFD >= 0 ? openat(directoryFD, name, flags, 0o600) : open(directory + "/" + name, flags, 0o600)
+        // O_TRUNC keeps the mode of a stale file a previous run left.
+        if fd >= 0 { _ = fchmod(fd, 0o600) }
+        return fd
+    }
+
+    /// Deletes hb file `name` (no error if it is missing).
+    public func unlinkFile(_ name: String) {
+        if directoryFD >= 0 { unlinkat(directoryFD, name, 0) } else { unlink(directory + "/" + name) }
+    }
+
     private func allocate() throws -> UInt64 {
         try locked {
             for i in files.indices {
@@ -125,14 +148,15 @@ public final class HBFileStore: @unchecked Sendable {
                 throw StoreError.full(limit: limitBytes)
             }
             let i = files.firstIndex(where: { $0 == nil }) ?? files.count
-            let path = directory + "/" + HBFileStore.fileName(i)
+            let name = HBFileStore.fileName(i)
+            let path = directory + "/" + name
             var fd: Int32 = -1
             let direct = wantDirect
             if wantDirect {
-                fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | HS_O_DIRECT, 0o600)
+                fd = openFile(name, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW | HS_O_DIRECT)
                 if fd < 0 && errno == EINVAL { wantDirect = false }
             }
-            if fd < 0 && !wantDirect { fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) }
+            if fd < 0 && !wantDirect { fd = openFile(name, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW) }
             if fd < 0 { throw StoreError.os(OSError("open", errno: errno, object: path)) }
             let f = HBFile(fd: fd, path: path, nextUnused: 1, free: [], live: 1, direct: direct && wantDirect)
             if i == files.count { files.append(f) } else { files[i] = f }
@@ -306,7 +330,7 @@ public final class HBFileStore: @unchecked Sendable {
             files[i] = f
             // Shrink: delete trailing files with nothing live.
             while let last = files.last, let lf = last, lf.live == 0 {
-                closeLater(lf.fd); unlink(lf.path)
+                closeLater(lf.fd); unlinkFile(lf.name)
                 files.removeLast()
                 while let l = files.last, l == nil { files.removeLast() }
             }
@@ -326,7 +350,7 @@ public final class HBFileStore: @unchecked Sendable {
 
     public func removeAll() {
         locked {
-            for f in files.compactMap({ $0 }) { closeLater(f.fd); unlink(f.path) }
+            for f in files.compactMap({ $0 }) { closeLater(f.fd); unlinkFile(f.name) }
             files.removeAll()
         }
     }
