@@ -36,8 +36,11 @@ public struct HotCoreLeftovers: Sendable, Codable {
 
     static let recordFiles = ["device", "pid", "nbd-index", "lock", "control.sock", "nbd.sock", "nbdfuse.log"]
 
+    /// A refused attach leaves its lock and logs; a daemon that ran leaves
+    /// pid, device and sockets.
     public var isEmpty: Bool {
-        loops.isEmpty && !fuseMounted && nbdfusePids.isEmpty && stableLink == nil && nbdIndex == nil && records.isEmpty
+        loops.isEmpty && !fuseMounted && nbdfusePids.isEmpty && stableLink == nil && nbdIndex == nil
+            && records.allSatisfy { $0 == "lock" || $0 == "nbdfuse.log" }
     }
 
     /// Whether a daemon holds RUN/NAME/lock (it takes it for its lifetime).
@@ -146,7 +149,8 @@ public struct HotCoreLeftovers: Sendable, Codable {
             kill(p, SIGTERM)
             var gone = false
             for i in 0..<60 {
-                if kill(p, 0) != 0 { gone = true; break }
+                // Gone, or a zombie its new parent has not reaped yet.
+                if kill(p, 0) != 0 || HotCoreLeftovers.isZombie(p) { gone = true; break }
                 if i == 40 { kill(p, SIGKILL) }
                 usleep(50_000)
             }
@@ -160,6 +164,11 @@ public struct HotCoreLeftovers: Sendable, Codable {
         rmdir(dir + "/fuse")
         rmdir(dir)
         return []
+    }
+
+    static func isZombie(_ pid: Int32) -> Bool {
+        guard let st = readSmallFile("/proc/\(pid)/stat"), let close = st.lastIndex(of: ")") else { return false }
+        return st[st.index(after: close)...].trimmingCharacters(in: .whitespaces).hasPrefix("Z")
     }
 
     static func exists(_ p: String) -> Bool {
