@@ -21,6 +21,15 @@ struct Attach: ParsableCommand {
         --via fuse: libnbd's nbdfuse presents the NBD export as a file and a loop \
         device with direct I/O stands over it (works on any kernel with FUSE and loop).
 
+        If the daemon is killed (--via fuse), nbdfuse exits with it and all I/O \
+        on the protected device fails at once, without a hang: the kernel logs \
+        I/O errors on the loop device, ext4 aborts its journal and remounts \
+        read-only, applications get EIO or EROFS. Writes that had completed are \
+        on DEVICE. To recover: stop the applications, unmount, run 'hotimage \
+        detach NAME' (it removes the loop device, the FUSE mount and the run \
+        directory, which 'hotimage status' lists), attach again and fsck the \
+        protected device before mounting it.
+
         --via nbd: the kernel NBD client (needs the nbd module), configured over \
         netlink with --nbd-connections sockets. If the daemon dies, the kernel holds \
         I/O on the device for --dead-conn-timeout seconds; 'hotimage attach DEVICE \
@@ -44,8 +53,12 @@ struct Attach: ParsableCommand {
         Copy-on-write buffer: originals of overwritten blocks go to memory first \
         (--memory-buffer), then to hb_NN.tmp files in --buffer-dir (each at most \
         --hb-file-size, all together at most --buffer-limit). Put --buffer-dir on \
-        a volume that is NOT being backed up. When a limit or deadline is hit the \
-        session fails; the live volume is never harmed.
+        a volume that is NOT being backed up: attach and every session start \
+        refuse a directory on DEVICE, on the protected device or on anything \
+        stacked on them. The directory is held open from attach, so a later \
+        mount over its path does not move the hb files (0600; a directory attach \
+        creates is 0700). When a limit or deadline is hit the session fails; the \
+        live volume is never harmed.
 
         Example:
           hotimage attach /dev/vdb1 --name data --buffer-dir /var/tmp/hb

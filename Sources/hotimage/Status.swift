@@ -16,6 +16,11 @@ struct Status: ParsableCommand {
         the snapshot device and its state, COW bytes used of the store's size, \
         and its hb files. --json prints one JSON object per daemon per line.
 
+        A HotCore daemon that was killed is listed with what it left behind (its \
+        run directory, the loop device over its FUSE file, the FUSE mount, an \
+        nbdfuse process) and the command that removes them, 'hotimage detach \
+        NAME'; listing them changes nothing.
+
         It also cleans up what killed dm-snapshot daemons left behind (only \
         hotimage's own devices, found by name and owner; each action is \
         printed on stderr).

@@ -13,7 +13,11 @@
 #     while mounted and says what to do, after umount it removes everything
 #     (loop, FUSE mount, run directory, link); re-attach + e2fsck recovers;
 #     and kill -9 with nbdfuse stopped (left alive) or killed too.
+#  PARTS="a b b2 c c2" (default all) runs only some, to show each fails
+#  without the change it guards.
 source "$(dirname "$0")/lib.sh"
+PARTS=" ${PARTS:-a b b2 c c2} "
+part() { [[ $PARTS == *" $1 "* ]]; }
 
 STACKS=()
 extra_cleanup() {
@@ -61,6 +65,7 @@ stop_fw_and_check() {  # file what
 progress() { cat "$W/fw.prog" 2>/dev/null || echo 0; }
 
 # a. A loop device over the real device, mounted, holds the buffer directory.
+if part a; then
 BASE=$(make_loop "$W/stack.img" 64M)
 STACK=$(losetup -f --show "$BASE") || fail "losetup over $BASE"
 STACKS+=("$STACK")
@@ -74,9 +79,11 @@ echo "$out" | grep -q "another volume" || fail "refusal does not say what to do:
 [ -e "$RUN/hit-stack/pid" ] && fail "a refused attach left a daemon"
 log "a. stacked loop: $(echo "$out" | tail -1)"
 umount "$W/stack"; losetup -d "$STACK"
+fi
 
 # b. The user's story: --buffer-dir under /srv/adv, then the protected device
 #    mounted at /srv/adv and hb made inside it, files written, backup.
+if part b; then
 BASE=$(make_loop "$W/adv.img" 256M)
 mkdir -p "$W/srv/adv"
 out=$(H attach "$BASE" --name hit-adv --buffer-dir "$W/srv/adv/hb" --memory-buffer 1M --hb-file-size 8M) || fail "attach hit-adv: $out"
@@ -102,10 +109,12 @@ log "b. backup refused in $secs s (exit $rc): $(echo "$out" | grep -m1 "buffer d
 stop_fw_and_check "$W/srv/adv/data" "b. refused session"
 umount "$W/srv/adv" || fail "umount $W/srv/adv"
 H detach hit-adv >/dev/null || fail "detach hit-adv"
+fi
 
 # b2. The same mount over the parent, without hb inside: the path names
 #     nothing now; the daemon's held descriptor keeps the hb files in the
 #     directory it opened at attach (on the test's filesystem, not the volume).
+if part b2; then
 BASE=$(make_loop "$W/held.img" 256M)
 mkdir -p "$W/srv/held"
 out=$(H attach "$BASE" --name hit-held --buffer-dir "$W/srv/held/hb" --memory-buffer 256K --hb-file-size 4M) || fail "attach hit-held: $out"
@@ -134,6 +143,7 @@ log "b2. hb files in the held directory ($nhb open during the snapshot, none on 
 stop_fw_and_check "$W/srv/held/data" "b2. held directory"
 umount "$W/srv/held" || fail "umount $W/srv/held"
 H detach hit-held >/dev/null || fail "detach hit-held"
+fi
 
 # c. kill -9 of the daemon under a mounted ext4 with a writer.
 gone_checks() {  # name
@@ -146,6 +156,7 @@ gone_checks() {  # name
   H status | grep -q "$n" && fail "$n: status still lists it"
   return 0
 }
+if part c; then
 attach_new hit-kill 128M
 mkfs.ext4 -q -F "$DEV" || fail "mkfs $DEV"
 mkdir -p "$W/kill"; mount "$DEV" "$W/kill" || fail "mount $DEV"
@@ -183,9 +194,10 @@ e2fsck -fn "$DEV" > /dev/null 2>&1 || fail "c: the filesystem is not clean after
 mount "$DEV" "$W/kill" && umount "$W/kill" || fail "c: mount after recovery"
 log "c. recovery: re-attach + e2fsck -fy exit $rc, clean, mounts"
 H detach hit-kill >/dev/null || fail "c: detach after recovery"
+fi
 
 # c2. nbdfuse left alive (stopped) when the daemon is killed; c3. both killed.
-for n in hit-kill2 hit-kill3; do
+part c2 && for n in hit-kill2 hit-kill3; do
   attach_new $n 64M
   nf=$(pgrep -f "$RUN/$n/fuse/disk") || fail "$n: no nbdfuse"
   if [ $n = hit-kill2 ]; then kill -STOP $nf; kill -9 "$(cat "$RUN/$n/pid")"
