@@ -69,6 +69,7 @@ extension Daemon {
     }
 }
 
-/// HOTIMAGE_TEST_BUFFER_ON_VOLUME=1 turns the check off, so a machine test
-/// can show what the write path does when hb files do go through the volume.
+/// HOTIMAGE_TEST_BUFFER_ON_VOLUME=1 turns the check and the held descriptor
+/// off, so a machine test can show what the write path does when hb files
+/// do go through the volume (t_attach_faults part w).
 let allowBufferOnVolumeForTests: Bool = getenv("HOTIMAGE_TEST_BUFFER_ON_VOLUME").map { String(cString: $0) == "1" } ?? false

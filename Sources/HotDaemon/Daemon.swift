@@ -124,8 +124,10 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
             close(bufferDirFD)
             throw DaemonError.usage(why)
         }
-        hb = HBFileStore(directory: bdir, directoryFD: bufferDirFD, slotBytes: options.engine.blockSize,
-                         fileBytes: options.hbFileBytes, limitBytes: options.bufferLimitBytes)
+        // The test switch also opens hb files by path, as before issue 14, so
+        // a test can put them on the protected volume.
+        hb = HBFileStore(directory: bdir, directoryFD: allowBufferOnVolumeForTests ? -1 : bufferDirFD, slotBytes: options.engine.blockSize,
+                         fileBytes: options.hbFileBytes, limitBytes: options.bufferLimitBytes, deferDeletes: true)
         hb.removeAll()
         // Stale hb files of a previous daemon of this name.
         for i in 0..<100 { hb.unlinkFile(HBFileStore.fileName(i)) }
@@ -224,6 +226,7 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
         Daemon.unlinkStableName(options.name)
         shutdownServers()
         hb.removeAll()
+        hb.collectGarbage()
         // Only the directory opened at attach (a mount may cover its path now).
         var held = stat(), now = stat()
         if fstat(bufferDirFD, &held) == 0, stat(options.resolvedBufferDir, &now) == 0,
@@ -263,6 +266,8 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
             if engine.waitForSpillWork(timeoutNanos: 100_000_000) {
                 while engine.spillStep(maxBlocks: 1024) > 0 {}
             }
+            // Closes and unlinks of hb files, never under the engine's lock.
+            hb.collectGarbage()
         }
     }
 

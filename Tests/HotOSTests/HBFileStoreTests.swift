@@ -397,3 +397,35 @@ struct HBFileStoreHeldDirectoryTests {
         s.removeAll()
     }
 }
+
+// The daemon's store defers closes and unlinks to its movers
+// (collectGarbage), so no file-system call runs under the engine's lock.
+@Suite("HBFileStore with deferred deletes")
+struct HBFileStoreDeferredTests {
+    @Test("removeAll only queues; collectGarbage deletes; a queued name is not reused meanwhile")
+    func deferred() throws {
+        let dir = try TempDir()
+        let s = HBFileStore(directory: dir.path, slotBytes: 512, fileBytes: 2048, limitBytes: 1 << 20, deferDeletes: true)
+        let a = slotData(1), b = slotData(2)
+        _ = try a.withUnsafeBytes { try s.store($0.baseAddress!, count: 512) }
+        #expect(dir.files == ["hb_00.tmp"])
+        s.removeAll()
+        // Nothing touched the file system yet.
+        #expect(dir.files == ["hb_00.tmp"])
+        #expect(s.pendingGarbage == 2)
+        // A new session stores before the movers collect: another name.
+        let loc = try b.withUnsafeBytes { try s.store($0.baseAddress!, count: 512) }
+        #expect(dir.files == ["hb_00.tmp", "hb_01.tmp"])
+        s.collectGarbage()
+        #expect(dir.files == ["hb_01.tmp"])
+        var back = [UInt8](repeating: 0, count: 512)
+        try back.withUnsafeMutableBytes { try s.load(loc, into: $0.baseAddress!, count: 512) }
+        #expect(back == b)
+        // Freeing the last live slot queues the file's deletion too.
+        s.free(loc)
+        #expect(dir.files == ["hb_01.tmp"])
+        s.collectGarbage()
+        #expect(dir.files.isEmpty)
+        #expect(s.pendingGarbage == 0)
+    }
+}

@@ -13,10 +13,10 @@
 #     while mounted and says what to do, after umount it removes everything
 #     (loop, FUSE mount, run directory, link); re-attach + e2fsck recovers;
 #     and kill -9 with nbdfuse stopped (left alive) or killed too.
-#  PARTS="a b b2 c c2" (default all) runs only some, to show each fails
+#  PARTS="a b w b2 c c2" (default all) runs only some, to show each fails
 #  without the change it guards.
 source "$(dirname "$0")/lib.sh"
-PARTS=" ${PARTS:-a b b2 c c2} "
+PARTS=" ${PARTS:-a b w b2 c c2} "
 part() { [[ $PARTS == *" $1 "* ]]; }
 
 STACKS=()
@@ -109,6 +109,37 @@ log "b. backup refused in $secs s (exit $rc): $(echo "$out" | grep -m1 "buffer d
 stop_fw_and_check "$W/srv/adv/data" "b. refused session"
 umount "$W/srv/adv" || fail "umount $W/srv/adv"
 H detach hit-adv >/dev/null || fail "detach hit-adv"
+fi
+
+# w. The wedge itself, with the check and the held descriptor switched off
+#    (HOTIMAGE_TEST_BUFFER_ON_VOLUME=1, tests only): hb files really go
+#    through the protected volume. No live write may wait without bound on
+#    the daemon's own hb I/O: the backup ends (the session may fail), the
+#    writer never stops for good, every write lands. (Before the hb store
+#    stopped unlinking under the engine's lock, this hung for good: writer
+#    and jbd2 in D state, the daemon in vfs_unlink, 'status' hanging.)
+if part w; then
+BASE=$(make_loop "$W/wedge.img" 256M)
+mkdir -p "$W/srv/wedge"
+out=$(HOTIMAGE_TEST_BUFFER_ON_VOLUME=1 H attach "$BASE" --name hit-wedge --buffer-dir "$W/srv/wedge/hb" --memory-buffer 1M --hb-file-size 8M) \
+  || fail "attach hit-wedge: $out"
+DEV=$(echo "$out" | tail -1)
+mkfs.ext4 -q -F "$DEV" || fail "mkfs $DEV"
+mount "$DEV" "$W/srv/wedge" || fail "mount $DEV"
+mkdir "$W/srv/wedge/hb"
+head -c 64M /dev/urandom > "$W/srv/wedge/data"; sync
+start_fw "$W/srv/wedge/data"
+t0=$(date +%s)
+out=$(timeout 120 "$HOTIMAGE" backup --run-dir "$RUN" hit-wedge -o "$W/wedge.qcow2" 2>&1); rc=$?
+secs=$(( $(date +%s) - t0 ))
+[ $rc != 124 ] || fail "w: the backup hung for 120 s with hb files on the volume (state of the writer: $(cut -d' ' -f3 /proc/$FW/stat))"
+before=$(progress); sleep 3
+[ "$(progress)" -gt "$before" ] || fail "w: live writes stopped after the backup (writer state $(cut -d' ' -f3 /proc/$FW/stat))"
+sp=$(status_json hit-wedge | json_get "['engine']['counters']['spilledBlocks']")
+log "w. hb files on the volume ($sp blocks spilled): backup ended in $secs s, exit $rc: $(echo "$out" | grep -m1 -iE "failed|complete")"
+stop_fw_and_check "$W/srv/wedge/data" "w. hb files on the volume"
+umount "$W/srv/wedge" || fail "umount $W/srv/wedge"
+H detach hit-wedge --force >/dev/null || fail "detach hit-wedge"
 fi
 
 # b2. The same mount over the parent, without hb inside: the path names
