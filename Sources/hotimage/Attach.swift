@@ -21,8 +21,8 @@ struct Attach: ParsableCommand {
         --via fuse: libnbd's nbdfuse presents the NBD export as a file and a loop \
         device with direct I/O stands over it (works on any kernel with FUSE and loop).
 
-        If the daemon is killed (--via fuse), nbdfuse exits with it and all I/O \
-        on the protected device fails at once, without a hang: the kernel logs \
+        If the daemon is killed (--via fuse), nbdfuse loses its server and all \
+        I/O on the protected device fails at once, without a hang: the kernel logs \
         I/O errors on the loop device, ext4 aborts its journal and remounts \
         read-only, applications get EIO or EROFS. Writes that had completed are \
         on DEVICE. To recover: stop the applications, unmount, run 'hotimage \

@@ -121,7 +121,7 @@ fi
 if part w; then
 BASE=$(make_loop "$W/wedge.img" 256M)
 mkdir -p "$W/srv/wedge"
-out=$(HOTIMAGE_TEST_BUFFER_ON_VOLUME=1 H attach "$BASE" --name hit-wedge --buffer-dir "$W/srv/wedge/hb" --memory-buffer 1M --hb-file-size 8M) \
+out=$(HOTIMAGE_TEST_BUFFER_ON_VOLUME=1 H attach "$BASE" --name hit-wedge --buffer-dir "$W/srv/wedge/hb" --memory-buffer 1M --hb-file-size 8M --buffer-deadline 2) \
   || fail "attach hit-wedge: $out"
 DEV=$(echo "$out" | tail -1)
 mkfs.ext4 -q -F "$DEV" || fail "mkfs $DEV"
@@ -129,6 +129,12 @@ mount "$DEV" "$W/srv/wedge" || fail "mount $DEV"
 mkdir "$W/srv/wedge/hb"
 head -c 64M /dev/urandom > "$W/srv/wedge/data"; sync
 start_fw "$W/srv/wedge/data"
+t0=$(date +%s)
+# A snapshot held for 8 s keeps copy-on-write (and the movers) busy, then a backup.
+out=$(timeout 60 "$HOTIMAGE" snapshot --run-dir "$RUN" hit-wedge -- sleep 8 2>&1); src=$?
+ssecs=$(( $(date +%s) - t0 ))
+[ $src != 124 ] || fail "w: the snapshot hung for 60 s with hb files on the volume (state of the writer: $(cut -d' ' -f3 /proc/$FW/stat))"
+log "w. snapshot held 8 s: ended in $ssecs s, exit $src: $(echo "$out" | grep -m1 -iE "failed|taken")"
 t0=$(date +%s)
 out=$(timeout 120 "$HOTIMAGE" backup --run-dir "$RUN" hit-wedge -o "$W/wedge.qcow2" 2>&1); rc=$?
 secs=$(( $(date +%s) - t0 ))
