@@ -142,7 +142,7 @@ secs=$(( $(date +%s) - t0 ))
 before=$(progress); sleep 3
 [ "$(progress)" -gt "$before" ] || fail "w: live writes stopped after the backup (writer state $(cut -d' ' -f3 /proc/$FW/stat))"
 sp=$(status_json hit-wedge | json_get "['engine']['counters']['spilledBlocks']")
-log "w. hb files on the volume ($sp blocks spilled): backup ended in $secs s, exit $rc: $(echo "$out" | grep -m1 -iE "failed|complete")"
+log "w. hb files on the volume ($sp blocks spilled): backup ended in $secs s, exit $rc: $(echo "$out" | grep -m1 -E "summary|snapshot failed|failed:")"
 stop_fw_and_check "$W/srv/wedge/data" "w. hb files on the volume"
 umount "$W/srv/wedge" || fail "umount $W/srv/wedge"
 H detach hit-wedge --force >/dev/null || fail "detach hit-wedge"
