@@ -62,6 +62,11 @@ extension Daemon {
                 return .failure("\(mp) is not mounted from the protected device \(currentProtectedDevice ?? "?")")
             }
         }
+        // hb files through the volume they protect would wedge it.
+        if let why = bufferDirectoryRefusalNow() {
+            logger.error("session: refused: \(why)")
+            return .failure(why)
+        }
         if let other = claimOwner(id) { return .failure(other) }
         do { try engine.begin(consistency: consistency) } catch {
             releaseOwner(id)

@@ -77,6 +77,8 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
     let logger: Logger
     let device: BlockDevice
     let hb: HBFileStore
+    /// The buffer directory, open from attach on (hb files are made relative to it).
+    let bufferDirFD: Int32
     public let engine: SnapshotEngine
     let nbd: NBDServer
     let control: ControlServer
@@ -117,14 +119,18 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
             throw DaemonError.failed("\(options.device) is too small (\(device.size) bytes)")
         }
         let bdir = options.resolvedBufferDir
-        if mkdir(bdir, 0o700) != 0 && errno != EEXIST {
-            throw DaemonError.failed("cannot create buffer directory \(bdir): \(String(cString: strerror(errno)))")
+        bufferDirFD = try Daemon.openBufferDirectory(bdir)
+        if let why = Daemon.bufferDirectoryRefusal(path: bdir, fd: bufferDirFD, name: options.name, devices: [options.device]) {
+            close(bufferDirFD)
+            throw DaemonError.usage(why)
         }
-        hb = HBFileStore(directory: bdir, slotBytes: options.engine.blockSize,
-                         fileBytes: options.hbFileBytes, limitBytes: options.bufferLimitBytes)
+        // The test switch also opens hb files by path, as before issue 14, so
+        // a test can put them on the protected volume.
+        hb = HBFileStore(directory: bdir, directoryFD: allowBufferOnVolumeForTests ? -1 : bufferDirFD, slotBytes: options.engine.blockSize,
+                         fileBytes: options.hbFileBytes, limitBytes: options.bufferLimitBytes, deferDeletes: true)
         hb.removeAll()
         // Stale hb files of a previous daemon of this name.
-        for i in 0..<100 { unlink(bdir + "/" + HBFileStore.fileName(i)) }
+        for i in 0..<100 { hb.unlinkFile(HBFileStore.fileName(i)) }
         engine = SnapshotEngine(device: device, spill: hb, config: options.engine)
         // HOTIMAGE_NO_SPLICE=1 copies every READ (for A/B benchmarks).
         let splice = ProcessInfo.processInfo.environment["HOTIMAGE_NO_SPLICE"] == nil
@@ -220,7 +226,13 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
         Daemon.unlinkStableName(options.name)
         shutdownServers()
         hb.removeAll()
-        rmdir(options.resolvedBufferDir)
+        hb.collectGarbage()
+        // Only the directory opened at attach (a mount may cover its path now).
+        var held = stat(), now = stat()
+        if fstat(bufferDirFD, &held) == 0, stat(options.resolvedBufferDir, &now) == 0,
+           held.st_dev == now.st_dev && held.st_ino == now.st_ino {
+            rmdir(options.resolvedBufferDir)
+        }
         for f in ["device", "pid", "nbdfuse.log", "lock"] { unlink(options.dir + "/" + f) }
         rmdir(options.dir)   // stays while daemon.log (background mode) is there
         logger.info("detached \(options.device)")
@@ -254,6 +266,8 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
             if engine.waitForSpillWork(timeoutNanos: 100_000_000) {
                 while engine.spillStep(maxBlocks: 1024) > 0 {}
             }
+            // Closes and unlinks of hb files, never under the engine's lock.
+            hb.collectGarbage()
         }
     }
 

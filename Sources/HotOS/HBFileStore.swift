@@ -12,6 +12,21 @@
 // throttles the application's own writes against. A file system that
 // refuses O_DIRECT (at open, or EINVAL at the first write) gets buffered
 // files instead; `directIO` tells which is in use.
+//
+// Given `directoryFD` (the daemon opens the buffer directory once, at
+// attach), files are created and deleted relative to that descriptor
+// (openat/unlinkat): a file system mounted later over the directory's path
+// (or a parent of it) cannot redirect the hb files onto another volume. The
+// files are 0600 whatever the umask: they hold the volume's data.
+//
+// No file-system call runs under the store's mutex: the engine calls `free`
+// and `removeAll` under its own lock, so an unlink, close or open that
+// blocks (a slow or wedged buffer disk; in issue 14 the buffer directory sat
+// on the very volume HotCore protects, and an unlink under the engine lock
+// stopped every live write for good) would stop every live write. New files
+// are opened outside the mutex (a placeholder reserves the index); with
+// `deferDeletes`, closes and unlinks are queued and `collectGarbage` (the
+// daemon's movers) does them; a name waiting for its unlink is not reused.
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -19,6 +34,8 @@ import CHotShim
 
 public final class HBFileStore: @unchecked Sendable {
     public let directory: String
+    /// The buffer directory, held open (not owned: the caller closes it); -1: by path.
+    public let directoryFD: Int32
     public let slotBytes: Int
     public let fileBytes: UInt64
     public let limitBytes: UInt64
@@ -27,10 +44,12 @@ public final class HBFileStore: @unchecked Sendable {
     private struct HBFile {
         var fd: Int32
         var path: String
+        var name: String { String(path.split(separator: "/").last ?? "") }
         var nextUnused: UInt32    // slots below this have been handed out at least once
         var free: [UInt32]
         var live: Int
         var direct: Bool
+        var opening = false       // placeholder while the file is opened outside the mutex
     }
     private var files: [HBFile?] = []
     /// I/O running outside the lock, and descriptors whose close waits for it:
@@ -38,6 +57,13 @@ public final class HBFileStore: @unchecked Sendable {
     /// be reused by another open and the I/O land in the wrong file.
     private var ioInFlight = 0
     private var pendingClose: [Int32] = []
+    /// Files to delete (deferDeletes), and those being deleted now.
+    private var pendingUnlink: [String] = []
+    private var unlinking: Set<String> = []
+    /// Bumped by removeAll, so a file opened meanwhile is not installed.
+    private var epoch = 0
+    /// Queue closes and unlinks for `collectGarbage` instead of doing them.
+    public let deferDeletes: Bool
     private let slotsPerFile: UInt32
     /// O_DIRECT for new files (guarded by the mutex); turned off for good
     /// when the directory's file system refuses it.
@@ -62,8 +88,11 @@ public final class HBFileStore: @unchecked Sendable {
 
     /// `directIO` asks for O_DIRECT files; it is used only when `slotBytes`
     /// is a multiple of 4 KiB and the file system accepts it.
-    public init(directory: String, slotBytes: Int, fileBytes: UInt64, limitBytes: UInt64, directIO: Bool = true) {
+    public init(directory: String, directoryFD: Int32 = -1, slotBytes: Int, fileBytes: UInt64, limitBytes: UInt64,
+                directIO: Bool = true, deferDeletes: Bool = false) {
         self.directory = directory
+        self.directoryFD = directoryFD
+        self.deferDeletes = deferDeletes
         wantDirect = directIO && slotBytes % HBFileStore.directAlignment == 0
         self.slotBytes = slotBytes
         self.fileBytes = max(fileBytes, UInt64(slotBytes))
@@ -72,7 +101,7 @@ public final class HBFileStore: @unchecked Sendable {
         pthread_mutex_init(&mutex, nil)
     }
 
-    deinit { removeAll(); pthread_mutex_destroy(&mutex) }
+    deinit { removeAll(); collectGarbage(); pthread_mutex_destroy(&mutex) }
 
     private func locked<T>(_ body: () throws -> T) rethrows -> T {
         pthread_mutex_lock(&mutex)
@@ -92,31 +121,69 @@ public final class HBFileStore: @unchecked Sendable {
     private func endIO() {
         locked {
             ioInFlight -= 1
-            if ioInFlight == 0 { for fd in pendingClose { close(fd) }; pendingClose.removeAll() }
+            if ioInFlight == 0 && !deferDeletes { for fd in pendingClose { close(fd) }; pendingClose.removeAll() }
         }
     }
 
     /// Closes now, or once the I/O in flight is done. Lock held.
     private func closeLater(_ fd: Int32) {
-        if ioInFlight == 0 { close(fd) } else { pendingClose.append(fd) }
+        if fd < 0 { return }
+        if ioInFlight == 0 && !deferDeletes { close(fd) } else { pendingClose.append(fd) }
     }
+
+    /// Deletes file `name` now, or queues it (deferDeletes). Lock held.
+    private func doom(_ name: String) {
+        if deferDeletes { pendingUnlink.append(name) } else { unlinkFile(name) }
+    }
+
+    /// Does the queued closes and unlinks, outside every lock (deferDeletes).
+    public func collectGarbage() {
+        let (fds, names) = locked { () -> ([Int32], [String]) in
+            var fds: [Int32] = []
+            if ioInFlight == 0 { fds = pendingClose; pendingClose.removeAll() }
+            let names = pendingUnlink
+            pendingUnlink.removeAll()
+            unlinking.formUnion(names)
+            return (fds, names)
+        }
+        if fds.isEmpty && names.isEmpty { return }
+        for n in names { unlinkFile(n) }
+        for fd in fds { close(fd) }
+        locked { unlinking.subtract(names) }
+    }
+
+    /// Files waiting to be closed or deleted (tests).
+    public var pendingGarbage: Int { locked { pendingClose.count + pendingUnlink.count } }
 
     public static func fileName(_ i: Int) -> String {
         i < 10 ? "hb_0\(i).tmp" : "hb_\(i).tmp"
     }
 
+    /// Opens (creates) hb file `name` in the buffer directory, 0600.
+    private func openFile(_ name: String, _ flags: Int32) -> Int32 {
+        let fd = directoryFD >= 0 ? openat(directoryFD, name, flags, 0o600) : open(directory + "/" + name, flags, 0o600)
+        // O_TRUNC keeps the mode of a stale file a previous run left.
+        if fd >= 0 { _ = fchmod(fd, 0o600) }
+        return fd
+    }
+
+    /// Deletes hb file `name` (no error if it is missing).
+    public func unlinkFile(_ name: String) {
+        if directoryFD >= 0 { unlinkat(directoryFD, name, 0) } else { unlink(directory + "/" + name) }
+    }
+
     private func allocate() throws -> UInt64 {
-        try locked {
+        let reserved = try locked { () -> (loc: UInt64?, index: Int, epoch: Int) in
             for i in files.indices {
-                guard var f = files[i] else { continue }
+                guard var f = files[i], !f.opening else { continue }
                 if let s = f.free.popLast() {
                     f.live += 1; files[i] = f
-                    return UInt64(i) << 32 | UInt64(s)
+                    return (UInt64(i) << 32 | UInt64(s), i, epoch)
                 }
                 if f.nextUnused < slotsPerFile {
                     let s = f.nextUnused
                     f.nextUnused += 1; f.live += 1; files[i] = f
-                    return UInt64(i) << 32 | UInt64(s)
+                    return (UInt64(i) << 32 | UInt64(s), i, epoch)
                 }
             }
             // A new file, if the limit allows one more.
@@ -124,18 +191,41 @@ public final class HBFileStore: @unchecked Sendable {
             if (count + 1) * fileBytes > limitBytes && count > 0 || fileBytes > limitBytes {
                 throw StoreError.full(limit: limitBytes)
             }
-            let i = files.firstIndex(where: { $0 == nil }) ?? files.count
-            let path = directory + "/" + HBFileStore.fileName(i)
-            var fd: Int32 = -1
-            let direct = wantDirect
-            if wantDirect {
-                fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | HS_O_DIRECT, 0o600)
-                if fd < 0 && errno == EINVAL { wantDirect = false }
+            // The lowest free index whose name is not waiting to be deleted.
+            var i = 0
+            while i < files.count && files[i] != nil || pendingUnlink.contains(HBFileStore.fileName(i))
+                    || unlinking.contains(HBFileStore.fileName(i)) { i += 1 }
+            let f = HBFile(fd: -1, path: directory + "/" + HBFileStore.fileName(i), nextUnused: 1, free: [], live: 1,
+                           direct: false, opening: true)
+            while files.count <= i { files.append(nil) }
+            files[i] = f
+            return (nil, i, epoch)
+        }
+        if let loc = reserved.loc { return loc }
+        // Open the new file outside the mutex.
+        let i = reserved.index
+        let name = HBFileStore.fileName(i)
+        let path = directory + "/" + name
+        var fd: Int32 = -1
+        var direct = locked { wantDirect }
+        if direct {
+            fd = openFile(name, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW | HS_O_DIRECT)
+            if fd < 0 && errno == EINVAL { direct = false; locked { wantDirect = false } }
+        }
+        if fd < 0 && !direct { fd = openFile(name, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW) }
+        let e = errno
+        return try locked {
+            let ours = reserved.epoch == epoch && i < files.count && files[i]?.opening == true
+            if fd < 0 {
+                if ours { files[i] = nil; while let l = files.last, l == nil { files.removeLast() } }
+                throw StoreError.os(OSError("open", errno: e, object: path))
             }
-            if fd < 0 && !wantDirect { fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) }
-            if fd < 0 { throw StoreError.os(OSError("open", errno: errno, object: path)) }
-            let f = HBFile(fd: fd, path: path, nextUnused: 1, free: [], live: 1, direct: direct && wantDirect)
-            if i == files.count { files.append(f) } else { files[i] = f }
+            guard ours else {
+                // removeAll ran meanwhile: this file is not wanted.
+                closeLater(fd); doom(name)
+                throw StoreError.os(OSError("open", errno: ECANCELED, object: path))
+            }
+            files[i] = HBFile(fd: fd, path: path, nextUnused: 1, free: [], live: 1, direct: direct && wantDirect)
             return UInt64(i) << 32
         }
     }
@@ -179,7 +269,7 @@ public final class HBFileStore: @unchecked Sendable {
     private func allocateRun(_ n: Int) throws -> [UInt64] {
         let run: [UInt64]? = locked {
             for i in files.indices {
-                guard var f = files[i], f.nextUnused < slotsPerFile, f.free.isEmpty else { continue }
+                guard var f = files[i], !f.opening, f.nextUnused < slotsPerFile, f.free.isEmpty else { continue }
                 let k = UInt32(min(UInt64(n), UInt64(slotsPerFile - f.nextUnused)))
                 let first = f.nextUnused
                 f.nextUnused += k; f.live += Int(k); files[i] = f
@@ -306,7 +396,7 @@ public final class HBFileStore: @unchecked Sendable {
             files[i] = f
             // Shrink: delete trailing files with nothing live.
             while let last = files.last, let lf = last, lf.live == 0 {
-                closeLater(lf.fd); unlink(lf.path)
+                closeLater(lf.fd); doom(lf.name)
                 files.removeLast()
                 while let l = files.last, l == nil { files.removeLast() }
             }
@@ -326,8 +416,10 @@ public final class HBFileStore: @unchecked Sendable {
 
     public func removeAll() {
         locked {
-            for f in files.compactMap({ $0 }) { closeLater(f.fd); unlink(f.path) }
+            // A file still being opened is closed and deleted by its opener.
+            for f in files.compactMap({ $0 }) where !f.opening { closeLater(f.fd); doom(f.name) }
             files.removeAll()
+            epoch &+= 1
         }
     }
 }

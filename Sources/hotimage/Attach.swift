@@ -21,6 +21,15 @@ struct Attach: ParsableCommand {
         --via fuse: libnbd's nbdfuse presents the NBD export as a file and a loop \
         device with direct I/O stands over it (works on any kernel with FUSE and loop).
 
+        If the daemon is killed (--via fuse), nbdfuse loses its server and all \
+        I/O on the protected device fails at once, without a hang: the kernel logs \
+        I/O errors on the loop device, ext4 aborts its journal and remounts \
+        read-only, applications get EIO or EROFS. Writes that had completed are \
+        on DEVICE. To recover: stop the applications, unmount, run 'hotimage \
+        detach NAME' (it removes the loop device, the FUSE mount and the run \
+        directory, which 'hotimage status' lists), attach again and fsck the \
+        protected device before mounting it.
+
         --via nbd: the kernel NBD client (needs the nbd module), configured over \
         netlink with --nbd-connections sockets. If the daemon dies, the kernel holds \
         I/O on the device for --dead-conn-timeout seconds; 'hotimage attach DEVICE \
@@ -44,8 +53,12 @@ struct Attach: ParsableCommand {
         Copy-on-write buffer: originals of overwritten blocks go to memory first \
         (--memory-buffer), then to hb_NN.tmp files in --buffer-dir (each at most \
         --hb-file-size, all together at most --buffer-limit). Put --buffer-dir on \
-        a volume that is NOT being backed up. When a limit or deadline is hit the \
-        session fails; the live volume is never harmed.
+        a volume that is NOT being backed up: attach and every session start \
+        refuse a directory on DEVICE, on the protected device or on anything \
+        stacked on them. The directory is held open from attach, so a later \
+        mount over its path does not move the hb files (0600; a directory attach \
+        creates is 0700). When a limit or deadline is hit the session fails; the \
+        live volume is never harmed.
 
         Example:
           hotimage attach /dev/vdb1 --name data --buffer-dir /var/tmp/hb
@@ -191,6 +204,12 @@ struct Detach: ParsableCommand {
         Refuses while a filesystem is mounted on the protected device (unmount it \
         first) or while a backup session runs (unless --force, which ends the \
         session). Waits until the daemon has exited.
+
+        After the daemon was killed, it removes what the daemon left: the loop \
+        device over its nbdfuse file, the FUSE mount, a leftover nbdfuse \
+        process, /dev/hotimage/NAME and the run directory ('hotimage status' \
+        lists them). What it cannot remove it names, with the command to remove \
+        it; it then exits 1 and can be run again.
         """)
 
     @Argument(help: "Attachment name (or protected device path).")
@@ -203,13 +222,20 @@ struct Detach: ParsableCommand {
 
     func run() throws {
         guard let dir = daemonDir(name, runDir: paths.runDir) else {
+            // A dead daemon's leftovers without its control socket.
+            if !name.contains("/"), HotCoreLeftovers.inspect(dir: paths.runDir + "/" + name) != nil {
+                return try cleanUpAfterDeadDaemon(paths.runDir + "/" + name)
+            }
             if try detachOrphanDM(name, runDir: paths.runDir) { return }
             throw CLIExit.fail("no HotCore daemon '\(name)' in \(paths.runDir)")
         }
         let pid = (try? String(contentsOfFile: dir + "/pid", encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
         let c: ControlClient
         do { c = try ControlClient(path: dir + "/control.sock") } catch {
-            if let pid, kill(pid, 0) == 0 { throw CLIExit.fail("the daemon (pid \(pid)) does not answer on \(dir)/control.sock: \(error)") }
+            // The daemon holds RUN/NAME/lock while it lives.
+            if HotCoreLeftovers.daemonAlive(dir: dir) {
+                throw CLIExit.fail("the daemon\(pid.map { " (pid \($0))" } ?? "") does not answer on \(dir)/control.sock: \(error)")
+            }
             try cleanUpAfterDeadDaemon(dir)
             return
         }
@@ -229,28 +255,18 @@ struct Detach: ParsableCommand {
     }
 
     /// The daemon was killed: remove what it left, by its own records only
-    /// (its kernel NBD device, after checking the backend identifier is this
-    /// attachment's; its loop device over its own nbdfuse file).
+    /// (HotCoreLeftovers). Goes to the end, or says what is left and how to
+    /// remove it, exits non-zero and keeps the records for another run.
     func cleanUpAfterDeadDaemon(_ dir: String) throws {
-        let n = (dir as NSString).lastPathComponent
-        let dev = (try? String(contentsOfFile: dir + "/device", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
-        if let dev, let m = Mounts.of(device: dev).first {
-            throw CLIExit.fail("the daemon of '\(n)' is gone but \(dev) is still mounted on \(m.mountPoint): restart it with 'hotimage attach DEVICE --name \(n) --via nbd --reconnect', or unmount first")
+        guard let l = HotCoreLeftovers.inspect(dir: dir) else {
+            throw CLIExit.fail("nothing of '\(name)' is left in \(dir)")
         }
-        if let line = try? String(contentsOfFile: dir + "/nbd-index", encoding: .utf8),
-           let idx = Int(line.split(separator: " ").first ?? "") {
-            if let be = KernelNBD.backend(index: idx), be.hasPrefix("hotimage:\(n):") {
-                do { try KernelNBD.disconnect(index: idx) } catch { throw CLIExit.fail("\(error)") }
-                print("disconnected /dev/nbd\(idx) left by the dead daemon of '\(n)'")
-            }
-        } else if let dev, dev.hasPrefix("/dev/loop"), FileManager.default.fileExists(atPath: dir + "/fuse") {
-            _ = try? Loop.detach(dev)
-            _ = try? ProcessControl.run(["/usr/bin/fusermount3", "-u", dir + "/fuse"])
+        for line in l.lines { writeStderr("hotimage: left by the dead daemon of '\(l.name)': \(line)\n") }
+        let left = l.clean { writeStderr("hotimage: \($0)\n") }
+        if !left.isEmpty {
+            for line in left { writeStderr("hotimage: still there: \(line)\n") }
+            throw CLIExit.fail("could not clean up everything after the dead daemon of '\(l.name)' (see above); run 'hotimage detach \(l.name)' again when done")
         }
-        for f in ["device", "pid", "nbd-index", "lock", "control.sock", "nbd.sock", "nbdfuse.log"] { unlink(dir + "/" + f) }
-        rmdir(dir + "/fuse")
-        rmdir(dir)
-        unlink("/dev/hotimage/" + n)
-        print("cleaned up after the dead daemon of '\(n)'")
+        print("cleaned up after the dead daemon of '\(l.name)'")
     }
 }

@@ -16,6 +16,11 @@ struct Status: ParsableCommand {
         the snapshot device and its state, COW bytes used of the store's size, \
         and its hb files. --json prints one JSON object per daemon per line.
 
+        A HotCore daemon that was killed is listed with what it left behind (its \
+        run directory, the loop device over its FUSE file, the FUSE mount, an \
+        nbdfuse process) and the command that removes them, 'hotimage detach \
+        NAME'; listing them changes nothing.
+
         It also cleans up what killed dm-snapshot daemons left behind (only \
         hotimage's own devices, found by name and owner; each action is \
         printed on stderr).
@@ -32,17 +37,35 @@ struct Status: ParsableCommand {
     func run() throws {
         // Leftovers of killed dm-snapshot daemons (only hotimage's own devices, by name and owner).
         for line in DMLeftovers.clean(runDir: paths.runDir) { writeStderr("hotimage: \(line)\n") }
-        let dirs: [String]
+        var dirs: [String]
         if let name {
-            guard let d = daemonDir(name, runDir: paths.runDir) else { throw CLIExit.fail("no HotCore daemon '\(name)' in \(paths.runDir)") }
-            dirs = [d]
+            if let d = daemonDir(name, runDir: paths.runDir) {
+                dirs = [d]
+            } else if !name.contains("/"), HotCoreLeftovers.inspect(dir: paths.runDir + "/" + name) != nil {
+                dirs = [paths.runDir + "/" + name]
+            } else {
+                throw CLIExit.fail("no HotCore daemon '\(name)' in \(paths.runDir)")
+            }
         } else {
             let names = (try? FileManager.default.contentsOfDirectory(atPath: paths.runDir)) ?? []
-            dirs = names.sorted().map { paths.runDir + "/" + $0 }.filter { FileManager.default.fileExists(atPath: $0 + "/control.sock") }
+            dirs = names.sorted().map { paths.runDir + "/" + $0 }.filter {
+                FileManager.default.fileExists(atPath: $0 + "/control.sock") || HotCoreLeftovers.inspect(dir: $0) != nil
+            }
             if dirs.isEmpty && !json { print("no HotCore daemons in \(paths.runDir)") }
         }
         var failed = false
         for d in dirs {
+            // A killed daemon: show what it left and how to remove it (read only).
+            if let l = HotCoreLeftovers.inspect(dir: d) {
+                if json {
+                    let enc = JSONEncoder()
+                    enc.outputFormatting = [.sortedKeys]
+                    print(String(decoding: try enc.encode(DeadDaemon(deadDaemon: l, hint: "hotimage detach \(l.name)")), as: UTF8.self))
+                } else {
+                    print(renderLeftovers(l))
+                }
+                continue
+            }
             do {
                 let c = try ControlClient(path: d + "/control.sock")
                 defer { c.close() }
@@ -61,6 +84,18 @@ struct Status: ParsableCommand {
             }
         }
         if failed { throw ExitCode(1) }
+    }
+
+    struct DeadDaemon: Encodable {
+        var deadDaemon: HotCoreLeftovers
+        var hint: String
+    }
+
+    func renderLeftovers(_ l: HotCoreLeftovers) -> String {
+        var lines = ["\(l.name): daemon dead\(l.pid.map { " (was pid \($0))" } ?? ""); left behind:"]
+        lines += l.lines.map { "  " + $0 }
+        lines.append("  remove with: hotimage detach \(l.name)" + (l.mountedOn.isEmpty ? "" : " (after 'umount \(l.mountedOn.joined(separator: " "))')"))
+        return lines.joined(separator: "\n")
     }
 
     func render(_ s: DaemonStatus) -> String {

@@ -350,3 +350,82 @@ struct HBFileStoreDirectTests {
         #expect(try s.load(loc) == slotData(1))
     }
 }
+
+// The daemon holds the buffer directory open and makes hb files relative to
+// it: a mount over the path later must not move them; files are 0600.
+@Suite("HBFileStore relative to a held directory")
+struct HBFileStoreHeldDirectoryTests {
+    @Test("Files go to the directory opened, not to what its path names later; 0600 under umask 0")
+    func heldDirectory() throws {
+        let dir = try TempDir()
+        let held = dir.path + "/hb"
+        mkdir(held, 0o700)
+        let fd = open(held, O_RDONLY | O_DIRECTORY)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        // The path now names another directory (as after a mount over it).
+        rename(held, dir.path + "/moved")
+        mkdir(held, 0o700)
+        let old = umask(0)
+        defer { umask(old) }
+        let s = HBFileStore(directory: held, directoryFD: fd, slotBytes: 512, fileBytes: 2048, limitBytes: 1 << 20)
+        let data = slotData(3)
+        let loc = try data.withUnsafeBytes { try s.store($0.baseAddress!, count: 512) }
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: held)) ?? []).isEmpty)
+        var st = stat()
+        #expect(stat(dir.path + "/moved/hb_00.tmp", &st) == 0)
+        #expect(st.st_mode & 0o777 == 0o600)
+        var back = [UInt8](repeating: 0, count: 512)
+        try back.withUnsafeMutableBytes { try s.load(loc, into: $0.baseAddress!, count: 512) }
+        #expect(back == data)
+        s.removeAll()
+        #expect(access(dir.path + "/moved/hb_00.tmp", F_OK) != 0)
+    }
+
+    @Test("A stale hb file with wide permissions is made 0600 when reused")
+    func staleFileMode() throws {
+        let dir = try TempDir()
+        let stale = dir.path + "/hb_00.tmp"
+        FileManager.default.createFile(atPath: stale, contents: Data([1, 2, 3]))
+        chmod(stale, 0o644)
+        let s = HBFileStore(directory: dir.path, slotBytes: 512, fileBytes: 2048, limitBytes: 1 << 20)
+        let data = slotData(5)
+        _ = try data.withUnsafeBytes { try s.store($0.baseAddress!, count: 512) }
+        var st = stat()
+        #expect(stat(stale, &st) == 0)
+        #expect(st.st_mode & 0o777 == 0o600)
+        s.removeAll()
+    }
+}
+
+// The daemon's store defers closes and unlinks to its movers
+// (collectGarbage), so no file-system call runs under the engine's lock.
+@Suite("HBFileStore with deferred deletes")
+struct HBFileStoreDeferredTests {
+    @Test("removeAll only queues; collectGarbage deletes; a queued name is not reused meanwhile")
+    func deferred() throws {
+        let dir = try TempDir()
+        let s = HBFileStore(directory: dir.path, slotBytes: 512, fileBytes: 2048, limitBytes: 1 << 20, deferDeletes: true)
+        let a = slotData(1), b = slotData(2)
+        _ = try a.withUnsafeBytes { try s.store($0.baseAddress!, count: 512) }
+        #expect(dir.files == ["hb_00.tmp"])
+        s.removeAll()
+        // Nothing touched the file system yet.
+        #expect(dir.files == ["hb_00.tmp"])
+        #expect(s.pendingGarbage == 2)
+        // A new session stores before the movers collect: another name.
+        let loc = try b.withUnsafeBytes { try s.store($0.baseAddress!, count: 512) }
+        #expect(dir.files == ["hb_00.tmp", "hb_01.tmp"])
+        s.collectGarbage()
+        #expect(dir.files == ["hb_01.tmp"])
+        var back = [UInt8](repeating: 0, count: 512)
+        try back.withUnsafeMutableBytes { try s.load(loc, into: $0.baseAddress!, count: 512) }
+        #expect(back == b)
+        // Freeing the last live slot queues the file's deletion too.
+        s.free(loc)
+        #expect(dir.files == ["hb_01.tmp"])
+        s.collectGarbage()
+        #expect(dir.files.isEmpty)
+        #expect(s.pendingGarbage == 0)
+    }
+}
