@@ -111,13 +111,13 @@ public func findDaemon(_ target: String, runDir: String) -> String? {
         if let m = mount, Mounts.of(device: dev).contains(where: { $0.mountPoint == m.mountPoint }) { return d }
     }
     // The real device behind an attachment (or another node of it).
-    guard target.hasPrefix("/"), let want = BlockDeviceID.ofNode(target) else { return nil }
+    guard target.hasPrefix("/"), let want = DevNum(blockDevice: target) else { return nil }
     for n in names.sorted() {
         let d = runDir + "/" + n
         guard FileManager.default.fileExists(atPath: d + "/control.sock") else { continue }
         if let dev = try? String(contentsOfFile: d + "/device", encoding: .utf8),
-           BlockDeviceID.ofNode(dev.trimmingCharacters(in: .whitespacesAndNewlines)) == want { return d }
-        if let real = (try? SessionClient.locate(runDir: d))?.realDevice, BlockDeviceID.ofNode(real) == want { return d }
+           DevNum(blockDevice: dev.trimmingCharacters(in: .whitespacesAndNewlines)) == want { return d }
+        if let real = (try? SessionClient.locate(runDir: d))?.realDevice, DevNum(blockDevice: real) == want { return d }
     }
     return nil
 }

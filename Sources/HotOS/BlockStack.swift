@@ -48,11 +48,39 @@ public struct DevNum: Hashable, Sendable, CustomStringConvertible {
 }
 
 public enum BlockStack {
+    /// How a member of a stack came into it.
+    public enum Relation: Sendable, Equatable {
+        /// One of the devices asked about.
+        case base
+        /// A partition of the member `on`.
+        case partition
+        /// A device-mapper, md or other device that lists `on` among its slaves
+        /// (or that `on` lists among its holders).
+        case holder
+        /// A loop device whose backing file is the member `on`.
+        case loop
+    }
+
+    public struct Member: Sendable, Equatable {
+        public var name: String
+        public var dev: DevNum
+        public var relation: Relation
+        /// The member it stands on (nil for a base).
+        public var on: String?
+    }
+
     /// Every device in `bases` and every device stacked on one of them.
     /// `root` is /sys/class/block (a fake tree in tests); `resolve` turns a
     /// loop's backing path into a device number (nil: a regular file).
     public static func devices(over bases: Set<DevNum>, root: String = "/sys/class/block",
                                resolve: (String) -> DevNum? = { DevNum(blockDevice: $0) }) -> [String: DevNum] {
+        Dictionary(members(over: bases, root: root, resolve: resolve).map { ($0.name, $0.dev) }, uniquingKeysWith: { a, _ in a })
+    }
+
+    /// The same stack with what each member stands on, in the order found
+    /// (bases first, then each level of stacking; names sorted within one).
+    public static func members(over bases: Set<DevNum>, root: String = "/sys/class/block",
+                               resolve: (String) -> DevNum? = { DevNum(blockDevice: $0) }) -> [Member] {
         struct Node { var dev: DevNum; var parent: String?; var holders: [String]; var slaves: [String]; var backing: String? }
         var nodes: [String: Node] = [:]
         for name in listDirectory(root) {
@@ -72,24 +100,38 @@ public enum BlockStack {
             nodes[name] = Node(dev: dev, parent: parent, holders: listDirectory(d + "/holders"),
                                slaves: listDirectory(d + "/slaves"), backing: backing?.isEmpty == false ? backing : nil)
         }
+        var out: [Member] = []
         var inStack: [String: DevNum] = [:]
-        for (n, node) in nodes where bases.contains(node.dev) { inStack[n] = node.dev }
+        for n in nodes.keys.sorted() where bases.contains(nodes[n]!.dev) {
+            inStack[n] = nodes[n]!.dev
+            out.append(Member(name: n, dev: nodes[n]!.dev, relation: .base, on: nil))
+        }
         // Loop backing paths resolve once (a stat each).
         var backingDev: [String: DevNum] = [:]
         for (n, node) in nodes { if let b = node.backing, let d = resolve(b) { backingDev[n] = d } }
         var changed = true
         while changed {
             changed = false
-            let devs = Set(inStack.values).union(bases)
-            for (n, node) in nodes where inStack[n] == nil {
-                let onIt = node.parent.map { inStack[$0] != nil } == true
-                    || node.slaves.contains { inStack[$0] != nil }
-                    || inStack.keys.contains { nodes[$0]?.holders.contains(n) == true }
-                    || backingDev[n].map { devs.contains($0) } == true
-                if onIt { inStack[n] = node.dev; changed = true }
+            var found: [Member] = []
+            for n in nodes.keys.sorted() where inStack[n] == nil {
+                let node = nodes[n]!
+                if let p = node.parent, inStack[p] != nil {
+                    found.append(Member(name: n, dev: node.dev, relation: .partition, on: p))
+                } else if let s = node.slaves.first(where: { inStack[$0] != nil }) {
+                    found.append(Member(name: n, dev: node.dev, relation: .holder, on: s))
+                } else if let h = inStack.keys.sorted().first(where: { nodes[$0]?.holders.contains(n) == true }) {
+                    found.append(Member(name: n, dev: node.dev, relation: .holder, on: h))
+                } else if let b = backingDev[n], let on = inStack.first(where: { $0.value == b })?.key ?? (bases.contains(b) ? "" : nil) {
+                    found.append(Member(name: n, dev: node.dev, relation: .loop, on: on.isEmpty ? nil : on))
+                }
+            }
+            for m in found {
+                inStack[m.name] = m.dev
+                out.append(m)
+                changed = true
             }
         }
-        return inStack
+        return out
     }
 
     static func listDirectory(_ path: String) -> [String] {

@@ -2,11 +2,12 @@ import Foundation
 import Testing
 @testable import HotOS
 
-// The quiet check's walk over a fake sysfs and procfs: a disk with two
-// partitions, a dm device stacked on one, a loop over the other, a second
-// loop over the dm device, and processes holding various nodes. Fd entries
-// are symlinks named after the node they stand for ("dev:8:1"); `nodeID`
-// reads them back, as stat(2) would give st_rdev for a real node.
+// The quiet check over a fake sysfs and procfs: a disk with two partitions,
+// a dm device stacked on one, a loop over the other, a second loop over the
+// dm device, and processes holding various nodes. Sysfs is laid out as the
+// kernel does (class/block links into devices/, a partition inside its
+// disk's directory). Fd entries are symlinks named after the node they stand
+// for ("dev:8:1"); `nodeDev` reads them back, as stat(2) would give st_rdev.
 
 @Suite("DeviceUsers")
 struct DeviceUsersTests {
@@ -28,14 +29,14 @@ struct DeviceUsersTests {
         }
         /// A block device NAME with DEV ("8:0"); `parent` makes it a partition of it.
         func device(_ name: String, _ dev: String, partitionOf parent: String? = nil) throws {
-            try write("/sys/class/block/\(name)/dev", dev + "\n")
-            try FileManager.default.createDirectory(atPath: sys + "/class/block/\(name)/holders", withIntermediateDirectories: true)
-            if let parent {
-                try write("/sys/class/block/\(parent)/\(name)/partition", "1\n")
-            }
+            let d = sys + "/devices/block/" + (parent.map { $0 + "/" } ?? "") + name
+            try write(String(d.dropFirst(root.count)) + "/dev", dev + "\n")
+            try FileManager.default.createDirectory(atPath: d + "/holders", withIntermediateDirectories: true)
+            if parent != nil { try write(String(d.dropFirst(root.count)) + "/partition", "1\n") }
+            try FileManager.default.createSymbolicLink(atPath: sys + "/class/block/" + name, withDestinationPath: d)
         }
         func holder(_ of: String, _ h: String) throws {
-            try write("/sys/class/block/\(of)/holders/\(h)", "")
+            try FileManager.default.createDirectory(atPath: sys + "/class/block/\(of)/holders/\(h)", withIntermediateDirectories: true)
         }
         func loop(_ name: String, _ dev: String, backing: String) throws {
             try device(name, dev)
@@ -49,20 +50,20 @@ struct DeviceUsersTests {
             }
         }
         /// "dev:8:1" links (fd entries) and "/dev/sdaN"-style backing files.
-        func nodeID(_ path: String) -> BlockDeviceID? {
+        func nodeDev(_ path: String) -> DevNum? {
             let target = (try? FileManager.default.destinationOfSymbolicLink(atPath: path)) ?? path
-            if target.hasPrefix("dev:") { return BlockDeviceID(sysfs: String(target.dropFirst(4))) }
+            if target.hasPrefix("dev:") { return DevNum(sysfs: String(target.dropFirst(4))) }
             let name = (target as NSString).lastPathComponent
-            return readSmallFile(sys + "/class/block/\(name)/dev").flatMap(BlockDeviceID.init(sysfs:))
+            return readSmallFile(sys + "/class/block/\(name)/dev").flatMap(DevNum.init(sysfs:))
         }
         func scan(_ dev: String, mounts: [MountEntry] = [], ignoring: Set<Int32> = []) -> DeviceUsage {
-            DeviceUsers.scan(BlockDeviceID(sysfs: dev)!, sysRoot: sys, procRoot: proc, mounts: mounts, ignoring: ignoring,
-                             nodeID: { self.nodeID($0) })
+            DeviceUsers.scan(DevNum(sysfs: dev)!, classBlock: sys + "/class/block", procRoot: proc, mounts: mounts,
+                             ignoring: ignoring, nodeDev: { self.nodeDev($0) })
         }
     }
 
     static func mount(_ dev: String, at point: String, ro: Bool = false) -> MountEntry {
-        let id = BlockDeviceID(sysfs: dev)!
+        let id = DevNum(sysfs: dev)!
         return MountEntry(major: id.major, minor: id.minor, mountPoint: point, fsType: "ext4", source: "x", readOnly: ro)
     }
 
