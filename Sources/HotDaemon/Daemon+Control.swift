@@ -47,7 +47,7 @@ extension Daemon {
                      nbdSocket: nbd.socketPath, snapshotURI: snapshotURI,
                      connections: nbd.connectionCount, frozen: frozenMountPoint,
                      bufferLimitBytes: options.bufferLimitBytes, engine: engine.status(),
-                     reads: nbd.pipes.counters)
+                     reads: nbd.pipes.counters, lastFreezeSeconds: lastFreezeSeconds, peakRSSBytes: peakRSSBytes())
     }
 
     private func begin(_ id: Int, _ req: ControlRequest) -> ControlReply {
