@@ -72,8 +72,8 @@ five_checks() {
   local left; left=$(ls -A "$OUT")
   case $partial in
     none) [ -z "$left" ] || fail "$CASE: left in the image directory: $left" ;;
-    orphan) echo "$left" | grep -qvx '\.img\.qcow2\.[0-9]*\.hotimage-partial' && fail "$CASE: left in the image directory: $left"
-            [ -e "$OUT/img.qcow2" ] && fail "$CASE: a killed backup left an image under its final name" ;;
+    orphan) [ -e "$OUT/img.qcow2" ] && fail "$CASE: a killed backup left an image under its final name"
+            [ "$(echo "$left" | wc -l)" = 1 ] && echo "$left" | grep -qx '\.img\.qcow2\.[0-9]*\.hotimage-partial' || fail "$CASE: left in the image directory: '$left' (expected the killed backup's partial alone)" ;;
     kept) [ "$left" = img.qcow2 ] || fail "$CASE: --keep-partial left: $left"
           HI info "$OUT/img.qcow2" | grep -q "^complete: *NO" || fail "$CASE: info does not say the kept image is incomplete"
           HI restore "$OUT/img.qcow2" "$W/restored.raw" > "$W/$CASE.restore" 2>&1; local rrc=$?
@@ -83,12 +83,13 @@ five_checks() {
   # 5. The next backup succeeds (a killed backup's partial is removed).
   start_writer 200
   H backup $NAME -o "$OUT/next.qcow2" > /dev/null 2> "$W/$CASE.next" || { cat "$W/$CASE.next"; fail "$CASE: the next backup failed"; }
-  if [ "$partial" = orphan ] && [ -n "$left" ]; then
+  if [ "$partial" = orphan ]; then
     grep -q "removed the partial image .*left by a killed backup" "$W/$CASE.next" || fail "$CASE: the next backup did not remove the partial"
   fi
   HI verify "$OUT/next.qcow2" > /dev/null || fail "$CASE: the next image does not verify"
   [ "$(ls -A "$OUT")" = next.qcow2 ] || fail "$CASE: after the next backup: $(ls -A "$OUT")"
   rm -f "$OUT/next.qcow2"
+  stop_writer
   log "$CASE: ok (rc $RC; idle after $idle_ms ms; $(head -1 "$W/$CASE.live"))"
 }
 
@@ -97,6 +98,8 @@ five_checks() {
 # set, is passed as HOTIMAGE_TEST_STALL.
 fault() {
   CASE=$1; local sig=$2 waitfor=$3 want=$4 partial=$5; shift 5
+  # FAULTS_ONLY="case ..." runs only those (to show a check failing without its fix).
+  if [ -n "${FAULTS_ONLY:-}" ] && [[ " $FAULTS_ONLY " != *" $CASE "* ]]; then stop_writer; return; fi
   HOTIMAGE_TEST_STALL=${STALL:-} "$HOTIMAGE" backup --run-dir "$RUN" $NAME -o "$OUT/img.qcow2" "$@" > /dev/null 2> "$W/$CASE.err" &
   local pid=$!
   case $waitfor in
@@ -123,8 +126,9 @@ for sig in KILL TERM; do
   rm -f "$W/hook.pid"
   start_writer 200
   fault hook-$s $sig "$W/hook.pid" $want none --before-snapshot "echo \$\$ > $W/hook.pid; exec sleep 30"
-  hookpid=$(cat "$W/hook.pid")
-  if [ $sig = TERM ]; then
+  hookpid=$(cat "$W/hook.pid" 2>/dev/null || echo 0)
+  if [ $hookpid = 0 ]; then :
+  elif [ $sig = TERM ]; then
     kill -0 "$hookpid" 2>/dev/null && fail "hook-$s: the before-snapshot hook still runs after SIGTERM"
   else
     kill -9 "$hookpid" 2>/dev/null   # a killed backup cannot end its hook
@@ -145,7 +149,7 @@ for sig in KILL TERM; do
   start_writer 0
   rm -f "$W/stall"
   STALL=emergency:$W/stall fault emergency-$s $sig "$W/stall" $want $part --max-rate 2M --emergency-at 1M --workers 1
-  grep -q "emergency mode:" "$W/emergency-$s.err" || fail "emergency-$s: emergency mode not in the log"
+  if [ -f "$W/emergency-$s.err" ]; then grep -q "emergency mode:" "$W/emergency-$s.err" || fail "emergency-$s: emergency mode not in the log"; fi
   # The final write of the image (before its metadata and header).
   start_writer 200
   rm -f "$W/stall"
