@@ -88,6 +88,8 @@ public struct BackupSummary: Codable, Sendable {
     public var freezeSeconds: Double? = nil
     /// The HotCore daemon's peak resident set (VmHWM) at the end of the backup.
     public var daemonPeakRSSBytes: UInt64? = nil
+    /// Of that, mapped files (the executable and libraries, locked by mlockall).
+    public var daemonFileRSSBytes: UInt64? = nil
 }
 
 struct BackupFailure: Error, CustomStringConvertible {
@@ -314,7 +316,7 @@ public final class BackupJob: @unchecked Sendable {
         } else {
             writer.abandon()
         }
-        let peakRSS = (try? session?.status())?.peakRSSBytes
+        let endStatus = try? session?.status()
         session?.end()
         session?.close()
         if let e = errorText {
@@ -338,7 +340,7 @@ public final class BackupJob: @unchecked Sendable {
             cowPeakBytes: result?.peakBufferBytes ?? 0, spillPeakBytes: result?.peakSpillBytes ?? 0,
             emergencyEpisodes: result?.episodes ?? [], hooks: hookResults,
             components: writers?.records ?? [], writerErrors: writers?.writerErrors ?? [], partialKept: partialKept,
-            freezeSeconds: freezeSeconds, daemonPeakRSSBytes: peakRSS)
+            freezeSeconds: freezeSeconds, daemonPeakRSSBytes: endStatus?.peakRSSBytes, daemonFileRSSBytes: endStatus?.fileRSSBytes)
         r.event("summary", ["summary": .value(summary)])
         printSummary(summary)
         return (code, summary)
@@ -399,7 +401,8 @@ public final class BackupJob: @unchecked Sendable {
         }
         if s.freezeSeconds != nil || s.daemonPeakRSSBytes != nil {
             lines.append("summary: " + [s.freezeSeconds.map { String(format: "filesystem frozen %.3f s", $0) },
-                                        s.daemonPeakRSSBytes.map { "HotCore daemon peak RSS \(formatBytes($0))" }]
+                                        s.daemonPeakRSSBytes.map { "HotCore daemon peak RSS \(formatBytes($0))"
+                                            + (s.daemonFileRSSBytes.map { " (\(formatBytes($0)) of it its program and libraries)" } ?? "") }]
                 .compactMap { $0 }.joined(separator: ", "))
         }
         for l in lines { r.log(l) }
