@@ -266,12 +266,14 @@ public final class BackupJob: @unchecked Sendable {
         var code: BackupExit = .ok
         var errorText: String?
         var result: ImagerResult?
+        var episodes: [EmergencyEpisode] = []
         do {
             let source: BlockSource = plan.online ? try snapshotSource(plan, snap, session)
                                                   : try DeviceSource(path: plan.readDevice, exclusive: plan.mount == nil)
             let im = Imager(source: source, ranges: snap.protected, writer: writer, compression: o.compression,
                             clusterSize: 1 << o.clusterBits, config: o.imager, session: session, log: { self.r.log($0) })
             m.withLock { imager = im }
+            defer { episodes = im.recordedEpisodes }
             if m.withLock({ interrupted }) { im.cancel("interrupted") }
             result = try im.run { p in
                 TestStall.at("imaging", interrupted: { self.isInterrupted })
@@ -298,7 +300,7 @@ public final class BackupJob: @unchecked Sendable {
             snapshotTime: iso8601(snap.wallTime), consistency: consistency, mode: plan.online ? "online" : "offline",
             mapMethod: mapMethod, blockSize: plan.volume?.blockSize ?? 4096, clusterSize: 1 << o.clusterBits,
             compression: o.compression.description, usedBytes: snap.usedBytes, imagedBytes: RangeSet.total(snap.protected),
-            excluded: excludedList, hooks: hookResults, emergencyEpisodes: result?.episodes ?? [],
+            excluded: excludedList, hooks: hookResults, emergencyEpisodes: episodes,
             components: writers?.records, writerErrors: writers.map { $0.writerErrors })
         var partialKept = false
         if code == .ok {
@@ -338,7 +340,7 @@ public final class BackupJob: @unchecked Sendable {
             ratio: imaged > 0 ? Double(imageBytes) / Double(imaged) : 0,
             megabytesPerSecond: (result?.seconds ?? 0) > 0 ? Double(imaged) / result!.seconds / 1e6 : 0,
             cowPeakBytes: result?.peakBufferBytes ?? 0, spillPeakBytes: result?.peakSpillBytes ?? 0,
-            emergencyEpisodes: result?.episodes ?? [], hooks: hookResults,
+            emergencyEpisodes: episodes, hooks: hookResults,
             components: writers?.records ?? [], writerErrors: writers?.writerErrors ?? [], partialKept: partialKept,
             freezeSeconds: freezeSeconds, daemonPeakRSSBytes: endStatus?.peakRSSBytes, daemonFileRSSBytes: endStatus?.fileRSSBytes)
         r.event("summary", ["summary": .value(summary)])
