@@ -58,6 +58,23 @@ public struct DaemonStatus: Codable, Sendable {
     public var dm: DMSessionStatus? = nil
     /// READ replies of the NBD server since it started; nil for dm.
     public var reads: ReadCounters? = nil
+    /// How long the last filesystem freeze lasted (FIFREEZE to FITHAW).
+    public var lastFreezeSeconds: Double? = nil
+    /// The daemon's peak resident set (VmHWM in /proc/self/status).
+    public var peakRSSBytes: UInt64? = nil
+    /// Of the resident set, pages of mapped files (RssFile): the executable
+    /// and its libraries, all resident because the daemon runs under
+    /// mlockall, so constant; peakRSSBytes minus this is the peak of the
+    /// daemon's own memory (heap, stacks, the memory buffer).
+    public var fileRSSBytes: UInt64? = nil
+}
+
+/// A field of /proc/self/status in bytes ("VmHWM", "RssFile"), nil where /proc does not say.
+public func procStatusBytes(_ field: String) -> UInt64? {
+    guard let s = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+          let line = s.split(separator: "\n").first(where: { $0.hasPrefix(field + ":") }) else { return nil }
+    let kb = line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first.flatMap { UInt64($0) }
+    return kb.map { $0 * 1024 }
 }
 
 /// How the NBD server answered READs: spliced from the live device's page

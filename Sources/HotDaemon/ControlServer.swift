@@ -53,6 +53,15 @@ final class ControlServer: @unchecked Sendable {
         for c in m.withLock({ Array(open.values) }) { c.shutdownBoth() }
     }
 
+    /// Has the peer of connection `id` hung up? (Its handler may be blocked
+    /// in a request, so nothing reads the socket to see the end of file.)
+    func peerClosed(_ id: Int) -> Bool {
+        guard let c = m.withLock({ open[id] }) else { return true }
+        var byte: UInt8 = 0
+        let n = recv(c.fd, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
+        return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+    }
+
     private func serve(_ sock: UnixSocket, id: Int) {
         var pending: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 65536)
@@ -97,6 +106,10 @@ public final class ControlClient: @unchecked Sendable {
     }
 
     public func close() { sock.close() }
+
+    /// Ends the connection from another thread while a call may be blocked
+    /// in it (the call throws; the daemon sees the client gone).
+    public func shutdown() { sock.shutdownBoth() }
 
     /// Sends one request and waits for its reply.
     public func call(_ req: ControlRequest) throws -> ControlReply {

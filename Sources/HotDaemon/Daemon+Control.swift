@@ -47,7 +47,8 @@ extension Daemon {
                      nbdSocket: nbd.socketPath, snapshotURI: snapshotURI,
                      connections: nbd.connectionCount, frozen: frozenMountPoint,
                      bufferLimitBytes: options.bufferLimitBytes, engine: engine.status(),
-                     reads: nbd.pipes.counters)
+                     reads: nbd.pipes.counters, lastFreezeSeconds: lastFreezeSeconds, peakRSSBytes: procStatusBytes("VmHWM"),
+                     fileRSSBytes: procStatusBytes("RssFile"))
     }
 
     private func begin(_ id: Int, _ req: ControlRequest) -> ControlReply {

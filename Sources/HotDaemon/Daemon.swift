@@ -87,6 +87,8 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
     private let m = Monitor()
     private var owner: Int?
     private var frozen: FrozenFilesystem?
+    /// How long the last freeze lasted, FIFREEZE to FITHAW (status: lastFreezeSeconds).
+    private var lastFreezeNanos: UInt64?
     private var protectedDevice: String?
     private var stopping = false
     private var lockFD: Int32 = -1
@@ -257,6 +259,14 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
             }
             // Never leave a filesystem frozen without an armed session.
             if !engine.currentPhase.copiesOnWrite { thawIfFrozen() }
+            // A client that vanished while its `begin` waits for a pause: its
+            // handler is blocked, so only the socket tells (else the session
+            // would wait out the snapshot deadline).
+            if engine.currentPhase == .waiting, let id = m.withLock({ owner }), control.peerClosed(id) {
+                logger.warning("session client vanished while waiting for a pause: back to passthrough")
+                engine.end()
+                thawIfFrozen()
+            }
             usleep(100_000)
         }
     }
@@ -275,6 +285,9 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
         let f = m.withLock { () -> FrozenFilesystem? in let f = frozen; frozen = nil; return f }
         guard let f else { return }
         do { try f.thaw(); logger.info("thawed \(f.mountPoint)") } catch { logger.error("thaw \(f.mountPoint): \(error)") }
+        let held = monotonicNanos() &- f.startedNanos
+        m.withLock { lastFreezeNanos = held }
+        logger.info("\(f.mountPoint) was frozen for \(held / 1_000_000) ms")
     }
 
     private func connectionClosed(_ id: Int) {
@@ -295,6 +308,7 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
 
     var currentProtectedDevice: String? { m.withLock { protectedDevice } }
     var frozenMountPoint: String? { m.withLock { frozen?.mountPoint } }
+    var lastFreezeSeconds: Double? { m.withLock { lastFreezeNanos.map { Double($0) / 1e9 } } }
 
     func isOwner(_ id: Int) -> Bool { m.withLock { owner == id } }
 

@@ -88,6 +88,12 @@ public struct BackupSummary: Codable, Sendable {
     public var components: [ComponentRecord]
     public var writerErrors: [String]
     public var partialKept: Bool
+    /// How long the filesystem stayed frozen (HotCore's FIFREEZE to FITHAW).
+    public var freezeSeconds: Double? = nil
+    /// The HotCore daemon's peak resident set (VmHWM) at the end of the backup.
+    public var daemonPeakRSSBytes: UInt64? = nil
+    /// Of that, mapped files (the executable and libraries, locked by mlockall).
+    public var daemonFileRSSBytes: UInt64? = nil
 }
 
 struct BackupFailure: Error, CustomStringConvertible {
@@ -130,6 +136,9 @@ public final class BackupJob: @unchecked Sendable {
     private var interrupted = false
     private var hookResults: [HookResult] = []
     private var writers: FreezeSession?
+    /// The session while `take` runs: an interrupt drops its connection.
+    private var taking: SessionClient?
+    private var isInterrupted: Bool { m.withLock { interrupted } }
 
     public init(options: BackupOptions, reporter: Reporter) {
         o = options
@@ -138,7 +147,8 @@ public final class BackupJob: @unchecked Sendable {
 
     /// Called from a signal thread: stop, clean up, exit 130.
     public func interrupt(_ why: String) {
-        m.withLock { interrupted = true }
+        let s = m.withLock { () -> SessionClient? in interrupted = true; return taking }
+        s?.abort()
         imager?.cancel(why)
     }
 
@@ -170,8 +180,10 @@ public final class BackupJob: @unchecked Sendable {
         r.log("backing up \(plan.readDevice)\(plan.mount.map { " (mounted at \($0.mountPoint))" } ?? "") \(plan.online ? "online" : "offline") to \(o.output)")
 
         // 1. before-snapshot: a failure aborts at once.
-        let before = HookRunner.run(o.hooks, .beforeSnapshot, error: 0, context: ctx, stopOnFailure: true, log: hookLog)
+        let before = HookRunner.run(o.hooks, .beforeSnapshot, error: 0, context: ctx, stopOnFailure: true, log: hookLog,
+                                    cancelled: { self.isInterrupted })
         hookResults += before
+        if isInterrupted { return afterFailedSnapshot(.interrupted, "interrupted before the snapshot; nothing was done", ctx: ctx) }
         if let bad = before.first(where: { !$0.ok }) {
             let msg = "before-snapshot hook '\(bad.command)' failed (\(bad.timedOut ? "timed out" : "exit \(bad.exitCode)")); backup aborted"
             r.log(msg)
@@ -181,13 +193,21 @@ public final class BackupJob: @unchecked Sendable {
 
         // The image file.
         let probe = (try? probeFilesystem(path: plan.readDevice)) ?? nil
+        // Written under a locked temporary name, renamed when complete
+        // (Backup+PartialImage.swift).
+        PartialImage.sweep(dir: (o.output as NSString).deletingLastPathComponent, log: { self.r.log($0) })
         let writer: QCow2Writer
+        let partial: PartialImage
         do {
-            writer = try QCow2Writer(path: o.output, virtualSize: plan.size, clusterBits: o.clusterBits,
-                                     compression: o.compression, overwrite: o.overwrite, access: o.imageAccess)
+            partial = try PartialImage(final: o.output)
+            do {
+                writer = try QCow2Writer(path: partial.temp, virtualSize: plan.size, clusterBits: o.clusterBits,
+                                         compression: o.compression, overwrite: true, access: o.imageAccess)
+            } catch { partial.release(); throw error }
         } catch {
             return afterFailedSnapshot(.refused, "cannot create the image \(o.output): \(error)", ctx: ctx)
         }
+        defer { partial.release() }
 
         // Writers: freeze the components whose files are on the volume.
         if plan.online {
@@ -207,15 +227,20 @@ public final class BackupJob: @unchecked Sendable {
             if plan.online, let vol = plan.volume {
                 let s = try SessionClient(volume: vol)
                 session = s
+                m.withLock { taking = s }
+                defer { m.withLock { taking = nil } }
+                if isInterrupted { throw SessionError("interrupted") }
                 let mode: Consistency = plan.mount == nil ? .raw : (o.consistency ?? .freeze)
                 if plan.mount == nil { r.log("\(vol.protectedDevice) is not mounted: every block is imaged (raw map)") }
                 snap = try s.take(consistency: mode, mountPoint: plan.mount?.mountPoint, pauseMs: o.pauseMs, readMap: {
+                    TestStall.at("frozen", interrupted: { self.isInterrupted })
                     let (used, method) = try usedMap(plan)
                     mapMethod = method
                     let (ex, list) = try exclusions(plan)
                     excludedList = list
                     return (used, ex)
                 }, onRetry: { self.r.log("\($0); waiting for the next pause") })
+                if isInterrupted { throw SessionError("interrupted") }
                 s.startHeartbeat()
             } else {
                 let (used, method) = try usedMap(plan)
@@ -230,6 +255,7 @@ public final class BackupJob: @unchecked Sendable {
         } catch {
             writer.abandon()
             session?.end(); session?.close()
+            if isInterrupted { return afterFailedSnapshot(.interrupted, "interrupted during the snapshot; nothing was imaged", ctx: ctx) }
             let code: BackupExit = (error as? BackupFailure)?.code ?? .session
             return afterFailedSnapshot(code, "snapshot failed: \(error)", ctx: ctx)
         }
@@ -237,6 +263,7 @@ public final class BackupJob: @unchecked Sendable {
         let thawFailures = writers?.thaw(log: { self.r.log($0) }) ?? []
         if let w = writers { r.event("writers", ["phase": .string("thawed"), "components": .value(w.records)]) }
         let snapSeconds = Double(monotonicNanos() - tSnap) / 1e9
+        let freezeSeconds = snap.frozen ? (try? session?.status())?.lastFreezeSeconds : nil
         if mapMethod == "raw" { r.log("no used-block map for this volume: imaging every block (raw)") }
         r.log(String(format: "snapshot taken in %.2f s (%@, map %@): %@ used, %@ excluded, %d attempt(s)", snapSeconds, consistency,
                      mapMethod, formatBytes(snap.usedBytes), formatBytes(snap.excludedBytes), snap.attempts))
@@ -253,14 +280,20 @@ public final class BackupJob: @unchecked Sendable {
         var code: BackupExit = .ok
         var errorText: String?
         var result: ImagerResult?
+        var episodes: [EmergencyEpisode] = []
         do {
             let source: BlockSource = plan.online ? try snapshotSource(plan, snap, session)
                                                   : try DeviceSource(path: plan.readDevice, exclusive: plan.mount == nil)
             let im = Imager(source: source, ranges: snap.protected, writer: writer, compression: o.compression,
                             clusterSize: 1 << o.clusterBits, config: o.imager, session: session, log: { self.r.log($0) })
             m.withLock { imager = im }
+            defer { episodes = im.recordedEpisodes }
             if m.withLock({ interrupted }) { im.cancel("interrupted") }
-            result = try im.run { self.r.progress($0, phase: "imaging") }
+            result = try im.run { p in
+                TestStall.at("imaging", interrupted: { self.isInterrupted })
+                if p.emergency { TestStall.at("emergency", interrupted: { self.isInterrupted }) }
+                self.r.progress(p, phase: "imaging")
+            }
             r.finishProgress()
             if let u = usersAppeared(plan) {
                 throw ImagerError(description: "the volume was put to use while it was read offline (\(u)): the image may not be one point in time; back up online through 'hotimage attach'", sessionFailed: false)
@@ -284,20 +317,25 @@ public final class BackupJob: @unchecked Sendable {
             snapshotTime: iso8601(snap.wallTime), consistency: consistency, mode: plan.online ? "online" : "offline",
             mapMethod: mapMethod, blockSize: plan.volume?.blockSize ?? 4096, clusterSize: 1 << o.clusterBits,
             compression: o.compression.description, usedBytes: snap.usedBytes, imagedBytes: RangeSet.total(snap.protected),
-            excluded: excludedList, hooks: hookResults, emergencyEpisodes: result?.episodes ?? [],
+            excluded: excludedList, hooks: hookResults, emergencyEpisodes: episodes,
             components: writers?.records, writerErrors: writers.map { $0.writerErrors })
         var partialKept = false
         if code == .ok {
-            do { _ = try writer.finish(metadata: meta.encoded(), complete: true) } catch {
+            TestStall.at("finish", interrupted: { self.isInterrupted })
+            if isInterrupted { code = .interrupted; errorText = "interrupted before the image was finished" }
+        }
+        if code == .ok {
+            do { _ = try writer.finish(metadata: meta.encoded(), complete: true); try partial.commit() } catch {
                 code = .failed
                 errorText = "finishing the image: \(error)"
                 writer.abandon()
             }
         } else if o.keepPartial {
-            do { _ = try writer.finish(metadata: meta.encoded(), complete: false); partialKept = true } catch { writer.abandon() }
+            do { _ = try writer.finish(metadata: meta.encoded(), complete: false); try partial.commit(); partialKept = true } catch { writer.abandon() }
         } else {
             writer.abandon()
         }
+        let endStatus = try? session?.status()
         session?.end()
         session?.close()
         if let e = errorText {
@@ -319,8 +357,9 @@ public final class BackupJob: @unchecked Sendable {
             ratio: imaged > 0 ? Double(imageBytes) / Double(imaged) : 0,
             megabytesPerSecond: (result?.seconds ?? 0) > 0 ? Double(imaged) / result!.seconds / 1e6 : 0,
             cowPeakBytes: result?.peakBufferBytes ?? 0, spillPeakBytes: result?.peakSpillBytes ?? 0,
-            emergencyEpisodes: result?.episodes ?? [], hooks: hookResults,
-            components: writers?.records ?? [], writerErrors: writers?.writerErrors ?? [], partialKept: partialKept)
+            emergencyEpisodes: episodes, hooks: hookResults,
+            components: writers?.records ?? [], writerErrors: writers?.writerErrors ?? [], partialKept: partialKept,
+            freezeSeconds: freezeSeconds, daemonPeakRSSBytes: endStatus?.peakRSSBytes, daemonFileRSSBytes: endStatus?.fileRSSBytes)
         r.event("summary", ["summary": .value(summary)])
         printSummary(summary)
         return (code, summary)
@@ -378,6 +417,12 @@ public final class BackupJob: @unchecked Sendable {
         } else {
             let t = s.emergencyEpisodes.reduce(0) { $0 + $1.seconds }
             lines.append(String(format: "summary: emergency mode %d time(s), %.1f s in all", s.emergencyEpisodes.count, t))
+        }
+        if s.freezeSeconds != nil || s.daemonPeakRSSBytes != nil {
+            lines.append("summary: " + [s.freezeSeconds.map { String(format: "filesystem frozen %.3f s", $0) },
+                                        s.daemonPeakRSSBytes.map { "HotCore daemon peak RSS \(formatBytes($0))"
+                                            + (s.daemonFileRSSBytes.map { " (\(formatBytes($0)) of it its program and libraries)" } ?? "") }]
+                .compactMap { $0 }.joined(separator: ", "))
         }
         for l in lines { r.log(l) }
     }

@@ -61,10 +61,11 @@ public enum HookRunner {
     /// Runs every hook of `phase`; stops at the first failure when
     /// `stopOnFailure`. `log` gets one line per hook.
     public static func run(_ set: HookSet, _ phase: HookPhase, error: Int32, context: HookContext,
-                           stopOnFailure: Bool, log: (String) -> Void) -> [HookResult] {
+                           stopOnFailure: Bool, log: (String) -> Void,
+                           cancelled: () -> Bool = { false }) -> [HookResult] {
         var out: [HookResult] = []
         for cmd in set.of(phase) {
-            let r = runOne(cmd, phase: phase, error: error, context: context, timeout: set.timeoutSeconds)
+            let r = runOne(cmd, phase: phase, error: error, context: context, timeout: set.timeoutSeconds, cancelled: cancelled)
             out.append(r)
             let how = r.timedOut ? String(format: "timed out after %.0f s (killed)", r.seconds)
                                  : String(format: "exit %d after %.1f s", r.exitCode, r.seconds)
@@ -74,7 +75,10 @@ public enum HookRunner {
         return out
     }
 
-    static func runOne(_ cmd: String, phase: HookPhase, error: Int32, context: HookContext, timeout: Double) -> HookResult {
+    /// Runs one hook; `cancelled` (the backup was interrupted) kills its
+    /// process group as a timeout does.
+    static func runOne(_ cmd: String, phase: HookPhase, error: Int32, context: HookContext, timeout: Double,
+                       cancelled: () -> Bool = { false }) -> HookResult {
         let env = [
             "HOTIMAGE_PHASE=\(phase.rawValue)",
             "HOTIMAGE_ERROR=\(max(0, min(65535, error)))",
@@ -95,7 +99,7 @@ public enum HookRunner {
                 return HookResult(phase: phase, command: cmd, exitCode: ProcessControl.exitCode(st),
                                   seconds: Double(monotonicNanos() - t0) / 1e9, timedOut: false)
             }
-            if monotonicNanos() >= deadline {
+            if monotonicNanos() >= deadline || cancelled() {
                 kill(-pid, SIGKILL)
                 let code = ProcessControl.wait(pid)
                 return HookResult(phase: phase, command: cmd, exitCode: code,

@@ -162,6 +162,10 @@ public final class Imager: @unchecked Sendable {
         }
     }
 
+    /// The emergency episodes so far (all of them once run() has returned or
+    /// thrown: a failed backup still reports that emergency mode engaged).
+    public var recordedEpisodes: [EmergencyEpisode] { m.withLock { episodes } }
+
     /// Stops the imager from another thread; run() throws `reason`.
     public func cancel(_ reason: String) {
         fail(ImagerError(description: reason, sessionFailed: false))

@@ -183,6 +183,11 @@ public final class SessionClient: @unchecked Sendable {
     }
 
     public func close() { client.close() }
+
+    /// Drops the connection at once from another thread (an interrupt while
+    /// `take` waits in the daemon): a blocked call throws, and the daemon
+    /// ends the session as for a client that vanished.
+    public func abort() { client.shutdown() }
 }
 
 /// Byte-range set helpers over sorted, merged arrays.

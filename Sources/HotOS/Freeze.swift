@@ -10,10 +10,14 @@ public final class FrozenFilesystem: @unchecked Sendable {
     public let mountPoint: String
     private var fd: Int32
     private var frozen: Bool
+    /// CLOCK_MONOTONIC just before FIFREEZE: how long the freeze lasted is
+    /// measured from here to the thaw.
+    public let startedNanos: UInt64
 
     /// Freezes the filesystem mounted at `mountPoint`.
     public init(mountPoint: String) throws {
         self.mountPoint = mountPoint
+        startedNanos = monotonicNanos()
         fd = try syscall("open", mountPoint) { open(mountPoint, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
         if hs_fifreeze(fd) != 0 {
             let e = errno
