@@ -257,7 +257,8 @@ public final class BackupJob: @unchecked Sendable {
             session?.end(); session?.close()
             if isInterrupted { return afterFailedSnapshot(.interrupted, "interrupted during the snapshot; nothing was imaged", ctx: ctx) }
             let code: BackupExit = (error as? BackupFailure)?.code ?? .session
-            return afterFailedSnapshot(code, "snapshot failed: \(error)", ctx: ctx)
+            let text = "\(error)"
+            return afterFailedSnapshot(code, text.hasPrefix("snapshot failed") ? text : "snapshot failed: \(text)", ctx: ctx)
         }
         // Thaw the writers at once: the consistent point is taken.
         let thawFailures = writers?.thaw(log: { self.r.log($0) }) ?? []
