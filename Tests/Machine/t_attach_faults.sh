@@ -83,16 +83,28 @@ fi
 
 # b. The user's story: --buffer-dir under /srv/adv, then the protected device
 #    mounted at /srv/adv and hb made inside it, files written, backup.
+# volume_over_its_buffer NAME [attach options]: the user's story. Attach a
+# new 256 MiB loop as hit-NAME with --buffer-dir $W/srv/NAME/hb, then make
+# ext4 on the protected device, mount it at $W/srv/NAME (over the buffer
+# directory's parent), make hb inside it and a 64 MiB file. Sets BASE, DEV,
+# HBDIR. The directory attach made is 0700 whatever the umask.
+volume_over_its_buffer() {
+  local n=$1; shift
+  BASE=$(make_loop "$W/$n.img" 256M)
+  HBDIR=$W/srv/$n/hb
+  mkdir -p "$W/srv/$n"
+  local out
+  out=$(H attach "$BASE" --name "hit-$n" --buffer-dir "$HBDIR" --memory-buffer 1M --hb-file-size 8M "$@") || fail "attach hit-$n: $out"
+  DEV=$(echo "$out" | tail -1)
+  [ "$(stat -c %a "$HBDIR")" = 700 ] || fail "the buffer directory attach made is $(stat -c %a "$HBDIR"), not 700"
+  mkfs.ext4 -q -F "$DEV" || fail "mkfs $DEV"
+  mount "$DEV" "$W/srv/$n" || fail "mount $DEV"
+  mkdir "$HBDIR"
+  head -c 64M /dev/urandom > "$W/srv/$n/data"; sync
+}
+
 if part b; then
-BASE=$(make_loop "$W/adv.img" 256M)
-mkdir -p "$W/srv/adv"
-out=$(H attach "$BASE" --name hit-adv --buffer-dir "$W/srv/adv/hb" --memory-buffer 1M --hb-file-size 8M) || fail "attach hit-adv: $out"
-DEV=$(echo "$out" | tail -1)
-[ "$(stat -c %a "$W/srv/adv/hb")" = 700 ] || fail "the buffer directory is $(stat -c %a "$W/srv/adv/hb"), not 700"
-mkfs.ext4 -q -F "$DEV" || fail "mkfs $DEV"
-mount "$DEV" "$W/srv/adv" || fail "mount $DEV"
-mkdir "$W/srv/adv/hb"
-head -c 64M /dev/urandom > "$W/srv/adv/data"; sync
+volume_over_its_buffer adv
 start_fw "$W/srv/adv/data"
 t0=$(date +%s)
 out=$(timeout 120 "$HOTIMAGE" backup --run-dir "$RUN" hit-adv -o "$W/adv.qcow2" 2>&1); rc=$?
@@ -119,15 +131,7 @@ fi
 #    stopped unlinking under the engine's lock, this hung for good: writer
 #    and jbd2 in D state, the daemon in vfs_unlink, 'status' hanging.)
 if part w; then
-BASE=$(make_loop "$W/wedge.img" 256M)
-mkdir -p "$W/srv/wedge"
-out=$(HOTIMAGE_TEST_BUFFER_ON_VOLUME=1 H attach "$BASE" --name hit-wedge --buffer-dir "$W/srv/wedge/hb" --memory-buffer 1M --hb-file-size 8M --buffer-deadline 2) \
-  || fail "attach hit-wedge: $out"
-DEV=$(echo "$out" | tail -1)
-mkfs.ext4 -q -F "$DEV" || fail "mkfs $DEV"
-mount "$DEV" "$W/srv/wedge" || fail "mount $DEV"
-mkdir "$W/srv/wedge/hb"
-head -c 64M /dev/urandom > "$W/srv/wedge/data"; sync
+HOTIMAGE_TEST_BUFFER_ON_VOLUME=1 volume_over_its_buffer wedge --buffer-deadline 2
 start_fw "$W/srv/wedge/data"
 t0=$(date +%s)
 # A snapshot held for 8 s keeps copy-on-write (and the movers) busy, then a backup.
