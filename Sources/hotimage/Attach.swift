@@ -262,7 +262,8 @@ struct Detach: ParsableCommand {
             throw CLIExit.fail("nothing of '\(name)' is left in \(dir)")
         }
         for line in l.lines { writeStderr("hotimage: left by the dead daemon of '\(l.name)': \(line)\n") }
-        let left = l.clean { writeStderr("hotimage: \($0)\n") }
+        // What it did is its output (stdout); what it found and what is left, stderr.
+        let left = l.clean { print($0) }
         if !left.isEmpty {
             for line in left { writeStderr("hotimage: still there: \(line)\n") }
             throw CLIExit.fail("could not clean up everything after the dead daemon of '\(l.name)' (see above); run 'hotimage detach \(l.name)' again when done")
