@@ -39,27 +39,30 @@ let package = Package(
         // hs_dm.c calls libdevmapper (its variadic log callback).
         .target(name: "CHotShim", path: "CShims/CHotShim", linkerSettings: [.linkedLibrary("devmapper")]),
 
+        // The one lock type and the one condition-lock type (see Lock.swift).
+        .target(name: "HotSync", swiftSettings: swift5),
         .target(name: "HotOS", dependencies: [
-            "CHotShim", "CExt2fs", "CDevMapper",
+            "HotSync", "CHotShim", "CExt2fs", "CDevMapper",
             .product(name: "SystemPackage", package: "swift-system"),
         ], swiftSettings: swift5),
         .target(name: "NBDWire", swiftSettings: swift5),
         // qcow2 v3 writer, reader and verifier (pure Swift over libzstd/zlib).
-        .target(name: "QCow2", dependencies: ["CZstd", "CZlib"], swiftSettings: swift5),
+        .target(name: "QCow2", dependencies: ["HotSync", "CZstd", "CZlib"], swiftSettings: swift5),
         .target(name: "HotCore", dependencies: [
+            "HotSync",
             .product(name: "DequeModule", package: "swift-collections"),
         ], swiftSettings: swift5),
         .target(name: "HotDaemon", dependencies: [
-            "HotOS", "NBDWire", "HotCore",
+            "HotSync", "HotOS", "NBDWire", "HotCore",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "DequeModule", package: "swift-collections"),
         ], swiftSettings: swift5),
         // Writers: components (guests, containers, databases), their files,
         // freeze and thaw; the JSON protocol and the built-in writers.
-        .target(name: "HotWriters", dependencies: ["HotOS"], swiftSettings: swift5),
+        .target(name: "HotWriters", dependencies: ["HotSync", "HotOS"], swiftSettings: swift5),
         // The backup side: used-block maps, the imager, restore, hooks, progress.
         .target(name: "HotImager", dependencies: [
-            "HotWriters", "HotDaemon", "HotCore", "HotOS", "QCow2", "CNBD",
+            "HotSync", "HotWriters", "HotDaemon", "HotCore", "HotOS", "QCow2", "CNBD",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: swift5),
         .executableTarget(name: "hotimage", dependencies: [
@@ -69,10 +72,11 @@ let package = Package(
         ], swiftSettings: swift5),
         // Test tool: stamped-sector writer and checker for point-in-time proofs.
         .executableTarget(name: "hotimage-stamp", dependencies: [
-            "HotOS",
+            "HotOS", "HotSync",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: swift5),
 
+        .testTarget(name: "HotSyncTests", dependencies: ["HotSync"], swiftSettings: swift5),
         .testTarget(name: "NBDWireTests", dependencies: ["NBDWire"], exclude: ["Corpus"], swiftSettings: swift5),
         .testTarget(name: "HotCoreTests", dependencies: ["HotCore"], swiftSettings: swift5),
         .testTarget(name: "HotOSTests", dependencies: ["HotOS"], swiftSettings: swift5),

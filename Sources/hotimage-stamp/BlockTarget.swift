@@ -8,6 +8,7 @@
 //                 refuses them (EOPNOTSUPP) the block is overwritten with zeros instead,
 //                 said once on stderr.
 import Glibc
+import HotSync
 
 final class BlockTarget {
     let path: String
@@ -16,7 +17,7 @@ final class BlockTarget {
     let isDirect: Bool
     private let zeroBuffer = AlignedBuffer(bytes: Stamp.blockSize)
     private var fallbackWarned = false
-    private let lock = PThreadMutex()
+    private let lock = Lock()
 
     private init(path: String, fd: Int32, isBlockDevice: Bool, isDirect: Bool) {
         self.path = path
@@ -123,7 +124,7 @@ final class BlockTarget {
     private func allocate(mode: Int32, offset: UInt64, length: UInt64) -> Int32 {
         let rc = Sys.fallocate(fd, mode: mode, offset: offset, length: length)
         guard rc == EOPNOTSUPP, !isBlockDevice else { return rc }
-        lock.locked {
+        lock.withLock {
             if !fallbackWarned {
                 fallbackWarned = true
                 warn("stamp: \(path): fallocate mode \(mode) unsupported here; writing zeros instead")
@@ -136,31 +137,5 @@ final class BlockTarget {
             at += UInt64(Stamp.blockSize)
         }
         return 0
-    }
-}
-
-/// A pthread mutex on the heap (never moved, as pthread requires).
-final class PThreadMutex {
-    let raw: UnsafeMutablePointer<pthread_mutex_t>
-
-    init() {
-        raw = .allocate(capacity: 1)
-        raw.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(raw, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(raw)
-        raw.deallocate()
-    }
-
-    func lock() { pthread_mutex_lock(raw) }
-    func unlock() { pthread_mutex_unlock(raw) }
-
-    @discardableResult
-    func locked<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(raw)
-        defer { pthread_mutex_unlock(raw) }
-        return try body()
     }
 }
