@@ -2,13 +2,16 @@
 // hotimage: online block-level imaging of live Linux filesystems.
 //
 // Layers, arrows pointing one way only:
-//   system libraries (CNBD, CZstd, CExt2fs, CDevMapper: module maps only)
+//   system libraries (CNBD, CZstd, CZlib, CExt2fs, CDevMapper: module maps only)
 //   -> CHotShim (C glue: ioctl numbers and structs, no logic)
+//      HotSync (the one mutex and the one mutex+condition; Glibc only)
 //   -> HotOS (typed Swift over the OS; the only Swift that calls C)
-//   -> NBDWire, HotCore (pure Swift: NBD codec, protection map, COW buffer, session)
+//   -> NBDWire, HotCore, QCow2 (pure Swift: NBD codec, protection map, COW
+//      buffer, session; qcow2 writer, reader and verifier)
 //   -> HotDaemon (NBD + control servers, attach)
 //   -> HotWriters (writers: components, freeze/thaw protocol, built-ins)
-//   -> hotimage (CLI)
+//   -> HotImager (used-block maps, the imager, restore, hooks, progress)
+//   -> hotimage (CLI); hotimage-stamp (test tool over CHotShim and HotSync)
 import PackageDescription
 
 let swift5: [SwiftSetting] = [.swiftLanguageMode(.v5)]
@@ -22,7 +25,6 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.0"),
-        .package(url: "https://github.com/apple/swift-system", from: "1.8.0"),
         .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
     ],
     targets: [
@@ -41,10 +43,8 @@ let package = Package(
 
         // The one lock type and the one condition-lock type (see Lock.swift).
         .target(name: "HotSync", swiftSettings: swift5),
-        .target(name: "HotOS", dependencies: [
-            "HotSync", "CHotShim", "CExt2fs", "CDevMapper",
-            .product(name: "SystemPackage", package: "swift-system"),
-        ], swiftSettings: swift5),
+        .target(name: "HotOS", dependencies: ["HotSync", "CHotShim", "CExt2fs", "CDevMapper"],
+                swiftSettings: swift5),
         .target(name: "NBDWire", swiftSettings: swift5),
         // qcow2 v3 writer, reader and verifier (pure Swift over libzstd/zlib).
         .target(name: "QCow2", dependencies: ["HotSync", "CZstd", "CZlib"], swiftSettings: swift5),
@@ -72,7 +72,7 @@ let package = Package(
         ], swiftSettings: swift5),
         // Test tool: stamped-sector writer and checker for point-in-time proofs.
         .executableTarget(name: "hotimage-stamp", dependencies: [
-            "HotOS", "HotSync",
+            "HotSync", "CHotShim",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: swift5),
 

@@ -7,6 +7,7 @@
 //   regular file: the same modes punch a hole / zero the range. When the filesystem
 //                 refuses them (EOPNOTSUPP) the block is overwritten with zeros instead,
 //                 said once on stderr.
+import CHotShim
 import Glibc
 import HotSync
 
@@ -38,7 +39,7 @@ final class BlockTarget {
             throw StampError("\(path) is neither a block device nor a regular file")
         }
         let isBlock = kind == S_IFBLK
-        var fd = open(path, O_RDWR | O_CLOEXEC | Sys.oDirect)
+        var fd = open(path, O_RDWR | O_CLOEXEC | HS_O_DIRECT)
         var direct = true
         if fd < 0 && errno == EINVAL && !isBlock {
             warn("stamp: \(path): filesystem refuses O_DIRECT; writing through the page cache")
@@ -113,12 +114,12 @@ final class BlockTarget {
 
     /// TRIM: discard the range; it reads back as zeros. Returns 0 or errno.
     func discard(at offset: UInt64, length: UInt64) -> Int32 {
-        allocate(mode: Sys.fallocPunchHole | Sys.fallocKeepSize, offset: offset, length: length)
+        allocate(mode: HS_FALLOC_PUNCH_HOLE, offset: offset, length: length)
     }
 
     /// ZERO: zero the range (BLKZEROOUT semantics). Returns 0 or errno.
     func zeroOut(at offset: UInt64, length: UInt64) -> Int32 {
-        allocate(mode: Sys.fallocZeroRange | Sys.fallocKeepSize, offset: offset, length: length)
+        allocate(mode: HS_FALLOC_ZERO_RANGE, offset: offset, length: length)
     }
 
     private func allocate(mode: Int32, offset: UInt64, length: UInt64) -> Int32 {
