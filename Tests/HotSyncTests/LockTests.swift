@@ -1,6 +1,6 @@
 import Foundation
 import Testing
-@testable import HotSync
+import HotSync
 
 /// A counter the test threads share; only touched under the lock under test.
 private final class Box: @unchecked Sendable { var value = 0; var flag = false }
