@@ -2,13 +2,16 @@
 // hotimage: online block-level imaging of live Linux filesystems.
 //
 // Layers, arrows pointing one way only:
-//   system libraries (CNBD, CZstd, CExt2fs, CDevMapper: module maps only)
+//   system libraries (CNBD, CZstd, CZlib, CExt2fs, CDevMapper: module maps only)
 //   -> CHotShim (C glue: ioctl numbers and structs, no logic)
+//      HotSync (the one mutex and the one mutex+condition; Glibc only)
 //   -> HotOS (typed Swift over the OS; the only Swift that calls C)
-//   -> NBDWire, HotCore (pure Swift: NBD codec, protection map, COW buffer, session)
+//   -> NBDWire, HotCore, QCow2 (pure Swift: NBD codec, protection map, COW
+//      buffer, session; qcow2 writer, reader and verifier)
 //   -> HotDaemon (NBD + control servers, attach)
 //   -> HotWriters (writers: components, freeze/thaw protocol, built-ins)
-//   -> hotimage (CLI)
+//   -> HotImager (used-block maps, the imager, restore, hooks, progress)
+//   -> hotimage (CLI); hotimage-stamp (test tool over CHotShim and HotSync)
 import PackageDescription
 
 let swift5: [SwiftSetting] = [.swiftLanguageMode(.v5)]
@@ -22,7 +25,6 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.0"),
-        .package(url: "https://github.com/apple/swift-system", from: "1.8.0"),
         .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
     ],
     targets: [
@@ -39,27 +41,28 @@ let package = Package(
         // hs_dm.c calls libdevmapper (its variadic log callback).
         .target(name: "CHotShim", path: "CShims/CHotShim", linkerSettings: [.linkedLibrary("devmapper")]),
 
-        .target(name: "HotOS", dependencies: [
-            "CHotShim", "CExt2fs", "CDevMapper",
-            .product(name: "SystemPackage", package: "swift-system"),
-        ], swiftSettings: swift5),
+        // The one lock type and the one condition-lock type (see Lock.swift).
+        .target(name: "HotSync", swiftSettings: swift5),
+        .target(name: "HotOS", dependencies: ["HotSync", "CHotShim", "CExt2fs", "CDevMapper"],
+                swiftSettings: swift5),
         .target(name: "NBDWire", swiftSettings: swift5),
         // qcow2 v3 writer, reader and verifier (pure Swift over libzstd/zlib).
-        .target(name: "QCow2", dependencies: ["CZstd", "CZlib"], swiftSettings: swift5),
+        .target(name: "QCow2", dependencies: ["HotSync", "CZstd", "CZlib"], swiftSettings: swift5),
         .target(name: "HotCore", dependencies: [
+            "HotSync",
             .product(name: "DequeModule", package: "swift-collections"),
         ], swiftSettings: swift5),
         .target(name: "HotDaemon", dependencies: [
-            "HotOS", "NBDWire", "HotCore",
+            "HotSync", "HotOS", "NBDWire", "HotCore",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "DequeModule", package: "swift-collections"),
         ], swiftSettings: swift5),
         // Writers: components (guests, containers, databases), their files,
         // freeze and thaw; the JSON protocol and the built-in writers.
-        .target(name: "HotWriters", dependencies: ["HotOS"], swiftSettings: swift5),
+        .target(name: "HotWriters", dependencies: ["HotSync", "HotOS"], swiftSettings: swift5),
         // The backup side: used-block maps, the imager, restore, hooks, progress.
         .target(name: "HotImager", dependencies: [
-            "HotWriters", "HotDaemon", "HotCore", "HotOS", "QCow2", "CNBD",
+            "HotSync", "HotWriters", "HotDaemon", "HotCore", "HotOS", "QCow2", "CNBD",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: swift5),
         .executableTarget(name: "hotimage", dependencies: [
@@ -69,10 +72,11 @@ let package = Package(
         ], swiftSettings: swift5),
         // Test tool: stamped-sector writer and checker for point-in-time proofs.
         .executableTarget(name: "hotimage-stamp", dependencies: [
-            "HotOS",
+            "HotSync", "CHotShim",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: swift5),
 
+        .testTarget(name: "HotSyncTests", dependencies: ["HotSync"], swiftSettings: swift5),
         .testTarget(name: "NBDWireTests", dependencies: ["NBDWire"], exclude: ["Corpus"], swiftSettings: swift5),
         .testTarget(name: "HotCoreTests", dependencies: ["HotCore"], swiftSettings: swift5),
         .testTarget(name: "HotOSTests", dependencies: ["HotOS"], swiftSettings: swift5),

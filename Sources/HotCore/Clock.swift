@@ -3,6 +3,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import HotSync
 
 public protocol SessionClock: AnyObject, Sendable {
     /// Monotonic nanoseconds (CLOCK_MONOTONIC for the real clock).

@@ -32,6 +32,7 @@
 //   buffer instead of losing the backup; the bound keeps the volume alive.
 
 import DequeModule
+import HotSync
 
 public final class SnapshotEngine: @unchecked Sendable {
     public let config: EngineConfig

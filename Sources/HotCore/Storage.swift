@@ -4,6 +4,8 @@
 // - `SpillStore`: the file tier of the COW buffer (hb_NN.tmp files in the
 //   daemon), fixed-size slots addressed by an opaque location.
 
+import HotSync
+
 public protocol BlockIO: AnyObject, Sendable {
     var size: UInt64 { get }
     func read(into buf: UnsafeMutableRawPointer, count: Int, offset: UInt64) throws

@@ -6,11 +6,12 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import HotSync
 
 final class BufferPool: @unchecked Sendable {
     static let bufferBytes = 1 << 20
     static let alignment = 4096
-    private var mutex = pthread_mutex_t()
+    private let mutex = Lock()
     private var free: [UnsafeMutableRawPointer] = []
     /// Buffers kept for reuse at most; more in use at once are allocated
     /// and released as needed.
@@ -19,12 +20,10 @@ final class BufferPool: @unchecked Sendable {
     init(keep: Int) {
         self.keep = keep
         free.reserveCapacity(keep)
-        pthread_mutex_init(&mutex, nil)
     }
 
     deinit {
         for p in free { p.deallocate() }
-        pthread_mutex_destroy(&mutex)
     }
 
     /// A buffer of at least `bytes` (and at least 1) bytes; give it back with `put`.
@@ -32,19 +31,18 @@ final class BufferPool: @unchecked Sendable {
         if bytes > BufferPool.bufferBytes {
             return UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: BufferPool.alignment)
         }
-        pthread_mutex_lock(&mutex)
-        let p = free.popLast()
-        pthread_mutex_unlock(&mutex)
+        let p = mutex.withLock { free.popLast() }
         return p ?? UnsafeMutableRawPointer.allocate(byteCount: BufferPool.bufferBytes, alignment: BufferPool.alignment)
     }
 
     /// Returns a buffer `get(bytes)` handed out, with the same `bytes`.
     func put(_ p: UnsafeMutableRawPointer, _ bytes: Int) {
         if bytes > BufferPool.bufferBytes { p.deallocate(); return }
-        pthread_mutex_lock(&mutex)
-        let kept = free.count < keep
-        if kept { free.append(p) }
-        pthread_mutex_unlock(&mutex)
+        let kept = mutex.withLock { () -> Bool in
+            guard free.count < keep else { return false }
+            free.append(p)
+            return true
+        }
         if !kept { p.deallocate() }
     }
 }

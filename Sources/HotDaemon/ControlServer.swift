@@ -2,6 +2,7 @@
 // answering each with one line. The daemon decides what each op does.
 import HotCore
 import HotOS
+import HotSync
 import Logging
 #if canImport(Glibc)
 import Glibc

@@ -30,6 +30,7 @@
 // daemon.log.
 import HotCore
 import HotOS
+import HotSync
 import Logging
 #if canImport(Glibc)
 import Glibc

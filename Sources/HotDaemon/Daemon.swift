@@ -16,6 +16,7 @@
 import Foundation
 import HotCore
 import HotOS
+import HotSync
 import Logging
 #if canImport(Glibc)
 import Glibc

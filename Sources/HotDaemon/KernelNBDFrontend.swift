@@ -28,6 +28,7 @@
 // the buffer deadline, far below the timeout, except on a hung disk.
 import HotCore
 import HotOS
+import HotSync
 import Logging
 #if canImport(Glibc)
 import Glibc

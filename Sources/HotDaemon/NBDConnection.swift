@@ -3,6 +3,7 @@
 // under the connection's write lock, so pipelined replies never interleave.
 import HotCore
 import HotOS
+import HotSync
 import Logging
 import NBDWire
 #if canImport(Glibc)

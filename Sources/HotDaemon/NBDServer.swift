@@ -11,6 +11,7 @@
 // connection, a log line, and nothing else.
 import HotCore
 import HotOS
+import HotSync
 import Logging
 import NBDWire
 #if canImport(Glibc)

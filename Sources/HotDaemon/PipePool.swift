@@ -6,6 +6,7 @@
 // pipe of the size can be made; READs are then copied as before.
 import HotCore
 import HotOS
+import HotSync
 import Logging
 #if canImport(Glibc)
 import Glibc

@@ -4,6 +4,7 @@
 import DequeModule
 import HotCore
 import HotOS
+import HotSync
 
 final class WorkQueue: @unchecked Sendable {
     private let m = Monitor()

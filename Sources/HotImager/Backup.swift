@@ -28,6 +28,7 @@ import Foundation
 import HotCore
 import HotDaemon
 import HotOS
+import HotSync
 import HotWriters
 import QCow2
 

@@ -20,6 +20,7 @@ import Foundation
 import HotCore
 import HotDaemon
 import HotOS
+import HotSync
 import QCow2
 
 public struct ImagerConfig: Sendable {

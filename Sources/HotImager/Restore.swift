@@ -16,6 +16,7 @@
 import Foundation
 import HotCore
 import HotOS
+import HotSync
 import QCow2
 
 public struct RestoreOptions: Sendable {

@@ -7,6 +7,7 @@ import Foundation
 import HotCore
 import HotDaemon
 import HotOS
+import HotSync
 
 public struct SessionError: Error, CustomStringConvertible {
     public var description: String

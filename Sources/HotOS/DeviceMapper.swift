@@ -16,6 +16,7 @@ import Glibc
 #endif
 import CDevMapper
 import CHotShim
+import HotSync
 
 public struct DMError: Error, CustomStringConvertible, Sendable {
     public var op: String
@@ -264,21 +265,16 @@ public enum DeviceMapper {
 /// The process-wide lock, the log handler and the last error message.
 final class DMState: @unchecked Sendable {
     static let shared = DMState()
-    private var mutex = pthread_mutex_t()
+    /// Recursive: libdevmapper's log callback runs inside a locked task
+    /// and takes the lock again.
+    private let mutex = Lock(recursive: true)
     var handler: (@Sendable (DMLogMessage) -> Void)?
     var lastError: String?
 
-    private init() {
-        var attr = pthread_mutexattr_t()
-        pthread_mutexattr_init(&attr)
-        pthread_mutexattr_settype(&attr, Int32(PTHREAD_MUTEX_RECURSIVE))
-        pthread_mutex_init(&mutex, &attr)
-    }
+    private init() {}
 
     func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return try body()
+        try mutex.withLock(body)
     }
 }
 

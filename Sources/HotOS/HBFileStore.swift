@@ -31,6 +31,7 @@
 import Glibc
 #endif
 import CHotShim
+import HotSync
 
 public final class HBFileStore: @unchecked Sendable {
     public let directory: String
@@ -39,7 +40,7 @@ public final class HBFileStore: @unchecked Sendable {
     public let slotBytes: Int
     public let fileBytes: UInt64
     public let limitBytes: UInt64
-    private var mutex = pthread_mutex_t()
+    private let mutex = Lock()
 
     private struct HBFile {
         var fd: Int32
@@ -98,15 +99,12 @@ public final class HBFileStore: @unchecked Sendable {
         self.fileBytes = max(fileBytes, UInt64(slotBytes))
         self.limitBytes = limitBytes
         slotsPerFile = UInt32(min(self.fileBytes / UInt64(slotBytes), UInt64(UInt32.max)))
-        pthread_mutex_init(&mutex, nil)
     }
 
-    deinit { removeAll(); collectGarbage(); pthread_mutex_destroy(&mutex) }
+    deinit { removeAll(); collectGarbage() }
 
     private func locked<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return try body()
+        try mutex.withLock(body)
     }
 
     /// Takes a file's descriptor for I/O outside the lock; pair with `endIO`.

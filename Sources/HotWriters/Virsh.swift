@@ -5,6 +5,7 @@
 // with it is in LibvirtControl.swift.
 import Foundation
 import HotOS
+import HotSync
 
 public struct Virsh: Sendable {
     public var uri: String
@@ -196,14 +197,14 @@ extension Virsh {
 /// CPU-sized pool would), results in the order of `items`.
 public func inParallel<A, R>(_ items: [A], _ body: @escaping (A) -> R) -> [R] {
     if items.count <= 1 { return items.map(body) }
-    let lock = NSLock()
+    let lock = Lock()
     var results = [R?](repeating: nil, count: items.count)
     let group = DispatchGroup()
     for (i, item) in items.enumerated() {
         group.enter()
         Threads.start(name: "writer-\(i)") {
             let r = body(item)
-            lock.lock(); results[i] = r; lock.unlock()
+            lock.withLock { results[i] = r }
             group.leave()
         }
     }

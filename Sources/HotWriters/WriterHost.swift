@@ -9,6 +9,7 @@
 // backup, and if hotimage dies the writer reads end of file and thaws.
 import Foundation
 import HotOS
+import HotSync
 
 public struct WriterSpec: Sendable, Codable {
     public var name: String
@@ -100,12 +101,12 @@ final class ResultBox<R>: @unchecked Sendable { var r: [R?]; init(_ n: Int) { r 
 func parallelMap<T, R>(_ items: [T], _ body: @escaping @Sendable (T) -> R) -> [R] where T: Sendable, R: Sendable {
     let box = ResultBox<R>(items.count)
     let group = DispatchGroup()
-    let lock = NSLock()
+    let lock = Lock()
     for (i, it) in items.enumerated() {
         group.enter()
         Threads.start(name: "writer") {
             let v = body(it)
-            lock.lock(); box.r[i] = v; lock.unlock()
+            lock.withLock { box.r[i] = v }
             group.leave()
         }
     }

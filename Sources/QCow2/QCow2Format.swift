@@ -283,56 +283,6 @@ func crc32OfZeros(_ count: Int) -> UInt32 {
     return crc
 }
 
-// MARK: - A plain mutex
-
-final class QLock: @unchecked Sendable {
-    private let m: UnsafeMutablePointer<pthread_mutex_t>
-    init() {
-        m = .allocate(capacity: 1)
-        m.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(m, nil)
-    }
-    deinit {
-        pthread_mutex_destroy(m)
-        m.deallocate()
-    }
-    @inline(__always)
-    func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(m)
-        defer { pthread_mutex_unlock(m) }
-        return try body()
-    }
-}
-
-/// A mutex with one condition variable.
-final class QMonitor: @unchecked Sendable {
-    private let m: UnsafeMutablePointer<pthread_mutex_t>
-    private let c: UnsafeMutablePointer<pthread_cond_t>
-    init() {
-        m = .allocate(capacity: 1)
-        m.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(m, nil)
-        c = .allocate(capacity: 1)
-        c.initialize(to: pthread_cond_t())
-        pthread_cond_init(c, nil)
-    }
-    deinit {
-        pthread_cond_destroy(c)
-        pthread_mutex_destroy(m)
-        c.deallocate()
-        m.deallocate()
-    }
-    @inline(__always)
-    func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(m)
-        defer { pthread_mutex_unlock(m) }
-        return try body()
-    }
-    /// Waits for a broadcast; call with the lock held (inside withLock).
-    func wait() { pthread_cond_wait(c, m) }
-    func broadcast() { pthread_cond_broadcast(c) }
-}
-
 // MARK: - File I/O
 
 func errnoText(_ e: Int32) -> String { String(cString: strerror(e)) }

@@ -11,6 +11,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import HotSync
 
 /// Where a guest cluster's data lives.
 public enum ClusterState: Equatable, Sendable {
@@ -171,7 +172,7 @@ public final class QCow2Reader: @unchecked Sendable {
     /// snapshots, bitmaps) hold references, so refcounts cannot be recomputed.
     let refcountsComparable: Bool
 
-    private let cacheLock = QLock()
+    private let cacheLock = Lock()
     private var l2Cache: [Int: [UInt64]] = [:]
     private let l2CacheLimit: Int
 

@@ -18,6 +18,7 @@ import Glibc
 import Darwin
 #endif
 import Dispatch
+import HotSync
 
 public struct VerifyProblem: CustomStringConvertible, Equatable, Sendable {
     public enum Kind: String, Sendable {
@@ -642,7 +643,7 @@ struct Verifier {
     }
 
     final class DataShared: @unchecked Sendable {
-        let lock = QLock()
+        let lock = Lock()
         var next = 0
         var done: UInt64 = 0
         var results: [LocalResult] = []

@@ -122,6 +122,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import HotSync
 
 /// What finish() wrote.
 public struct QCow2WriteSummary: Sendable, CustomStringConvertible {
@@ -177,7 +178,7 @@ public final class QCow2Writer: @unchecked Sendable {
     private let l2Entries: Int
     private let l1Size: Int
     private let csizeShift: UInt64
-    private let lock = QMonitor()
+    private let lock = Monitor()
 
     private enum State { case open, failed(QCow2Error), finished, abandoned }
     private var state = State.open

@@ -7,7 +7,9 @@
 //   regular file: the same modes punch a hole / zero the range. When the filesystem
 //                 refuses them (EOPNOTSUPP) the block is overwritten with zeros instead,
 //                 said once on stderr.
+import CHotShim
 import Glibc
+import HotSync
 
 final class BlockTarget {
     let path: String
@@ -16,7 +18,7 @@ final class BlockTarget {
     let isDirect: Bool
     private let zeroBuffer = AlignedBuffer(bytes: Stamp.blockSize)
     private var fallbackWarned = false
-    private let lock = PThreadMutex()
+    private let lock = Lock()
 
     private init(path: String, fd: Int32, isBlockDevice: Bool, isDirect: Bool) {
         self.path = path
@@ -37,7 +39,7 @@ final class BlockTarget {
             throw StampError("\(path) is neither a block device nor a regular file")
         }
         let isBlock = kind == S_IFBLK
-        var fd = open(path, O_RDWR | O_CLOEXEC | Sys.oDirect)
+        var fd = open(path, O_RDWR | O_CLOEXEC | HS_O_DIRECT)
         var direct = true
         if fd < 0 && errno == EINVAL && !isBlock {
             warn("stamp: \(path): filesystem refuses O_DIRECT; writing through the page cache")
@@ -112,18 +114,18 @@ final class BlockTarget {
 
     /// TRIM: discard the range; it reads back as zeros. Returns 0 or errno.
     func discard(at offset: UInt64, length: UInt64) -> Int32 {
-        allocate(mode: Sys.fallocPunchHole | Sys.fallocKeepSize, offset: offset, length: length)
+        allocate(mode: HS_FALLOC_PUNCH_HOLE, offset: offset, length: length)
     }
 
     /// ZERO: zero the range (BLKZEROOUT semantics). Returns 0 or errno.
     func zeroOut(at offset: UInt64, length: UInt64) -> Int32 {
-        allocate(mode: Sys.fallocZeroRange | Sys.fallocKeepSize, offset: offset, length: length)
+        allocate(mode: HS_FALLOC_ZERO_RANGE, offset: offset, length: length)
     }
 
     private func allocate(mode: Int32, offset: UInt64, length: UInt64) -> Int32 {
         let rc = Sys.fallocate(fd, mode: mode, offset: offset, length: length)
         guard rc == EOPNOTSUPP, !isBlockDevice else { return rc }
-        lock.locked {
+        lock.withLock {
             if !fallbackWarned {
                 fallbackWarned = true
                 warn("stamp: \(path): fallocate mode \(mode) unsupported here; writing zeros instead")
@@ -136,31 +138,5 @@ final class BlockTarget {
             at += UInt64(Stamp.blockSize)
         }
         return 0
-    }
-}
-
-/// A pthread mutex on the heap (never moved, as pthread requires).
-final class PThreadMutex {
-    let raw: UnsafeMutablePointer<pthread_mutex_t>
-
-    init() {
-        raw = .allocate(capacity: 1)
-        raw.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(raw, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(raw)
-        raw.deallocate()
-    }
-
-    func lock() { pthread_mutex_lock(raw) }
-    func unlock() { pthread_mutex_unlock(raw) }
-
-    @discardableResult
-    func locked<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(raw)
-        defer { pthread_mutex_unlock(raw) }
-        return try body()
     }
 }

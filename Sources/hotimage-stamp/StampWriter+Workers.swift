@@ -5,6 +5,7 @@
 // from that moment the pause lasts pauseNs, after which the next burst starts for all.
 // So each pause is a window of at least pauseNs with no op in flight on any thread.
 import Glibc
+import HotSync
 
 struct WorkerContext {
     let config: WriterConfig
@@ -98,8 +99,7 @@ final class BurstGate {
     let pauseNs: UInt64
     var onQuiescent: ((Int) -> Void)?
 
-    private let mutex = PThreadMutex()
-    private let cond: UnsafeMutablePointer<pthread_cond_t>
+    private let m = Monitor()
     private var participants: Int
     private var arrived = 0
     private var generation = 0
@@ -111,37 +111,29 @@ final class BurstGate {
         self.burstNs = burstNs
         self.pauseNs = pauseNs
         burstEnd = startNs + burstNs
-        cond = .allocate(capacity: 1)
-        cond.initialize(to: pthread_cond_t())
-        pthread_cond_init(cond, nil)
     }
 
-    deinit {
-        pthread_cond_destroy(cond)
-        cond.deallocate()
-    }
-
-    var burstEndNs: UInt64 { mutex.locked { burstEnd } }
+    var burstEndNs: UInt64 { m.withLock { burstEnd } }
 
     /// Waits until every participating thread has finished its burst. Returns when the
     /// pause ends (resume time) and when the following burst ends.
     func arrive(stopRequested: Bool) -> (resumeNs: UInt64, burstEndNs: UInt64) {
-        mutex.lock()
-        defer { mutex.unlock() }
+        m.lock()
+        defer { m.unlock() }
         arrived += 1
         let myGeneration = generation
         if arrived == participants {
             release(runHook: !stopRequested)
         } else {
-            while generation == myGeneration { pthread_cond_wait(cond, mutex.raw) }
+            while generation == myGeneration { m.wait() }
         }
         return (resumeNs, burstEnd)
     }
 
     /// A thread that stops for good leaves the gate so nobody waits for it.
     func leave() {
-        mutex.lock()
-        defer { mutex.unlock() }
+        m.lock()
+        defer { m.unlock() }
         participants -= 1
         if arrived > 0 && arrived >= participants { release(runHook: false) }
     }
@@ -153,7 +145,7 @@ final class BurstGate {
         burstEnd = resumeNs + burstNs
         arrived = 0
         generation += 1
-        pthread_cond_broadcast(cond)
+        m.broadcast()
     }
 }
 

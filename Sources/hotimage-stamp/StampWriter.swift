@@ -2,6 +2,7 @@
 // multi-threaded main phase of random WRITE/TRIM/ZERO ops, every op logged with its
 // sequence number and CLOCK_MONOTONIC start/end.
 import Glibc
+import HotSync
 import Synchronization
 
 struct WriterConfig {
@@ -72,7 +73,7 @@ struct WriterSummary {
 final class WriterRunState {
     private let seq = Atomic<UInt64>(0)
     private let stop = Atomic<Bool>(false)
-    private let reasonLock = PThreadMutex()
+    private let reasonLock = Lock()
     private(set) var stopReason = ""
 
     func nextSeq() -> UInt64 {
@@ -82,7 +83,7 @@ final class WriterRunState {
     var stopRequested: Bool { stop.load(ordering: .acquiring) }
 
     func requestStop(_ reason: String) {
-        reasonLock.locked {
+        reasonLock.withLock {
             if stopReason.isEmpty { stopReason = reason }
         }
         stop.store(true, ordering: .releasing)

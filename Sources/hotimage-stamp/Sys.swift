@@ -1,21 +1,11 @@
 // Thin helpers over Glibc that the rest of the tool shares: the monotonic clock,
-// errno text, stderr output, and the few GNU-only symbols Swift's Glibc module does
-// not import (O_DIRECT, fallocate and its mode bits).
+// errno text, stderr output, and fallocate(2). The GNU-only symbols Swift's Glibc
+// module does not import (O_DIRECT, fallocate and its mode bits) come from the
+// project's C shim (CHotShim's hs_file.h), as in HotOS.
+import CHotShim
 import Glibc
 
 enum Sys {
-    /// O_DIRECT is a _GNU_SOURCE constant and not visible to Swift; its value is per-arch.
-    #if arch(arm64) || arch(arm)
-    static let oDirect: Int32 = 0o200000
-    #else
-    static let oDirect: Int32 = 0o40000
-    #endif
-
-    // linux/falloc.h
-    static let fallocKeepSize: Int32 = 0x01
-    static let fallocPunchHole: Int32 = 0x02
-    static let fallocZeroRange: Int32 = 0x10
-
     /// CLOCK_MONOTONIC in nanoseconds; the time base of every logged op and of --cut-ns.
     @inline(__always)
     static func monotonicNs() -> UInt64 {
@@ -40,19 +30,11 @@ enum Sys {
         return stat(path, &st) == 0
     }
 
-    /// fallocate(2) is declared only under _GNU_SOURCE, so it is looked up once at run
-    /// time. It is not variadic, so calling it through a C function pointer is exact.
-    private typealias FallocateFn = @convention(c) (Int32, Int32, Int64, Int64) -> Int32
-    private static let fallocateFn: FallocateFn? = {
-        guard let handle = dlopen(nil, RTLD_NOW), let sym = dlsym(handle, "fallocate") else { return nil }
-        return unsafeBitCast(sym, to: FallocateFn.self)
-    }()
-
-    /// Returns 0 on success or the errno value.
+    /// fallocate(2) with a mode from the shim (HS_FALLOC_*, KEEP_SIZE included),
+    /// retried after EINTR. Returns 0 on success or the errno value.
     static func fallocate(_ fd: Int32, mode: Int32, offset: UInt64, length: UInt64) -> Int32 {
-        guard let fn = fallocateFn else { return ENOSYS }
         while true {
-            if fn(fd, mode, Int64(offset), Int64(length)) == 0 { return 0 }
+            if hs_fallocate(fd, mode, offset, length) == 0 { return 0 }
             let e = errno
             if e != EINTR { return e }
         }
