@@ -43,7 +43,7 @@ public struct EngineConfig: Sendable, Equatable {
     /// Copy-on-write granularity in bytes (a power of two, ≥ 512).
     public var blockSize: Int = 4096
     /// Memory tier of the COW buffer.
-    public var memoryBufferBytes: Int = 64 << 20
+    public var memoryBufferBytes: Int = Defaults.memoryBufferBytes
     /// Above this share of the memory tier the mover spills to hb files.
     public var highWater: Double = 0.5
     /// Blocks older than this leave memory even below the high-water mark.

@@ -45,8 +45,8 @@ public struct DMDaemonOptions: Sendable {
     public var originDevice: String?
     public var transient = false
     public var bufferDir: String?
-    public var hbFileBytes: UInt64 = 256 << 20
-    public var bufferLimitBytes: UInt64 = 16 << 30
+    public var hbFileBytes: UInt64 = Defaults.hbFileBytes
+    public var bufferLimitBytes: UInt64 = Defaults.bufferLimitBytes
     public var snapshotDeadlineNanos: UInt64 = 60_000_000_000
     public var heartbeatTimeoutNanos: UInt64 = 10_000_000_000
     /// A transient daemon that nobody begins a session with exits after this.
@@ -55,7 +55,7 @@ public struct DMDaemonOptions: Sendable {
     public init(name: String) { self.name = name }
 
     public var dir: String { runDir + "/" + name }
-    public var resolvedBufferDir: String { bufferDir ?? "/var/tmp/hotimage-\(name)" }
+    public var resolvedBufferDir: String { bufferDir ?? Defaults.bufferDir(name: name) }
 }
 
 public final class DMDaemon: ForegroundDaemon, @unchecked Sendable {

@@ -28,8 +28,8 @@ public struct AttachOptions: Sendable {
     public var via: String = "fuse"
     public var runDir: String = "/run/hotimage"
     public var bufferDir: String?
-    public var hbFileBytes: UInt64 = 256 << 20
-    public var bufferLimitBytes: UInt64 = 16 << 30
+    public var hbFileBytes: UInt64 = Defaults.hbFileBytes
+    public var bufferLimitBytes: UInt64 = Defaults.bufferLimitBytes
     public var engine = EngineConfig()
     public var workers = 8
     /// --via nbd: sockets between the kernel and HotCore.
@@ -47,7 +47,7 @@ public struct AttachOptions: Sendable {
     }
 
     public var dir: String { runDir + "/" + name }
-    public var resolvedBufferDir: String { bufferDir ?? "/var/tmp/hotimage-\(name)" }
+    public var resolvedBufferDir: String { bufferDir ?? Defaults.bufferDir(name: name) }
 }
 
 public enum DaemonError: Error, CustomStringConvertible {

@@ -13,6 +13,7 @@
 // snapshot block device that the imager reads with O_DIRECT, instead of an
 // NBD export.
 import Foundation
+import HotCore
 import HotDaemon
 import HotOS
 
@@ -24,8 +25,8 @@ public enum BackupBackend: String, Sendable, CaseIterable {
 /// The COW store of a transient dm-snapshot daemon.
 public struct DMBackupOptions: Sendable {
     public var bufferDir: String?
-    public var hbFileBytes: UInt64 = 256 << 20
-    public var bufferLimitBytes: UInt64 = 16 << 30
+    public var hbFileBytes: UInt64 = Defaults.hbFileBytes
+    public var bufferLimitBytes: UInt64 = Defaults.bufferLimitBytes
     public init() {}
 }
 

@@ -132,14 +132,14 @@ public func findDaemon(_ target: String, runDir: String) -> String? {
 public final class BackupJob: @unchecked Sendable {
     let o: BackupOptions
     let r: Reporter
-    private var imager: Imager?
-    private let m = Monitor()
-    private var interrupted = false
-    private var hookResults: [HookResult] = []
-    private var writers: FreezeSession?
+    var imager: Imager?
+    let m = Monitor()
+    var interrupted = false
+    var hookResults: [HookResult] = []
+    var writers: FreezeSession?
     /// The session while `take` runs: an interrupt drops its connection.
-    private var taking: SessionClient?
-    private var isInterrupted: Bool { m.withLock { interrupted } }
+    var taking: SessionClient?
+    var isInterrupted: Bool { m.withLock { interrupted } }
 
     public init(options: BackupOptions, reporter: Reporter) {
         o = options
@@ -163,250 +163,54 @@ public final class BackupJob: @unchecked Sendable {
         var size: UInt64
     }
 
+    /// The HotBackup routine (this file's header); the steps are in
+    /// Backup+Snapshot.swift and Backup+Image.swift. A step that ends the
+    /// backup early throws BackupStop once the hooks that must run have run.
     public func run() -> (BackupExit, BackupSummary?) {
         let t0 = monotonicNanos()
-        let plan: Plan
-        do { plan = try resolve() } catch let f as BackupFailure {
-            r.log(f.description); r.event("error", ["message": .string(f.description), "exitCode": .int(Int64(f.code.rawValue))])
-            return (f.code, nil)
+        do throws(BackupStop) {
+            let plan = try resolveReporting()
+            let consistency = consistencyName(plan)
+            let ctx = announce(plan, consistency: consistency)
+            // 1. before-snapshot: a failure aborts at once.
+            try runBeforeSnapshotHooks(ctx)
+            let probe = (try? probeFilesystem(path: plan.readDevice)) ?? nil
+            let image = try createImage(plan, ctx: ctx)
+            defer { image.partial.release() }
+            try freezeWriters(plan, image: image, ctx: ctx)
+
+            // 2. The snapshot (or, offline, the map); the writers thaw at once.
+            let tSnap = monotonicNanos()
+            var cut = try takeSnapshot(plan, image: image, ctx: ctx)
+            let thawFailures = thawWriters()
+            recordSnapshot(&cut, since: tSnap, consistency: consistency)
+
+            // 3. after-snapshot: recorded, never stops the backup.
+            let after = HookRunner.run(o.hooks, .afterSnapshot, error: 0, context: ctx, stopOnFailure: false, log: hookLog)
+            hookResults += after
+
+            // 4. The imager.
+            var out = runImager(plan, cut, into: image.writer)
+
+            // 5. Finish or discard the image; end the session.
+            let meta = imageMetadata(plan, cut, probe: probe, consistency: consistency, episodes: out.episodes)
+            let partialKept = finishImage(image, &out, metadata: meta)
+            let daemon = endSession(cut, out, partialKept: partialKept)
+
+            // 6. after-backup, with the error code; the summary.
+            runAfterBackupHooks(&out, ctx: ctx, afterSnapshot: after, thawFailures: thawFailures)
+            let summary = summarize(plan, cut, out, consistency: consistency, partialKept: partialKept, daemon: daemon, since: t0)
+            return (out.code, summary)
         } catch {
-            r.log("\(error)"); return (.failed, nil)
+            return (error.code, nil)
         }
-        let volumes = [plan.mount?.mountPoint ?? plan.readDevice]
-        let consistency: String = plan.online
-            ? (plan.mount == nil ? "raw" : (o.consistency ?? .freeze).rawValue) : "offline"
-        let ctx = HookContext(volumes: volumes, freeze: plan.online && consistency == "freeze", image: o.output)
-        r.event("start", ["source": .string(o.source), "image": .string(o.output), "mode": .string(plan.online ? "online" : "offline"),
-                          "device": .string(plan.readDevice), "deviceBytes": .uint(plan.size)])
-        r.log("backing up \(plan.readDevice)\(plan.mount.map { " (mounted at \($0.mountPoint))" } ?? "") \(plan.online ? "online" : "offline") to \(o.output)")
-
-        // 1. before-snapshot: a failure aborts at once.
-        let before = HookRunner.run(o.hooks, .beforeSnapshot, error: 0, context: ctx, stopOnFailure: true, log: hookLog,
-                                    cancelled: { self.isInterrupted })
-        hookResults += before
-        if isInterrupted { return afterFailedSnapshot(.interrupted, "interrupted before the snapshot; nothing was done", ctx: ctx) }
-        if let bad = before.first(where: { !$0.ok }) {
-            let msg = "before-snapshot hook '\(bad.command)' failed (\(bad.timedOut ? "timed out" : "exit \(bad.exitCode)")); backup aborted"
-            r.log(msg)
-            r.event("error", ["message": .string(msg), "exitCode": .int(Int64(BackupExit.hookAbort.rawValue))])
-            return (.hookAbort, nil)
-        }
-
-        // The image file.
-        let probe = (try? probeFilesystem(path: plan.readDevice)) ?? nil
-        // Written under a locked temporary name, renamed when complete
-        // (Backup+PartialImage.swift).
-        PartialImage.sweep(dir: (o.output as NSString).deletingLastPathComponent, log: { self.r.log($0) })
-        let writer: QCow2Writer
-        let partial: PartialImage
-        do {
-            partial = try PartialImage(final: o.output)
-            do {
-                writer = try QCow2Writer(path: partial.temp, virtualSize: plan.size, clusterBits: o.clusterBits,
-                                         compression: o.compression, overwrite: true, access: o.imageAccess)
-            } catch { partial.release(); throw error }
-        } catch {
-            return afterFailedSnapshot(.refused, "cannot create the image \(o.output): \(error)", ctx: ctx)
-        }
-        defer { partial.release() }
-
-        // Writers: freeze the components whose files are on the volume.
-        if plan.online {
-            if let fail = freezeWriters(plan) {
-                writer.abandon()
-                return afterFailedSnapshot(.writerFreeze, fail, ctx: ctx)
-            }
-        }
-
-        // 2. The snapshot (or, offline, the map).
-        var session: SessionClient?
-        let snap: TakenSnapshot
-        var mapMethod = "raw"
-        var excludedList: [ImageMetadata.Excluded] = []
-        let tSnap = monotonicNanos()
-        do {
-            if plan.online, let vol = plan.volume {
-                let s = try SessionClient(volume: vol)
-                session = s
-                m.withLock { taking = s }
-                defer { m.withLock { taking = nil } }
-                if isInterrupted { throw SessionError("interrupted") }
-                let mode: Consistency = plan.mount == nil ? .raw : (o.consistency ?? .freeze)
-                if plan.mount == nil { r.log("\(vol.protectedDevice) is not mounted: every block is imaged (raw map)") }
-                snap = try s.take(consistency: mode, mountPoint: plan.mount?.mountPoint, pauseMs: o.pauseMs, readMap: {
-                    TestStall.at("frozen", interrupted: { self.isInterrupted })
-                    let (used, method) = try usedMap(plan)
-                    mapMethod = method
-                    let (ex, list) = try exclusions(plan)
-                    excludedList = list
-                    return (used, ex)
-                }, onRetry: { self.r.log("\($0); waiting for the next pause") })
-                if isInterrupted { throw SessionError("interrupted") }
-                s.startHeartbeat()
-            } else {
-                let (used, method) = try usedMap(plan)
-                mapMethod = method
-                let (ex, list) = try exclusions(plan)
-                excludedList = list
-                let u = RangeSet.normalize(used)
-                let p = RangeSet.subtract(u, RangeSet.normalize(ex))
-                snap = TakenSnapshot(armedAtNanos: monotonicNanos(), wallTime: Date(), frozen: false, attempts: 1,
-                                     protected: p, usedBytes: RangeSet.total(u), excludedBytes: RangeSet.total(u) - RangeSet.total(p))
-            }
-        } catch {
-            writer.abandon()
-            session?.end(); session?.close()
-            if isInterrupted { return afterFailedSnapshot(.interrupted, "interrupted during the snapshot; nothing was imaged", ctx: ctx) }
-            let code: BackupExit = (error as? BackupFailure)?.code ?? .session
-            let text = "\(error)"
-            return afterFailedSnapshot(code, text.hasPrefix("snapshot failed") ? text : "snapshot failed: \(text)", ctx: ctx)
-        }
-        // Thaw the writers at once: the consistent point is taken.
-        let thawFailures = writers?.thaw(log: { self.r.log($0) }) ?? []
-        if let w = writers { r.event("writers", ["phase": .string("thawed"), "components": .value(w.records)]) }
-        let snapSeconds = Double(monotonicNanos() - tSnap) / 1e9
-        let freezeSeconds = snap.frozen ? (try? session?.status())?.lastFreezeSeconds : nil
-        if mapMethod == "raw" { r.log("no used-block map for this volume: imaging every block (raw)") }
-        r.log(String(format: "snapshot taken in %.2f s (%@, map %@): %@ used, %@ excluded, %d attempt(s)", snapSeconds, consistency,
-                     mapMethod, formatBytes(snap.usedBytes), formatBytes(snap.excludedBytes), snap.attempts))
-        r.event("snapshot", ["seconds": .double(snapSeconds), "consistency": .string(consistency), "mapMethod": .string(mapMethod),
-                             "usedBytes": .uint(snap.usedBytes), "excludedBytes": .uint(snap.excludedBytes),
-                             "attempts": .int(Int64(snap.attempts)), "time": .string(iso8601(snap.wallTime)),
-                             "cutMonotonicNs": .uint(snap.armedAtNanos)])
-
-        // 3. after-snapshot: recorded, never stops the backup.
-        let after = HookRunner.run(o.hooks, .afterSnapshot, error: 0, context: ctx, stopOnFailure: false, log: hookLog)
-        hookResults += after
-
-        // 4. The imager.
-        var code: BackupExit = .ok
-        var errorText: String?
-        var result: ImagerResult?
-        var episodes: [EmergencyEpisode] = []
-        do {
-            let source: BlockSource = plan.online ? try snapshotSource(plan, snap, session)
-                                                  : try DeviceSource(path: plan.readDevice, exclusive: plan.mount == nil)
-            let im = Imager(source: source, ranges: snap.protected, writer: writer, compression: o.compression,
-                            clusterSize: 1 << o.clusterBits, config: o.imager, session: session, log: { self.r.log($0) })
-            m.withLock { imager = im }
-            defer { episodes = im.recordedEpisodes }
-            if m.withLock({ interrupted }) { im.cancel("interrupted") }
-            result = try im.run { p in
-                TestStall.at("imaging", interrupted: { self.isInterrupted })
-                if p.emergency { TestStall.at("emergency", interrupted: { self.isInterrupted }) }
-                self.r.progress(p, phase: "imaging")
-            }
-            r.finishProgress()
-            if let u = usersAppeared(plan) {
-                throw ImagerError(description: "the volume was put to use while it was read offline (\(u)): the image may not be one point in time; back up online through 'hotimage attach'", sessionFailed: false)
-            }
-        } catch {
-            r.finishProgress()
-            code = m.withLock({ interrupted }) ? .interrupted : ((error as? ImagerError)?.sessionFailed == true ? .session : .failed)
-            errorText = "\(error)"
-        }
-
-        // The imager (and the source it reads) is done: let go of it, so a
-        // dm snapshot device is closed before the session removes it.
-        m.withLock { imager = nil }
-
-        // 5. Finish or discard the image; end the session.
-        let meta = ImageMetadata(
-            toolVersion: o.toolVersion, host: ProcessInfo.processInfo.hostName,
-            source: .init(device: plan.readDevice, realDevice: plan.realDevice, attachName: plan.volume?.name,
-                          mountPoint: plan.mount?.mountPoint, deviceBytes: plan.size),
-            filesystem: .init(type: probe?.type ?? plan.mount?.fsType, uuid: probe?.uuid, label: probe?.label, blockSize: probe?.blockSize),
-            snapshotTime: iso8601(snap.wallTime), consistency: consistency, mode: plan.online ? "online" : "offline",
-            mapMethod: mapMethod, blockSize: plan.volume?.blockSize ?? 4096, clusterSize: 1 << o.clusterBits,
-            compression: o.compression.description, usedBytes: snap.usedBytes, imagedBytes: RangeSet.total(snap.protected),
-            excluded: excludedList, hooks: hookResults, emergencyEpisodes: episodes,
-            components: writers?.records, writerErrors: writers.map { $0.writerErrors })
-        var partialKept = false
-        if code == .ok {
-            TestStall.at("finish", interrupted: { self.isInterrupted })
-            if isInterrupted { code = .interrupted; errorText = "interrupted before the image was finished" }
-        }
-        if code == .ok {
-            do { _ = try writer.finish(metadata: meta.encoded(), complete: true); try partial.commit() } catch {
-                code = .failed
-                errorText = "finishing the image: \(error)"
-                writer.abandon()
-            }
-        } else if o.keepPartial {
-            do { _ = try writer.finish(metadata: meta.encoded(), complete: false); try partial.commit(); partialKept = true } catch { writer.abandon() }
-        } else {
-            writer.abandon()
-        }
-        let endStatus = try? session?.status()
-        session?.end()
-        session?.close()
-        if let e = errorText {
-            r.log("backup failed: \(e)" + (partialKept ? "; the partial image is kept, marked incomplete" : "; the partial image was removed"))
-        }
-
-        // 6. after-backup, with the error code.
-        let afterBackup = HookRunner.run(o.hooks, .afterBackup, error: code.rawValue, context: ctx, stopOnFailure: false, log: hookLog)
-        hookResults += afterBackup
-        if code == .ok && ((after + afterBackup).contains(where: { !$0.ok }) || !thawFailures.isEmpty) { code = .hookFailed }
-
-        let seconds = Double(monotonicNanos() - t0) / 1e9
-        let imageBytes = (try? FileManager.default.attributesOfItem(atPath: o.output)[.size] as? UInt64) ?? 0
-        let imaged = result?.bytesRead ?? 0
-        let summary = BackupSummary(
-            image: o.output, exitCode: code.rawValue, error: errorText, mode: plan.online ? "online" : "offline",
-            consistency: consistency, mapMethod: mapMethod, seconds: seconds, snapshotSeconds: snapSeconds,
-            usedBytes: snap.usedBytes, imagedBytes: imaged, imageBytes: imageBytes,
-            ratio: imaged > 0 ? Double(imageBytes) / Double(imaged) : 0,
-            megabytesPerSecond: (result?.seconds ?? 0) > 0 ? Double(imaged) / result!.seconds / 1e6 : 0,
-            cowPeakBytes: result?.peakBufferBytes ?? 0, spillPeakBytes: result?.peakSpillBytes ?? 0,
-            emergencyEpisodes: episodes, hooks: hookResults,
-            components: writers?.records ?? [], writerErrors: writers?.writerErrors ?? [], partialKept: partialKept,
-            freezeSeconds: freezeSeconds, daemonPeakRSSBytes: endStatus?.peakRSSBytes, daemonFileRSSBytes: endStatus?.fileRSSBytes)
-        r.event("summary", ["summary": .value(summary)])
-        printSummary(summary)
-        return (code, summary)
     }
 
-    private func hookLog(_ s: String) {
+    func hookLog(_ s: String) {
         r.log(s)
     }
 
-    /// Lists the writers' components and freezes those on the volume. Nil
-    /// when the backup may go on (everything frozen, or --allow-unfrozen);
-    /// otherwise the reason, with everything already thawed.
-    private func freezeWriters(_ plan: Plan) -> String? {
-        guard o.writers.selection != .none else { return nil }
-        let volumes = plan.mount.map { [$0.mountPoint] } ?? []
-        let t0 = monotonicNanos()
-        let w = FreezeSession(config: o.writers, volumes: volumes, log: { self.r.log($0) })
-        writers = w
-        var failures = w.writerErrors
-        if failures.isEmpty || o.allowUnfrozen { failures += w.freeze(log: { self.r.log($0) }) } else {
-            w.markNotFrozen("not asked: another writer failed first")
-        }
-        r.event("writers", ["phase": .string("frozen"), "seconds": .double(Double(monotonicNanos() - t0) / 1e9),
-                            "components": .value(w.records), "errors": .value(failures)])
-        if failures.isEmpty { return nil }
-        if o.allowUnfrozen {
-            r.log("going on crash-consistent for what is not frozen (--allow-unfrozen); recorded in the image")
-            return nil
-        }
-        w.thaw(log: { self.r.log($0) })
-        return "a writer could not freeze its components (\(failures.count) problem(s)); nothing was imaged. Use --allow-unfrozen to go on crash-consistent, or --writers to choose writers"
-    }
-
-    /// The snapshot failed (or never started): no data; after-snapshot and
-    /// after-backup still run, with the error code.
-    private func afterFailedSnapshot(_ code: BackupExit, _ msg: String, ctx: HookContext) -> (BackupExit, BackupSummary?) {
-        writers?.thaw(log: { self.r.log($0) })
-        r.log(msg)
-        r.event("error", ["message": .string(msg), "exitCode": .int(Int64(code.rawValue))])
-        hookResults += HookRunner.run(o.hooks, .afterSnapshot, error: code.rawValue, context: ctx, stopOnFailure: false, log: hookLog)
-        hookResults += HookRunner.run(o.hooks, .afterBackup, error: code.rawValue, context: ctx, stopOnFailure: false, log: hookLog)
-        return (code, nil)
-    }
-
-    private func printSummary(_ s: BackupSummary) {
+    func printSummary(_ s: BackupSummary) {
         var lines = [
             String(format: "summary: %@ in %.1f s (snapshot %.2f s), %@ used, %@ imaged at %.0f MB/s",
                    s.exitCode == 0 || s.exitCode == 6 ? "image complete" : "FAILED", s.seconds, s.snapshotSeconds,

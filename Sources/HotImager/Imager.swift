@@ -27,7 +27,7 @@ public struct ImagerConfig: Sendable {
     public var workers = 4
     public var unitClusters = 16
     /// Enter emergency mode when the hb files hold this many bytes.
-    public var emergencyBytes: UInt64 = 256 << 20
+    public var emergencyBytes: UInt64 = Defaults.emergencyBytes
     public var reportIntervalNanos: UInt64 = 100_000_000
     public var statusIntervalNanos: UInt64 = 250_000_000
     /// Read at most this many bytes per second (0: no limit), to spare a

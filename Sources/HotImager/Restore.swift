@@ -58,8 +58,25 @@ public enum RestoreJob {
         return s
     }
 
+    /// Verify the image, open the target, write the allocated clusters,
+    /// zero the rest, flush.
     static func restoreBlocks(_ o: RestoreOptions, reporter r: Reporter) throws -> RestoreSummary {
         let t0 = monotonicNanos()
+        let img = try openImage(o, reporter: r)
+        let dev = try openTarget(o, size: img.virtualSize)
+        let clusters = try img.allocatedClusters()
+        let written = try writeClusters(clusters, from: img, to: dev, o, reporter: r, since: t0)
+        // The rest reads as zeros (--no-discard leaves it as it was).
+        var zeroed: UInt64 = 0
+        if o.discard { zeroed = try zeroGaps(between: clusters, clusterSize: UInt64(img.clusterSize), size: img.virtualSize, of: dev, o) }
+        do { try dev.flush() } catch { throw RestoreFailure(refused: false, description: "flushing \(o.target): \(error)") }
+        return RestoreSummary(target: o.target, bytes: written, clusters: UInt64(clusters.count), zeroedBytes: zeroed,
+                              seconds: Double(monotonicNanos() - t0) / 1e9, discarded: o.discard)
+    }
+
+    /// The image, refused when incomplete or damaged (every checksum first,
+    /// unless --no-verify).
+    private static func openImage(_ o: RestoreOptions, reporter r: Reporter) throws -> QCow2Reader {
         let img: QCow2Reader
         do { img = try QCow2Reader(path: o.image) } catch {
             throw RestoreFailure(refused: true, description: "\(o.image): \(error)")
@@ -78,9 +95,13 @@ public enum RestoreJob {
             }
         }
         if img.hotimage == nil { r.log("\(o.image) was not made by hotimage: restoring it without checksums") }
-        let size = img.virtualSize
+        return img
+    }
 
-        // The target.
+    /// The target, opened exclusively: a block device or a regular file (a
+    /// new one is created with `size`), not mounted, large enough, and
+    /// without a filesystem unless --force.
+    private static func openTarget(_ o: RestoreOptions, size: UInt64) throws -> BlockDevice {
         var st = stat()
         let exists = stat(o.target, &st) == 0
         if exists && (st.st_mode & S_IFMT) != S_IFBLK && (st.st_mode & S_IFMT) != S_IFREG {
@@ -107,9 +128,14 @@ public enum RestoreJob {
         if exists && !o.force, let fs = try? probeFilesystem(path: o.target) {
             throw RestoreFailure(refused: true, description: "\(o.target) already holds a filesystem (\(fs.type)\(fs.uuid.map { " \($0)" } ?? "")); use --force to overwrite it")
         }
+        return dev
+    }
 
-        // Allocated clusters, written by workers in parallel.
-        let clusters = try img.allocatedClusters()
+    /// Decodes and writes the allocated clusters with `o.workers` threads,
+    /// reporting progress; the bytes written.
+    private static func writeClusters(_ clusters: AllocatedClusters, from img: QCow2Reader, to dev: BlockDevice,
+                                      _ o: RestoreOptions, reporter r: Reporter, since t0: UInt64) throws -> UInt64 {
+        let size = img.virtualSize
         let cs = UInt64(img.clusterSize)
         let m = Monitor()
         var next = 0
@@ -155,27 +181,28 @@ public enum RestoreJob {
         }
         r.finishProgress()
         if let f = failure { throw RestoreFailure(refused: false, description: "restoring \(o.target): \(f)") }
+        return m.withLock { written }
+    }
 
-        // The rest reads as zeros.
+    /// Discards (or zeroes) what no cluster covers, so the target reads as
+    /// the image; the bytes zeroed.
+    private static func zeroGaps(between clusters: AllocatedClusters, clusterSize cs: UInt64, size: UInt64,
+                                 of dev: BlockDevice, _ o: RestoreOptions) throws -> UInt64 {
         var zeroed: UInt64 = 0
-        if o.discard {
-            var pos: UInt64 = 0
-            var gaps: [Range<UInt64>] = []
-            for c in clusters {
-                let s = c * cs
-                if s > pos { gaps.append(pos..<s) }
-                pos = s + cs
-            }
-            if pos < size { gaps.append(pos..<size) }
-            for g in gaps {
-                do { try dev.zero(offset: g.lowerBound, length: UInt64(g.count), unmap: true) } catch {
-                    throw RestoreFailure(refused: false, description: "zeroing unused space of \(o.target): \(error)")
-                }
-                zeroed += UInt64(g.count)
-            }
+        var pos: UInt64 = 0
+        var gaps: [Range<UInt64>] = []
+        for c in clusters {
+            let s = c * cs
+            if s > pos { gaps.append(pos..<s) }
+            pos = s + cs
         }
-        do { try dev.flush() } catch { throw RestoreFailure(refused: false, description: "flushing \(o.target): \(error)") }
-        return RestoreSummary(target: o.target, bytes: written, clusters: UInt64(clusters.count), zeroedBytes: zeroed,
-                              seconds: Double(monotonicNanos() - t0) / 1e9, discarded: o.discard)
+        if pos < size { gaps.append(pos..<size) }
+        for g in gaps {
+            do { try dev.zero(offset: g.lowerBound, length: UInt64(g.count), unmap: true) } catch {
+                throw RestoreFailure(refused: false, description: "zeroing unused space of \(o.target): \(error)")
+            }
+            zeroed += UInt64(g.count)
+        }
+        return zeroed
     }
 }

@@ -183,245 +183,47 @@ public final class QCow2Reader: @unchecked Sendable {
             throw QCow2Error("cannot open the image: \(errnoText(errno))", path: path)
         }
         do {
-            let end = lseek(fd, 0, SEEK_END)
-            if end < 0 { throw QCow2Error("cannot determine the file length: \(errnoText(errno))") }
-            let fileLength = UInt64(end)
+            // The steps are in QCow2Reader+Open.swift.
+            let fileLength = try Self.fileLengthOf(fd)
             self.fd = fd
             self.fileLength = fileLength
+            var h = try Self.readFixedHeader(fd: fd, fileLength: fileLength)
+            try Self.readVersion3Fields(&h, fileLength: fileLength)
+            let l1 = try Self.readL1Table(fd: fd, h, fileLength: fileLength)
+            try Self.checkRefcountTable(h, fileLength: fileLength)
+            let snapshotNotes = try Self.checkSnapshots(h, fileLength: fileLength)
+            let x = try Self.scanExtensions(h, fileLength: fileLength)
+            let hoti = try Self.readHotimagePart(fd: fd, h, x, fileLength: fileLength)
 
-            // Fixed header.
-            guard fileLength >= UInt64(Q.v2HeaderLength) else {
-                throw QCow2Error("file is \(fileLength) bytes long, too short for a qcow2 header (at least 72 bytes)")
-            }
-            let first = try preadArray(fd, count: Int(min(fileLength, 104)), offset: 0, what: "qcow2 header")
-            let magic = first.be32(at: 0)
-            guard magic == Q.magic else {
-                throw QCow2Error("not a qcow2 image: magic at file offset 0 is \(hex(UInt64(magic))), expected 0x514649fb (\"QFI\\xfb\")")
-            }
-            let version = first.be32(at: 4)
-            guard version == 2 || version == 3 else {
-                throw QCow2Error("unsupported qcow2 version \(version) (header offset 4): only versions 2 and 3 are readable")
-            }
-            if version == 3 && fileLength < 104 {
-                throw QCow2Error("file is \(fileLength) bytes long, too short for a qcow2 version 3 header (104 bytes)")
-            }
-            self.version = version
-            let clusterBits = first.be32(at: 20)
-            guard clusterBits >= UInt32(Q.minClusterBits) && clusterBits <= UInt32(Q.maxClusterBits) else {
-                throw QCow2Error("cluster_bits \(clusterBits) (header offset 20) is out of range 9...21")
-            }
-            let cb = Int(clusterBits)
-            let cs = UInt64(1) << UInt64(cb)
-            self.clusterBits = cb
+            let cs = h.cs
+            self.version = h.version
+            self.clusterBits = h.clusterBits
             self.clusterSize = Int(cs)
             self.cs = cs
             self.l2Entries = Int(cs / 8)
-            self.csizeShift = UInt64(62 - (cb - 8))
-            self.csizeMask = (UInt64(1) << UInt64(cb - 8)) - 1
-
-            // Cluster 0, zero-padded when the file is shorter than a cluster.
-            var hc = [UInt8](repeating: 0, count: Int(cs))
-            _ = try hc.withUnsafeMutableBytes { try preadFull(fd, $0.baseAddress!, Int(cs), 0) }
-            self.headerCluster = hc
-
-            let backingOffset = hc.be64(at: 8)
-            let backingSize = hc.be32(at: 16)
-            if backingOffset != 0 {
-                throw QCow2Error("the image has a backing file (backing_file_offset \(hex(backingOffset)), \(backingSize) bytes); images with backing files are not supported")
-            }
-            let size = hc.be64(at: 24)
-            guard size <= UInt64(Int64.max) else {
-                throw QCow2Error("virtual size \(size) (header offset 24) is larger than 2^63 - 1")
-            }
-            let cryptMethod = hc.be32(at: 32)
-            if cryptMethod != 0 {
-                throw QCow2Error("the image is encrypted (crypt_method \(cryptMethod), header offset 32); encrypted images are not supported")
-            }
-            let l1Size = hc.be32(at: 36)
-            let l1Offset = hc.be64(at: 40)
-            let rtOffset = hc.be64(at: 48)
-            let rtClusters = hc.be32(at: 56)
-            let nbSnapshots = hc.be32(at: 60)
-            let snapshotsOffset = hc.be64(at: 64)
-
-            var incompat: UInt64 = 0, autoclear: UInt64 = 0
-            var refcountOrder: UInt32 = 4
-            var headerLength = Q.v2HeaderLength
-            var compression = QCow2CompressionType.zlib
-            if version == 3 {
-                incompat = hc.be64(at: 72)
-                autoclear = hc.be64(at: 88)
-                refcountOrder = hc.be32(at: 96)
-                let hl = hc.be32(at: 100)
-                guard hl >= 104, hl % 8 == 0, UInt64(hl) <= cs, UInt64(hl) <= fileLength else {
-                    throw QCow2Error("header_length \(hl) (header offset 100) is invalid: it must be at least 104, a multiple of 8, within the \(cs)-byte header cluster and within the \(fileLength)-byte file")
-                }
-                headerLength = Int(hl)
-                if incompat & ~Q.incompatKnown != 0 {
-                    throw QCow2Error("unknown incompatible feature bits \(hex(incompat & ~Q.incompatKnown)) (header offset 72); refusing to read an image that needs features this reader does not know")
-                }
-                if incompat & Q.incompatDataFile != 0 {
-                    throw QCow2Error("the image keeps its data in an external data file (incompatible feature bit 2); not supported")
-                }
-                if incompat & Q.incompatExtendedL2 != 0 {
-                    throw QCow2Error("the image uses extended L2 entries (incompatible feature bit 4); not supported")
-                }
-                let ctype: UInt8 = headerLength > 104 ? hc[104] : 0
-                if incompat & Q.incompatCompression != 0 {
-                    guard headerLength > 104, ctype != 0 else {
-                        throw QCow2Error("incompatible feature bit 3 (compression type) is set but compression_type (header offset 104) is \(headerLength > 104 ? "0" : "absent")")
-                    }
-                    guard let t = QCow2CompressionType(rawValue: ctype) else {
-                        throw QCow2Error("unknown compression_type \(ctype) (header offset 104); known: 0 zlib, 1 zstd")
-                    }
-                    compression = t
-                } else if ctype != 0 {
-                    throw QCow2Error("compression_type \(ctype) (header offset 104) is non-zero but incompatible feature bit 3 is not set")
-                }
-                guard refcountOrder <= 6 else {
-                    throw QCow2Error("refcount_order \(refcountOrder) (header offset 96) exceeds 6")
-                }
-            }
-            self.incompatibleFeatures = incompat
-            self.autoclearFeatures = autoclear
-            self.refcountOrder = refcountOrder
-            self.compression = compression
-            self.compressionType = compression.name
-            self.virtualSize = size
-
-            // L1 table.
-            let gc = divRoundUp(size, cs)
-            let l1Needed = divRoundUp(gc, cs / 8)
-            guard UInt64(l1Size) * 8 <= Q.maxL1Bytes else {
-                throw QCow2Error("l1_size \(l1Size) (header offset 36) makes an L1 table of \(UInt64(l1Size) * 8) bytes, more than qemu's \(Q.maxL1Bytes)-byte limit")
-            }
-            guard UInt64(l1Size) >= l1Needed else {
-                throw QCow2Error("L1 table too small: l1_size \(l1Size) (header offset 36) but a virtual size of \(size) bytes with \(cs)-byte clusters needs \(l1Needed) entries")
-            }
-            self.guestClusters = gc
-            self.l1Size = Int(l1Size)
-            self.l1Offset = l1Offset
-            if l1Size > 0 {
-                try Self.checkTable("L1 table", offset: l1Offset, bytes: UInt64(l1Size) * 8, cs: cs, fileLength: fileLength)
-                let raw = try preadArray(fd, count: Int(l1Size) * 8, offset: l1Offset, what: "L1 table")
-                self.l1 = decodeBE64Array(raw, count: Int(l1Size))
-            } else {
-                self.l1 = []
-            }
-
-            // Refcount table (needed only by verify, but validated here).
-            guard UInt64(rtClusters) * cs <= Q.maxRefTableBytes else {
-                throw QCow2Error("refcount_table_clusters \(rtClusters) (header offset 56) makes a refcount table of \(UInt64(rtClusters) * cs) bytes, more than qemu's \(Q.maxRefTableBytes)-byte limit")
-            }
-            if rtClusters > 0 {
-                try Self.checkTable("refcount table", offset: rtOffset, bytes: UInt64(rtClusters) * cs, cs: cs, fileLength: fileLength)
-            }
-            self.refcountTableOffset = rtOffset
-            self.refcountTableClusters = rtClusters
-
-            // Snapshots: the active image is readable; verify reports them.
-            guard nbSnapshots <= Q.maxSnapshots else {
-                throw QCow2Error("nb_snapshots \(nbSnapshots) (header offset 60) exceeds qemu's limit of \(Q.maxSnapshots)")
-            }
-            var notes: [String] = []
-            if nbSnapshots > 0 {
-                guard snapshotsOffset % cs == 0, snapshotsOffset >= cs, snapshotsOffset < fileLength else {
-                    throw QCow2Error("snapshot table offset \(hex(snapshotsOffset)) (header offset 64) is not a cluster-aligned offset inside the file")
-                }
-                notes.append("the image has \(nbSnapshots) internal snapshot(s); only the active state is read, and refcounts are not verified")
-            }
-            self.snapshotCount = nbSnapshots
-
-            // Header extensions.
-            var hotiExt: Int? = nil
-            var hotiLen = 0
-            var problems: [String] = []
-            var off = headerLength
-            let extEnd = Int(cs)
-            var seenHoti = false
-            var hasBitmaps = false
-            while off < extEnd {
-                if extEnd - off < 8 {
-                    break
-                }
-                let type = hc.be32(at: off)
-                let len = UInt64(hc.be32(at: off + 4))
-                if type == Q.extEnd { break }
-                let dataStart = off + 8
-                guard len <= UInt64(extEnd - dataStart) else {
-                    throw QCow2Error("header extension \(hex(UInt64(type))) at file offset \(hex(UInt64(off))) claims \(len) bytes, which run past the end of the \(cs)-byte header cluster")
-                }
-                if UInt64(dataStart) + len > fileLength {
-                    throw QCow2Error("header extension \(hex(UInt64(type))) at file offset \(hex(UInt64(off))) (\(len) bytes) is cut short by the end of the file")
-                }
-                switch type {
-                case Q.extHotimage:
-                    if seenHoti {
-                        problems.append("a second hotimage (HOTI) header extension at file offset \(hex(UInt64(off))) was ignored")
-                    } else {
-                        seenHoti = true
-                        hotiExt = dataStart
-                        hotiLen = Int(len)
-                    }
-                case Q.extBitmaps:
-                    notes.append("the image has persistent dirty bitmaps; refcounts are not verified")
-                    hasBitmaps = true
-                case Q.extCrypto:
-                    throw QCow2Error("the image has a full-disk-encryption header extension at file offset \(hex(UInt64(off))); encrypted images are not supported")
-                case Q.extDataFile:
-                    notes.append("the image names an external data file (header extension at file offset \(hex(UInt64(off)))) that is not used")
-                default:
-                    break
-                }
-                off = dataStart + Int(alignUp(len, 8))
-            }
-            self.notes = notes
-            self.refcountsComparable = nbSnapshots == 0 && !hasBitmaps
-
-            // hotimage extension and tail blob.
-            var info: HotimageInfo? = nil
-            var tail: TailLayout? = nil
-            var tailCRC: UInt32 = 0
-            let marker = autoclear & Q.autoclearHotimage != 0
-            if let ext = hotiExt {
-                if hotiLen < Q.hotiExtLength {
-                    problems.append("the hotimage header extension at file offset \(hex(UInt64(ext - 8))) is \(hotiLen) bytes long, expected \(Q.hotiExtLength)")
-                    hotiExt = nil
-                } else {
-                    let fv = hc.be32(at: ext)
-                    let flags = hc.be32(at: ext + 4)
-                    let tOff = hc.be64(at: ext + 8)
-                    let tLen = hc.be64(at: ext + 16)
-                    tailCRC = hc.be32(at: ext + 24)
-                    if fv != Q.hotiFormatVersion {
-                        problems.append("unsupported hotimage format version \(fv) in the header extension at file offset \(hex(UInt64(ext)))")
-                    }
-                    if !marker {
-                        problems.append("autoclear feature bit 63 is clear: another program opened the image for writing, so hotimage's checksums no longer apply")
-                    }
-                    var metadata: [UInt8] = []
-                    do {
-                        let (layout, meta) = try Self.readTail(fd: fd, offset: tOff, length: tLen, fileLength: fileLength,
-                                                               cs: cs, clusterBits: cb, virtualSize: size, l1Size: l1Size)
-                        tail = layout
-                        metadata = meta
-                        if crc32Of(meta) != layout.metadataCRC {
-                            problems.append("hotimage metadata (file offset \(hex(tOff &+ layout.metadataOffset)), \(meta.count) bytes): checksum mismatch")
-                        }
-                    } catch let e as QCow2Error {
-                        problems.append(e.message)
-                    }
-                    info = HotimageInfo(formatVersion: fv, complete: flags & Q.hotiFlagComplete != 0, metadata: metadata,
-                                        tailOffset: tOff, tailLength: tLen, checksumsValid: marker)
-                }
-            } else if marker {
-                problems.append("autoclear feature bit 63 (hotimage) is set but the hotimage header extension is missing or damaged")
-            }
-            self.hotiExtOffset = hotiExt
-            self.hotimage = info
-            self.tail = tail
-            self.tailCRC = tailCRC
-            self.hotimageProblems = problems
+            self.csizeShift = UInt64(62 - (h.clusterBits - 8))
+            self.csizeMask = (UInt64(1) << UInt64(h.clusterBits - 8)) - 1
+            self.headerCluster = h.cluster0
+            self.incompatibleFeatures = h.incompat
+            self.autoclearFeatures = h.autoclear
+            self.refcountOrder = h.refcountOrder
+            self.compression = h.compression
+            self.compressionType = h.compression.name
+            self.virtualSize = h.size
+            self.guestClusters = divRoundUp(h.size, cs)
+            self.l1Size = Int(h.l1Size)
+            self.l1Offset = h.l1Offset
+            self.l1 = l1
+            self.refcountTableOffset = h.rtOffset
+            self.refcountTableClusters = h.rtClusters
+            self.snapshotCount = h.nbSnapshots
+            self.notes = snapshotNotes + x.notes
+            self.refcountsComparable = h.nbSnapshots == 0 && !x.hasBitmaps
+            self.hotiExtOffset = hoti.hotiExt
+            self.hotimage = hoti.info
+            self.tail = hoti.tail
+            self.tailCRC = hoti.tailCRC
+            self.hotimageProblems = hoti.problems
             self.l2CacheLimit = max(16, (64 << 20) / Int(cs))
         } catch let e as QCow2Error {
             close(fd)
@@ -430,74 +232,6 @@ public final class QCow2Reader: @unchecked Sendable {
     }
 
     deinit { close(fd) }
-
-    static func checkTable(_ what: String, offset: UInt64, bytes: UInt64, cs: UInt64, fileLength: UInt64) throws {
-        guard offset % cs == 0 else {
-            throw QCow2Error("\(what) offset \(hex(offset)) is not aligned to the \(cs)-byte cluster size")
-        }
-        guard offset >= cs else {
-            throw QCow2Error("\(what) at file offset \(hex(offset)) overlaps the header cluster")
-        }
-        guard let end = checkedAdd(offset, bytes), end <= fileLength else {
-            throw QCow2Error("\(what) at file offset \(hex(offset)) (\(bytes) bytes) extends past the end of the file (\(fileLength) bytes; truncated?)")
-        }
-    }
-
-    static func readTail(fd: Int32, offset: UInt64, length: UInt64, fileLength: UInt64, cs: UInt64,
-                         clusterBits: Int, virtualSize: UInt64, l1Size: UInt32) throws -> (TailLayout, [UInt8]) {
-        let at = "hotimage tail blob at file offset \(hex(offset)) (\(length) bytes)"
-        guard offset >= cs else { throw QCow2Error("\(at) overlaps the header cluster") }
-        guard let end = checkedAdd(offset, length), end <= fileLength else {
-            throw QCow2Error("\(at) extends past the end of the file (\(fileLength) bytes; truncated?)")
-        }
-        guard length >= UInt64(Q.tailHeaderLength) else { throw QCow2Error("\(at) is too short for its header") }
-        let h = try preadArray(fd, count: Q.tailHeaderLength, offset: offset, what: "hotimage tail header")
-        guard Array(h[0..<8]) == Q.tailMagic else { throw QCow2Error("\(at): bad magic (expected \"HOTITAIL\")") }
-        var t = TailLayout()
-        let version = h.be32(at: 8)
-        guard version == Q.tailVersion else { throw QCow2Error("\(at): unsupported tail version \(version)") }
-        guard h.be32(at: 12) == UInt32(clusterBits) else { throw QCow2Error("\(at): cluster_bits \(h.be32(at: 12)) differs from the header's \(clusterBits)") }
-        guard h.be64(at: 16) == virtualSize else { throw QCow2Error("\(at): virtual size \(h.be64(at: 16)) differs from the header's \(virtualSize)") }
-        t.headerCRC = h.be32(at: 24)
-        t.l1CRC = h.be32(at: 28)
-        t.l1Offset = h.be64(at: 32)
-        t.l1Size = h.be32(at: 40)
-        t.refTableCRC = h.be32(at: 44)
-        t.refTableOffset = h.be64(at: 48)
-        t.refTableClusters = h.be32(at: 56)
-        t.refBlockCount = h.be32(at: 60)
-        t.metadataOffset = h.be64(at: 64)
-        t.metadataLength = h.be64(at: 72)
-        t.metadataCRC = h.be32(at: 80)
-        t.groupSize = h.be32(at: 84)
-        t.refBlockListOffset = h.be64(at: 88)
-        t.groupsOffset = h.be64(at: 96)
-        t.groupCount = h.be64(at: 104)
-        t.clustersWritten = h.be64(at: 112)
-        t.zeroClusters = h.be64(at: 120)
-        guard t.l1Size == l1Size else { throw QCow2Error("\(at): l1_size \(t.l1Size) differs from the header's \(l1Size)") }
-        func section(_ name: String, _ rel: UInt64, _ bytes: UInt64?) throws {
-            guard let bytes, rel >= UInt64(Q.tailHeaderLength), let e = checkedAdd(rel, bytes), e <= length else {
-                throw QCow2Error("\(at): the \(name) section (offset \(rel) in the tail) lies outside the tail blob")
-            }
-        }
-        guard t.metadataLength <= Q.maxMetadataBytes else {
-            throw QCow2Error("\(at): metadata length \(t.metadataLength) exceeds the \(Q.maxMetadataBytes)-byte limit")
-        }
-        try section("metadata", t.metadataOffset, t.metadataLength)
-        try section("refcount block list", t.refBlockListOffset, checkedMul(UInt64(t.refBlockCount), 16))
-        let l2e = cs / 8
-        let expectedGroup = 16 + l2e / 8 + 4 * l2e
-        guard UInt64(t.groupSize) == expectedGroup else {
-            throw QCow2Error("\(at): group size \(t.groupSize) does not match \(expectedGroup) for \(cs)-byte clusters")
-        }
-        guard t.groupCount <= UInt64(l1Size) else {
-            throw QCow2Error("\(at): \(t.groupCount) cluster groups but the L1 table has only \(l1Size) entries")
-        }
-        try section("cluster group", t.groupsOffset, checkedMul(t.groupCount, UInt64(t.groupSize)))
-        let meta = try preadArray(fd, count: Int(t.metadataLength), offset: offset + t.metadataOffset, what: "hotimage metadata")
-        return (t, meta)
-    }
 
     // MARK: - L2 access
 

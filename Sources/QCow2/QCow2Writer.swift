@@ -173,22 +173,22 @@ public final class QCow2Writer: @unchecked Sendable {
     public let clusterSize: Int
     public let compression: QCow2Compression
 
-    private let cs: UInt64
+    let cs: UInt64
     private let guestClusters: UInt64
-    private let l2Entries: Int
-    private let l1Size: Int
+    let l2Entries: Int
+    let l1Size: Int
     private let csizeShift: UInt64
     private let lock = Monitor()
 
     private enum State { case open, failed(QCow2Error), finished, abandoned }
     private var state = State.open
-    private var fd: Int32
+    var fd: Int32
     private var created = true
 
-    private var regions: [L2Region?]
+    var regions: [L2Region?]
     /// Refcount of each host cluster below the end of the data area.
-    private var dataRefcounts: [UInt16] = [1]      // cluster 0: the header
-    private var fileEnd: UInt64                     // end of the last byte written
+    var dataRefcounts: [UInt16] = [1]      // cluster 0: the header
+    var fileEnd: UInt64                     // end of the last byte written
     private var lastWasCompressed = false
 
     private let runCapacity: Int
@@ -202,7 +202,7 @@ public final class QCow2Writer: @unchecked Sendable {
 
     /// A full buffer on its way to the file. Positions are fixed when the
     /// buffer is detached, so jobs may run concurrently, outside the lock.
-    private struct Job {
+    struct Job {
         let buf: UnsafeMutableRawPointer
         let count: Int
         let offset: UInt64
@@ -212,12 +212,12 @@ public final class QCow2Writer: @unchecked Sendable {
     private var spareRaws: [UnsafeMutableRawPointer] = []
     private var inFlight = 0
 
-    private var bytesWritten: UInt64 = 0
-    private var nZero: UInt64 = 0, nRaw: UInt64 = 0, nCompressed: UInt64 = 0, compressedBytes: UInt64 = 0
+    var bytesWritten: UInt64 = 0
+    var nZero: UInt64 = 0, nRaw: UInt64 = 0, nCompressed: UInt64 = 0, compressedBytes: UInt64 = 0
 
     /// Placeholder L2 entry of a standard cluster waiting in the batch (a
     /// reserved bit, never left in a finished image).
-    private static let pendingRaw: UInt64 = 1 << 61
+    static let pendingRaw: UInt64 = 1 << 61
     /// qemu's refcount_max for 16-bit refcounts.
     static let refcountMax: UInt16 = 0xFFFF
 
@@ -297,7 +297,7 @@ public final class QCow2Writer: @unchecked Sendable {
     /// Bytes written to the file so far.
     public var hostBytesWritten: UInt64 { lock.withLock { bytesWritten } }
 
-    private func err(_ message: String) -> QCow2Error { QCow2Error(message, path: path) }
+    func err(_ message: String) -> QCow2Error { QCow2Error(message, path: path) }
 
     private func checkOpen() throws {
         switch state {
@@ -415,7 +415,7 @@ public final class QCow2Writer: @unchecked Sendable {
 
     /// Runs jobs while holding the lock (finish only); releases them all
     /// even when one fails.
-    private func runLocked(_ jobs: [Job]) throws {
+    func runLocked(_ jobs: [Job]) throws {
         var failure: Error? = nil
         for job in jobs {
             if failure == nil {
@@ -490,7 +490,7 @@ public final class QCow2Writer: @unchecked Sendable {
     }
 
     /// Hands the compressed run over for writing; its position is final.
-    private func detachRun() -> Job? {
+    func detachRun() -> Job? {
         guard runLen > 0, let buf = runBuf else { return nil }
         let job = Job(buf: buf, count: runLen, offset: runStart, isRun: true)
         fileEnd = runStart + UInt64(runLen)
@@ -503,7 +503,7 @@ public final class QCow2Writer: @unchecked Sendable {
 
     /// Places the batch of standard clusters (after the compressed run, which
     /// is detached first) and hands both over for writing.
-    private func detachRaw() throws -> [Job] {
+    func detachRaw() throws -> [Job] {
         guard !rawIndices.isEmpty, let buf = rawBuf else { return [] }
         var jobs: [Job] = []
         if let job = detachRun() { jobs.append(job) }
@@ -532,8 +532,8 @@ public final class QCow2Writer: @unchecked Sendable {
     // MARK: Finish
 
     /// Writes the L2 tables, L1 table, refcount structures, the tail blob
-    /// and finally the header; fsyncs and closes. `complete: false` marks a
-    /// partial image kept for diagnosis.
+    /// and finally the header; fsyncs and closes (QCow2Writer+Finish.swift).
+    /// `complete: false` marks a partial image kept for diagnosis.
     public func finish(metadata: [UInt8], complete: Bool) throws -> QCow2WriteSummary {
         try lock.withLock {
             while inFlight > 0 { lock.wait() }
@@ -549,248 +549,6 @@ public final class QCow2Writer: @unchecked Sendable {
                 state = .failed(e)
                 throw e.with(path: path)
             }
-        }
-    }
-
-    private func writeChunked(_ totalBytes: UInt64, at offset: UInt64, chunk: Int,
-                              fill: (UnsafeMutableRawBufferPointer, UInt64) -> Void) throws {
-        guard totalBytes > 0 else { return }
-        let cap = Int(min(UInt64(chunk), totalBytes))
-        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: cap, alignment: 4096)
-        defer { buf.deallocate() }
-        var done: UInt64 = 0
-        while done < totalBytes {
-            let n = Int(min(UInt64(cap), totalBytes - done))
-            let slice = UnsafeMutableRawBufferPointer(rebasing: buf[0..<n])
-            fill(slice, done)
-            try pwriteFull(fd, slice.baseAddress!, n, offset + done)
-            bytesWritten += UInt64(n)
-            done += UInt64(n)
-        }
-    }
-
-    private func finishLocked(metadata: [UInt8], complete: Bool) throws -> QCow2WriteSummary {
-        var jobs = try detachRaw()
-        if let job = detachRun() { jobs.append(job) }
-        try runLocked(jobs)
-        let dataEnd = alignUp(fileEnd, cs)
-        let dataClusters = dataEnd / cs
-        let tables = regions.indices.filter { regions[$0] != nil }
-        let nL2 = UInt64(tables.count)
-        let l1Bytes = UInt64(l1Size) * 8
-        let l1Clusters = divRoundUp(l1Bytes, cs)
-        let epb = cs / 2                                   // 16-bit refcounts
-        var rtc: UInt64 = 1, nrb: UInt64 = 1
-        while true {
-            let total = dataClusters + nL2 + l1Clusters + rtc + nrb
-            let nrb2 = divRoundUp(total, epb)
-            let rtc2 = divRoundUp(nrb2 * 8, cs)
-            if nrb2 == nrb && rtc2 == rtc { break }
-            nrb = nrb2
-            rtc = rtc2
-        }
-        guard rtc * cs <= Q.maxRefTableBytes else {
-            throw err("the refcount table would need \(rtc * cs) bytes; qemu allows at most \(Q.maxRefTableBytes) (use a larger cluster size)")
-        }
-        let l2Start = dataEnd
-        let l1Off = l2Start + nL2 * cs
-        let rtOff = l1Off + l1Clusters * cs
-        let rbOff = rtOff + rtc * cs
-        let metaEnd = rbOff + nrb * cs
-        let metaClusters = metaEnd / cs
-        guard metaEnd <= Q.offsetMask else {
-            throw err("the image grew beyond the 64 PiB qcow2 metadata can address")
-        }
-
-        // L2 tables, in L1 order.
-        var l1 = [UInt64](repeating: 0, count: l1Size)
-        var l2CRCs = [UInt32](repeating: 0, count: tables.count)
-        let tablesPerChunk = max(1, (8 << 20) / clusterSize)
-        try writeChunked(nL2 * cs, at: l2Start, chunk: tablesPerChunk * clusterSize) { buf, done in
-            let first = Int(done / cs)
-            for t in 0..<(buf.count / clusterSize) {
-                let k = first + t
-                let region = regions[tables[k]]!
-                let base = t * clusterSize
-                for j in 0..<l2Entries {
-                    let e = region.entries[j]
-                    precondition(e != Self.pendingRaw, "standard cluster left pending at finish")
-                    buf.putBE64(e, at: base + j * 8)
-                }
-                l2CRCs[k] = crc32Update(0, buf.baseAddress! + base, clusterSize)
-                l1[tables[k]] = (l2Start + UInt64(k) * cs) | Q.oflagCopied
-            }
-        }
-
-        // L1 table.
-        var l1Buf = [UInt8](repeating: 0, count: Int(l1Clusters * cs))
-        for i in 0..<l1Size { l1Buf.putBE64(l1[i], at: i * 8) }
-        let l1CRC = crc32Of(l1Buf)
-        if l1Clusters > 0 {
-            try l1Buf.withUnsafeBytes { try pwriteFull(fd, $0.baseAddress!, $0.count, l1Off) }
-            bytesWritten += UInt64(l1Buf.count)
-        }
-        l1Buf = []
-
-        // Refcount blocks.
-        var rbCRCs = [UInt32](repeating: 0, count: Int(nrb))
-        let blocksPerChunk = max(1, (8 << 20) / clusterSize)
-        let dataRefs = dataRefcounts
-        try writeChunked(nrb * cs, at: rbOff, chunk: blocksPerChunk * clusterSize) { buf, done in
-            let firstBlock = done / cs
-            for t in 0..<(buf.count / clusterSize) {
-                let b = firstBlock + UInt64(t)
-                let base = t * clusterSize
-                buf.baseAddress!.advanced(by: base).initializeMemory(as: UInt8.self, repeating: 0, count: clusterSize)
-                let p = buf.baseAddress!.advanced(by: base).assumingMemoryBound(to: UInt16.self)
-                for e in 0..<Int(epb) {
-                    let k = b * epb + UInt64(e)
-                    let v: UInt16
-                    if k < dataClusters {
-                        v = k < UInt64(dataRefs.count) ? dataRefs[Int(k)] : 0
-                    } else {
-                        v = k < metaClusters ? 1 : 0
-                    }
-                    p[e] = v.bigEndian
-                }
-                rbCRCs[Int(b)] = crc32Update(0, buf.baseAddress! + base, clusterSize)
-            }
-        }
-
-        // Refcount table.
-        var rt = [UInt8](repeating: 0, count: Int(rtc * cs))
-        for b in 0..<Int(nrb) { rt.putBE64(rbOff + UInt64(b) * cs, at: b * 8) }
-        let rtCRC = crc32Of(rt)
-        try rt.withUnsafeBytes { try pwriteFull(fd, $0.baseAddress!, $0.count, rtOff) }
-        bytesWritten += UInt64(rt.count)
-        rt = []
-
-        // Tail blob geometry.
-        let groupSize = 16 + l2Entries / 8 + 4 * l2Entries
-        let metaOffRel = UInt64(Q.tailHeaderLength)
-        let metaLen = UInt64(metadata.count)
-        let rbListRel = metaOffRel + alignUp(metaLen, 8)
-        let groupsRel = rbListRel + nrb * 16
-        let tailLen = groupsRel + nL2 * UInt64(groupSize)
-        let tailOff = metaEnd
-
-        // Header cluster, CRC fields zero for now.
-        var hdr = [UInt8](repeating: 0, count: clusterSize)
-        hdr.putBE32(Q.magic, at: 0)
-        hdr.putBE32(3, at: 4)
-        hdr.putBE32(UInt32(clusterBits), at: 20)
-        hdr.putBE64(virtualSize, at: 24)
-        hdr.putBE32(UInt32(l1Size), at: 36)
-        hdr.putBE64(l1Size > 0 ? l1Off : 0, at: 40)
-        hdr.putBE64(rtOff, at: 48)
-        hdr.putBE32(UInt32(rtc), at: 56)
-        hdr.putBE64(compression.headerType == .zstd ? Q.incompatCompression : 0, at: 72)
-        hdr.putBE64(Q.autoclearHotimage, at: 88)
-        hdr.putBE32(4, at: 96)                               // refcount_order
-        hdr.putBE32(UInt32(Q.headerLength), at: 100)
-        hdr[104] = compression.headerType.rawValue
-        let ext = Q.headerLength + 8
-        hdr.putBE32(Q.extHotimage, at: Q.headerLength)
-        hdr.putBE32(UInt32(Q.hotiExtLength), at: Q.headerLength + 4)
-        hdr.putBE32(Q.hotiFormatVersion, at: ext)
-        hdr.putBE32(complete ? Q.hotiFlagComplete : 0, at: ext + 4)
-        hdr.putBE64(tailOff, at: ext + 8)
-        hdr.putBE64(tailLen, at: ext + 16)
-        // End-of-extensions marker: 8 zero bytes at ext + 32 (already zero).
-        let headerCRC = crc32Of(hdr)
-
-        // Tail header.
-        var th = [UInt8](repeating: 0, count: Q.tailHeaderLength)
-        for (i, b) in Q.tailMagic.enumerated() { th[i] = b }
-        th.putBE32(Q.tailVersion, at: 8)
-        th.putBE32(UInt32(clusterBits), at: 12)
-        th.putBE64(virtualSize, at: 16)
-        th.putBE32(headerCRC, at: 24)
-        th.putBE32(l1CRC, at: 28)
-        th.putBE64(l1Size > 0 ? l1Off : 0, at: 32)
-        th.putBE32(UInt32(l1Size), at: 40)
-        th.putBE32(rtCRC, at: 44)
-        th.putBE64(rtOff, at: 48)
-        th.putBE32(UInt32(rtc), at: 56)
-        th.putBE32(UInt32(nrb), at: 60)
-        th.putBE64(metaOffRel, at: 64)
-        th.putBE64(metaLen, at: 72)
-        th.putBE32(crc32Of(metadata), at: 80)
-        th.putBE32(UInt32(groupSize), at: 84)
-        th.putBE64(rbListRel, at: 88)
-        th.putBE64(groupsRel, at: 96)
-        th.putBE64(nL2, at: 104)
-        th.putBE64(nZero + nRaw + nCompressed, at: 112)
-        th.putBE64(nZero, at: 120)
-
-        // Stream the tail: header + metadata + refcount block list + groups.
-        var tailCRC: UInt32 = 0
-        let fixedPart: [UInt8] = {
-            var b = th
-            b.append(contentsOf: metadata)
-            b.append(contentsOf: repeatElement(0, count: Int(rbListRel - metaOffRel - metaLen)))
-            var list = [UInt8](repeating: 0, count: Int(nrb) * 16)
-            for i in 0..<Int(nrb) {
-                list.putBE64(rbOff + UInt64(i) * cs, at: i * 16)
-                list.putBE32(rbCRCs[i], at: i * 16 + 8)
-            }
-            b.append(contentsOf: list)
-            return b
-        }()
-        tailCRC = crc32Of(fixedPart)
-        try fixedPart.withUnsafeBytes { try pwriteFull(fd, $0.baseAddress!, $0.count, tailOff) }
-        bytesWritten += UInt64(fixedPart.count)
-        let groupsPerChunk = max(1, (8 << 20) / groupSize)
-        let bitmapBytes = l2Entries / 8
-        try writeChunked(nL2 * UInt64(groupSize), at: tailOff + groupsRel, chunk: groupsPerChunk * groupSize) { buf, done in
-            let first = Int(done / UInt64(groupSize))
-            buf.baseAddress!.initializeMemory(as: UInt8.self, repeating: 0, count: buf.count)
-            for t in 0..<(buf.count / groupSize) {
-                let k = first + t
-                let region = regions[tables[k]]!
-                let g = t * groupSize
-                buf.storeBytes(of: UInt32(tables[k]).bigEndian, toByteOffset: g, as: UInt32.self)
-                buf.storeBytes(of: l2CRCs[k].bigEndian, toByteOffset: g + 4, as: UInt32.self)
-                buf.putBE64(l2Start + UInt64(k) * cs, at: g + 8)
-                for j in 0..<l2Entries where region.entries[j] != 0 {
-                    buf[g + 16 + j / 8] |= UInt8(1) << UInt8(j % 8)
-                    buf.storeBytes(of: region.crcs[j].bigEndian, toByteOffset: g + 16 + bitmapBytes + 4 * j, as: UInt32.self)
-                }
-            }
-            tailCRC = crc32Update(tailCRC, buf.baseAddress, buf.count)
-        }
-
-        guard fsync(fd) == 0 else { throw err("fsync failed: \(errnoText(errno))") }
-        hdr.putBE32(tailCRC, at: ext + 24)
-        hdr.putBE32(headerCRC, at: ext + 28)
-        try hdr.withUnsafeBytes { try pwriteFull(fd, $0.baseAddress!, $0.count, 0) }
-        bytesWritten += UInt64(hdr.count)
-        guard fsync(fd) == 0 else { throw err("fsync failed: \(errnoText(errno))") }
-        let closed = close(fd)
-        fd = -1
-        guard closed == 0 else { throw err("close failed: \(errnoText(errno))") }
-        syncParentDirectory()
-        regions = []
-        dataRefcounts = []
-        return QCow2WriteSummary(
-            path: path, virtualSize: virtualSize, clusterSize: clusterSize, compression: compression,
-            complete: complete, clustersWritten: nZero + nRaw + nCompressed, zeroClusters: nZero,
-            rawClusters: nRaw, compressedClusters: nCompressed, compressedBytes: compressedBytes,
-            dataAreaBytes: dataEnd, l2Tables: nL2, refcountBlocks: nrb, tailOffset: tailOff,
-            tailLength: tailLen, fileSize: tailOff + tailLen, hostBytesWritten: bytesWritten)
-    }
-
-    private func syncParentDirectory() {
-        var dir = path
-        if let slash = dir.lastIndex(of: "/") {
-            dir = slash == dir.startIndex ? "/" : String(dir[..<slash])
-        } else {
-            dir = "."
-        }
-        let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if dfd >= 0 {
-            _ = fsync(dfd)
-            close(dfd)
         }
     }
 

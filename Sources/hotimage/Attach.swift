@@ -73,17 +73,17 @@ struct Attach: ParsableCommand {
     @Option(help: "How the protected device is presented: fuse, nbd or dm.")
     var via: String = "fuse"
 
-    @Option(help: ArgumentHelp("Directory for hb_NN.tmp buffer files (default /var/tmp/hotimage-NAME).", valueName: "dir"))
+    @Option(help: ArgumentHelp("Directory for hb_NN.tmp buffer files (default \(Defaults.bufferDirHelp)).", valueName: "dir"))
     var bufferDir: String?
 
     @Option(help: "Memory tier of the copy-on-write buffer (K, M, G suffixes).")
-    var memoryBuffer: String = "64M"
+    var memoryBuffer: String = Defaults.sizeText(UInt64(Defaults.memoryBufferBytes))
 
     @Option(help: "Size of each hb_NN.tmp file.")
-    var hbFileSize: String = "256M"
+    var hbFileSize: String = Defaults.sizeText(Defaults.hbFileBytes)
 
     @Option(help: "Total size of all hb files; beyond it the session fails.")
-    var bufferLimit: String = "16G"
+    var bufferLimit: String = Defaults.sizeText(Defaults.bufferLimitBytes)
 
     @Option(help: "Write-inactivity pause that marks a consistent point, in ms.")
     var pauseMs: Double = 200

@@ -4,6 +4,7 @@
 // dm-snapshot backend.
 import ArgumentParser
 import Foundation
+import HotCore
 import HotDaemon
 import HotImager
 import HotOS
@@ -64,8 +65,8 @@ struct DMSessionCommand: ParsableCommand {
     @Argument var device: String
     @Option var name: String
     @Option var bufferDir: String?
-    @Option var hbFileSize: String = "256M"
-    @Option var bufferLimit: String = "16G"
+    @Option var hbFileSize: String = Defaults.sizeText(Defaults.hbFileBytes)
+    @Option var bufferLimit: String = Defaults.sizeText(Defaults.bufferLimitBytes)
     @Option var snapshotDeadline: Double = 60
     @Option var heartbeatTimeout: Double = 10
     @OptionGroup var paths: RunDirOptions

@@ -198,7 +198,7 @@ struct BackupCommand: ParsableCommand {
     @Option(help: "Imager threads (reading and compressing).")
     var workers: Int = 4
 
-    @Option(help: ArgumentHelp("Emergency mode when the hb files pass this size (default 256M).", valueName: "size"))
+    @Option(help: ArgumentHelp("Emergency mode when the hb files pass this size (default \(Defaults.sizeText(Defaults.emergencyBytes))).", valueName: "size"))
     var emergencyAt: String?
 
     @Option(help: ArgumentHelp("Read at most this much per second, e.g. 50M (default: no limit).", valueName: "size"))
@@ -207,14 +207,14 @@ struct BackupCommand: ParsableCommand {
     @Option(help: ArgumentHelp("hotcore or dm-snapshot (default: by what SOURCE is).", valueName: "backend"))
     var backend: String?
 
-    @Option(help: ArgumentHelp("dm-snapshot of a volume given directly: directory of the hb_NN.tmp COW files (default /var/tmp/hotimage-NAME).", valueName: "dir"))
+    @Option(help: ArgumentHelp("dm-snapshot of a volume given directly: directory of the hb_NN.tmp COW files (default \(Defaults.bufferDirHelp)).", valueName: "dir"))
     var bufferDir: String?
 
     @Option(help: ArgumentHelp("dm-snapshot: size of each hb file; the COW store grows by this much.", valueName: "size"))
-    var hbFileSize: String = "256M"
+    var hbFileSize: String = Defaults.sizeText(Defaults.hbFileBytes)
 
     @Option(help: ArgumentHelp("dm-snapshot: the COW store's largest size.", valueName: "size"))
-    var bufferLimit: String = "16G"
+    var bufferLimit: String = Defaults.sizeText(Defaults.bufferLimitBytes)
 
     @Option(help: ArgumentHelp("Writers to ask: all (default), none, or a comma-separated list of names.", valueName: "list"))
     var writers: String?
