@@ -8,9 +8,10 @@
 //   -> HotOS (typed Swift over the OS; the only Swift that calls C)
 //   -> NBDWire, HotCore, QCow2 (pure Swift: NBD codec, protection map, COW
 //      buffer, session; qcow2 writer, reader and verifier)
-//   -> HotDaemon (NBD + control servers, attach)
-//   -> HotWriters (writers: components, freeze/thaw protocol, built-ins)
-//   -> HotImager (used-block maps, the imager, restore, hooks, progress)
+//   -> HotControl (the control protocol: ops, requests, replies, status; the client)
+//   -> HotDaemon (session daemons: NBD + control servers, attach, dm-snapshot)
+//      HotWriters (writers: components, freeze/thaw protocol, built-ins)
+//   -> HotImager (backup, restore; talks to a daemon through HotControl only)
 //   -> hotimage (CLI); hotimage-stamp (test tool over CHotShim and HotSync)
 import PackageDescription
 
@@ -52,8 +53,10 @@ let package = Package(
             "HotSync",
             .product(name: "DequeModule", package: "swift-collections"),
         ], swiftSettings: swift5),
+        // The control protocol both ends share: types, codec, client; no server.
+        .target(name: "HotControl", dependencies: ["HotSync", "HotCore", "HotOS"], swiftSettings: swift5),
         .target(name: "HotDaemon", dependencies: [
-            "HotSync", "HotOS", "NBDWire", "HotCore",
+            "HotSync", "HotOS", "NBDWire", "HotCore", "HotControl",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "DequeModule", package: "swift-collections"),
         ], swiftSettings: swift5),
@@ -62,11 +65,11 @@ let package = Package(
         .target(name: "HotWriters", dependencies: ["HotSync", "HotOS"], swiftSettings: swift5),
         // The backup side: used-block maps, the imager, restore, hooks, progress.
         .target(name: "HotImager", dependencies: [
-            "HotSync", "HotWriters", "HotDaemon", "HotCore", "HotOS", "QCow2", "CNBD",
+            "HotSync", "HotWriters", "HotControl", "HotCore", "HotOS", "QCow2", "CNBD",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: swift5),
         .executableTarget(name: "hotimage", dependencies: [
-            "HotDaemon", "HotOS", "HotCore", "HotImager", "HotWriters", "QCow2",
+            "HotDaemon", "HotControl", "HotOS", "HotCore", "HotImager", "HotWriters", "QCow2",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: swift5),
@@ -79,6 +82,7 @@ let package = Package(
         .testTarget(name: "HotSyncTests", dependencies: ["HotSync"], swiftSettings: swift5),
         .testTarget(name: "NBDWireTests", dependencies: ["NBDWire"], exclude: ["Corpus"], swiftSettings: swift5),
         .testTarget(name: "HotCoreTests", dependencies: ["HotCore"], swiftSettings: swift5),
+        .testTarget(name: "HotControlTests", dependencies: ["HotControl"], swiftSettings: swift5),
         .testTarget(name: "HotOSTests", dependencies: ["HotOS"], swiftSettings: swift5),
         .testTarget(name: "QCow2Tests", dependencies: ["QCow2"], exclude: ["Corpus"], swiftSettings: swift5),
         .testTarget(name: "HotImagerTests", dependencies: ["HotImager"], swiftSettings: swift5),

@@ -1,5 +1,7 @@
 // The control socket: one thread per connection reading JSON lines and
-// answering each with one line. The daemon decides what each op does.
+// answering each with one line (HotControl's codec). The daemon decides
+// what each op does.
+import HotControl
 import HotCore
 import HotOS
 import HotSync
@@ -78,7 +80,7 @@ final class ControlServer: @unchecked Sendable {
                     reply = handler?(id, req) ?? .failure("daemon not ready")
                 } catch {
                     logger.warning("control: malformed request: \(error)")
-                    reply = .failure("malformed request: expected one JSON object with an \"op\" per line")
+                    reply = ControlCodec.replyToUndecodable(error)
                 }
                 do { try sock.writeAll(ControlCodec.encode(reply)) } catch { return }
             }
@@ -94,41 +96,4 @@ final class ControlServer: @unchecked Sendable {
             pending.append(contentsOf: buf[0..<n])
         }
     }
-}
-
-/// A client of the control socket (used by the CLI and the imager).
-public final class ControlClient: @unchecked Sendable {
-    let sock: UnixSocket
-    private var pending: [UInt8] = []
-    private let m = Monitor()
-
-    public init(path: String) throws {
-        sock = try UnixSocket.connect(path: path)
-    }
-
-    public func close() { sock.close() }
-
-    /// Ends the connection from another thread while a call may be blocked
-    /// in it (the call throws; the daemon sees the client gone).
-    public func shutdown() { sock.shutdownBoth() }
-
-    /// Sends one request and waits for its reply.
-    public func call(_ req: ControlRequest) throws -> ControlReply {
-        try m.withLock {
-            try sock.writeAll(ControlCodec.encode(req))
-            var buf = [UInt8](repeating: 0, count: 65536)
-            while true {
-                if let nl = pending.firstIndex(of: 0x0a) {
-                    let line = Array(pending[..<nl])
-                    pending.removeSubrange(...nl)
-                    return try ControlCodec.decode(ControlReply.self, line)
-                }
-                let n = try buf.withUnsafeMutableBytes { try sock.readSome(into: $0.baseAddress!, count: $0.count) }
-                if n == 0 { throw OSError("read", errno: ECONNRESET, object: "control socket (the daemon closed the connection)") }
-                pending.append(contentsOf: buf[0..<n])
-            }
-        }
-    }
-
-    public func call(_ op: String) throws -> ControlReply { try call(ControlRequest(op: op)) }
 }

@@ -8,6 +8,7 @@
 // armed: the filesystem is frozen and the snapshot exists; the client reads
 // the used map. protecting: thawed; the kernel copies on write; the ticker
 // reads the snapshot's status every 100 ms and grows the COW store.
+import HotControl
 import HotCore
 import HotOS
 import Logging
@@ -18,7 +19,7 @@ import Glibc
 extension DMDaemon {
     func handle(_ id: Int, _ req: ControlRequest) -> ControlReply {
         switch req.op {
-        case "hello":
+        case .hello:
             var r = ControlReply(ok: true)
             r.version = hotimageVersion
             r.device = options.baseDevice ?? originPath
@@ -27,27 +28,25 @@ extension DMDaemon {
             r.blockSize = 4096
             r.phase = m.withLock { phase.rawValue }
             return r
-        case "status":
+        case .status:
             // Read the snapshot's state now: a reader that just got EIO asks
             // why, and must hear "overflowed" even between two ticks.
             if let s = m.withLock({ stack }) { watchCOW(s, now: monotonicNanos()) }
             var r = ControlReply(ok: true)
             r.status = daemonStatus()
             return r
-        case "begin":
+        case .begin:
             return begin(id, req)
-        case "map", "archived", "buffered", "heartbeat", "end":
+        case .map, .archived, .buffered, .heartbeat, .end:
             guard m.withLock({ owner == id }) else {
                 return .failure("this connection does not own a session (begin one first)")
             }
             m.withLock { lastHeartbeat = monotonicNanos() }
             return sessionOp(id, req)
-        case "detach":
+        case .detach:
             if let why = detachRefusal(force: req.force ?? false) { return .failure(why) }
             requestStop()
             return ControlReply(ok: true)
-        default:
-            return .failure("unknown op '\(req.op)'")
         }
     }
 
@@ -150,9 +149,9 @@ extension DMDaemon {
 
     private func sessionOp(_ id: Int, _ req: ControlRequest) -> ControlReply {
         switch req.op {
-        case "heartbeat":
+        case .heartbeat:
             return ControlReply(ok: true)
-        case "map":
+        case .map:
             defer { thawNow() }
             let used: [Range<UInt64>]
             do { used = try toRanges(req.used) } catch { return .failure("\(error)") }
@@ -170,23 +169,23 @@ extension DMDaemon {
             reply.result = "protecting"
             reply.usedBlocks = blocks
             return reply
-        case "archived":
+        case .archived:
             // dm-snapshot cannot shrink its protection: accepted, no effect.
             var r = ControlReply(ok: true)
             r.released = 0
             return r
-        case "buffered":
+        case .buffered:
             var r = ControlReply(ok: true)
             r.ranges = []
             return r
-        case "end":
+        case .end:
             endSession(reason: nil)
             m.withLock { owner = nil }
             logger.info("session: ended")
             if options.transient { requestStop() }
             return ControlReply(ok: true)
-        default:
-            return .failure("unknown op")
+        case .hello, .begin, .status, .detach:
+            return .failure("\(req.op.rawValue) is not a session op")
         }
     }
 
@@ -359,7 +358,7 @@ extension DMDaemon {
             growths: g, persistent: false, chunkBytes: 4096)
         dm.lastFailure = m.withLock { lastFailure }
         var st = DaemonStatus(name: options.name, device: options.baseDevice ?? originPath, protectedDevice: originPath,
-                              via: "dm", pid: getpid(), bufferDir: options.resolvedBufferDir, nbdSocket: "",
+                              via: .dm, pid: getpid(), bufferDir: options.resolvedBufferDir, nbdSocket: "",
                               snapshotURI: "", connections: 0, frozen: m.withLock { frozen?.mountPoint },
                               bufferLimitBytes: options.bufferLimitBytes, engine: engine)
         st.dm = dm

@@ -3,7 +3,7 @@
 // builds and removes the snapshot, watches its COW store, grows it, and
 // undoes everything when the client dies or stops heart-beating, so the
 // imager can never leave a snapshot behind. It speaks the control protocol
-// of ControlProtocol.swift on RUN/NAME/control.sock:
+// of HotControl (ControlProtocol.swift) on RUN/NAME/control.sock:
 //
 //   hello      protectedDevice = the origin (the dm device to mount and back up)
 //   begin      freeze (FIFREEZE on mountPoint) or raw (unmounted), then build
@@ -28,6 +28,7 @@
 // Run directory (0700): lock, pid, via ("dm"), device (the origin path),
 // control.sock, loops (LOOP FILE per hb file, for cleanups after a kill),
 // daemon.log.
+import HotControl
 import HotCore
 import HotOS
 import HotSync
@@ -207,7 +208,7 @@ public final class DMDaemon: ForegroundDaemon, @unchecked Sendable {
         do { try ProcessControl.lockMemory() } catch { logger.warning("\(error) (continuing without locked memory)") }
         Threads.start(name: "dm-ticker") { [self] in tickLoop() }
         writeRunFile("pid", "\(getpid())\n")
-        writeRunFile("via", "dm\n")
+        writeRunFile("via", SessionVia.dm.rawValue + "\n")
         writeRunFile("device", originPath + "\n")
         logger.info("dm-snapshot daemon for \(originPath) (\(sizeBytes) bytes, buffer \(options.resolvedBufferDir)\(options.transient ? ", transient" : ""))")
         return originPath

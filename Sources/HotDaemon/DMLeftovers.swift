@@ -14,6 +14,7 @@
 //   - run directories of dead dm daemons (marked by RUN/NAME/via = dm, lock
 //     not held): the loops and hb files listed in RUN/NAME/loops (a daemon
 //     killed between creating a loop and the COW device), then the files.
+import HotControl
 import HotOS
 #if canImport(Glibc)
 import Glibc
@@ -121,7 +122,7 @@ public enum DMLeftovers {
         closedir(d)
         for n in names.sorted() {
             let dir = runDir + "/" + n
-            guard readSmallFile(dir + "/via")?.hasPrefix("dm") == true else { continue }
+            guard recordedVia(dir: dir) == .dm else { continue }
             let fd = open(dir + "/lock", O_RDWR | O_CLOEXEC)
             if fd < 0 { continue }
             let free = flock(fd, LOCK_EX | LOCK_NB) == 0

@@ -1,4 +1,5 @@
-// What each control op does (the protocol is in ControlProtocol.swift).
+// What each control op does (the protocol is HotControl's ControlProtocol.swift).
+import HotControl
 import HotCore
 import HotOS
 import Logging
@@ -9,7 +10,7 @@ import Glibc
 extension Daemon {
     func handle(_ id: Int, _ req: ControlRequest) -> ControlReply {
         switch req.op {
-        case "hello":
+        case .hello:
             var r = ControlReply(ok: true)
             r.version = hotimageVersion
             r.device = options.device
@@ -19,23 +20,21 @@ extension Daemon {
             r.phase = engine.currentPhase.rawValue
             r.snapshotURI = snapshotURI
             return r
-        case "status":
+        case .status:
             var r = ControlReply(ok: true)
             r.status = daemonStatus()
             return r
-        case "begin":
+        case .begin:
             return begin(id, req)
-        case "map", "archived", "buffered", "heartbeat", "end":
+        case .map, .archived, .buffered, .heartbeat, .end:
             guard isOwner(id) else {
                 return .failure("this connection does not own a session (begin one first)")
             }
             return sessionOp(id, req)
-        case "detach":
+        case .detach:
             if let why = detachRefusal(force: req.force ?? false) { return .failure(why) }
             requestStop()
             return ControlReply(ok: true)
-        default:
-            return .failure("unknown op '\(req.op)'")
         }
     }
 
@@ -109,9 +108,9 @@ extension Daemon {
     private func sessionOp(_ id: Int, _ req: ControlRequest) -> ControlReply {
         engine.heartbeat()
         switch req.op {
-        case "heartbeat":
+        case .heartbeat:
             return ControlReply(ok: true)
-        case "map":
+        case .map:
             defer { thawNow() }
             do {
                 let used = try toRanges(req.used)
@@ -130,7 +129,7 @@ extension Daemon {
             } catch {
                 return .failure("\(error)")
             }
-        case "archived":
+        case .archived:
             do {
                 var total: UInt64 = 0
                 for r in try toRanges(req.ranges) {
@@ -140,18 +139,18 @@ extension Daemon {
                 r.released = total
                 return r
             } catch { return .failure("\(error)") }
-        case "buffered":
+        case .buffered:
             var r = ControlReply(ok: true)
             r.ranges = engine.bufferedRanges(limit: req.limit ?? 1024).map { [$0.lowerBound, $0.upperBound] }
             return r
-        case "end":
+        case .end:
             engine.end()
             thawNow()
             releaseOwner(id)
             logger.info("session: ended")
             return ControlReply(ok: true)
-        default:
-            return .failure("unknown op")
+        case .hello, .begin, .status, .detach:
+            return .failure("\(req.op.rawValue) is not a session op")
         }
     }
 }

@@ -6,7 +6,7 @@
 //   RUN/NAME/lock          flock held while the daemon lives
 //   RUN/NAME/pid           daemon pid
 //   RUN/NAME/nbd.sock      NBD server (exports "live" and "snapshot")
-//   RUN/NAME/control.sock  control protocol (ControlProtocol.swift)
+//   RUN/NAME/control.sock  control protocol (HotControl/ControlProtocol.swift)
 //   RUN/NAME/device        the protected device path, written once usable
 //   RUN/NAME/fuse/disk     nbdfuse's file (--via fuse)
 //   RUN/NAME/nbd-index     "INDEX CONNECTIONS" of /dev/nbdINDEX (--via nbd); kept
@@ -14,6 +14,7 @@
 //   /dev/hotimage/NAME     symlink to the protected device (stable for fstab)
 //   RUN/NAME/daemon.log    the daemon's log when it runs in the background
 import Foundation
+import HotControl
 import HotCore
 import HotOS
 import HotSync
@@ -25,7 +26,7 @@ import Glibc
 public struct AttachOptions: Sendable {
     public var device: String
     public var name: String
-    public var via: String = "fuse"
+    public var via: SessionVia = .fuse
     public var runDir: String = "/run/hotimage"
     public var bufferDir: String?
     public var hbFileBytes: UInt64 = Defaults.hbFileBytes
@@ -99,13 +100,13 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
         self.options = options
         self.logger = logger
         guard getuid() == 0 else { throw DaemonError.usage("hotimage attach must run as root") }
-        guard options.via == "fuse" || options.via == "nbd" else {
+        guard options.via.isHotCore else {
             throw DaemonError.usage("--via must be fuse or nbd")
         }
-        if options.via == "nbd" && !KernelNBD.available {
+        if options.via == .nbd && !KernelNBD.available {
             throw DaemonError.usage("--via nbd needs the kernel's nbd driver, which this kernel does not have (modprobe nbd); use --via fuse")
         }
-        if options.reconnect && options.via != "nbd" {
+        if options.reconnect && options.via != .nbd {
             throw DaemonError.usage("--reconnect applies to --via nbd only")
         }
         if let m = Mounts.of(device: options.device).first {
@@ -154,7 +155,7 @@ public final class Daemon: ForegroundDaemon, @unchecked Sendable {
         Threads.start(name: "ticker") { [self] in tickLoop() }
         for i in 0..<2 { Threads.start(name: "mover-\(i)") { [self] in moverLoop() } }
         let dev: String
-        if options.via == "nbd" {
+        if options.via == .nbd {
             let k = KernelNBDFrontend(runDir: options.dir, logger: logger)
             kernelNBD = k
             let backend = KernelNBDFrontend.backendID(name: options.name, device: options.device)

@@ -13,6 +13,7 @@
 // and keeps the records then so it can run again. A dm daemon's directory
 // (RUN/NAME/via = dm) belongs to DMLeftovers.
 import Foundation
+import HotControl
 import HotOS
 #if canImport(Glibc)
 import Glibc
@@ -57,7 +58,7 @@ public struct HotCoreLeftovers: Sendable, Codable {
     public static func inspect(dir: String) -> HotCoreLeftovers? {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: dir, isDirectory: &isDir), isDir.boolValue else { return nil }
-        if readSmallFile(dir + "/via")?.hasPrefix("dm") == true { return nil }
+        if recordedVia(dir: dir) == .dm { return nil }
         if daemonAlive(dir: dir) { return nil }
         let name = (dir as NSString).lastPathComponent
         var l = HotCoreLeftovers(name: name, dir: dir)

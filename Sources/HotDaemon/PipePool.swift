@@ -4,6 +4,7 @@
 // that failed half way is closed, never reused. Splicing turns itself off
 // for good when the kernel refuses it for this device (EINVAL), or when no
 // pipe of the size can be made; READs are then copied as before.
+import HotControl
 import HotCore
 import HotOS
 import HotSync

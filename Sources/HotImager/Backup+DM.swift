@@ -13,8 +13,8 @@
 // snapshot block device that the imager reads with O_DIRECT, instead of an
 // NBD export.
 import Foundation
+import HotControl
 import HotCore
-import HotDaemon
 import HotOS
 
 public enum BackupBackend: String, Sendable, CaseIterable {
@@ -34,9 +34,9 @@ extension BackupJob {
     /// Refuses a backend that the attachment does not have.
     func checkBackend(_ vol: AttachedVolume) throws {
         guard let b = o.backend else { return }
-        let isDM = vol.via == "dm"
+        let isDM = vol.via == .dm
         if b == .dmSnapshot && !isDM {
-            throw BackupFailure(code: .refused, description: "'\(vol.name)' is attached via \(vol.via) (HotCore); --backend dm-snapshot needs a device-mapper volume (attach it with --via dm, or back up a dm device directly)")
+            throw BackupFailure(code: .refused, description: "'\(vol.name)' is attached via \(vol.via.rawValue) (HotCore); --backend dm-snapshot needs a device-mapper volume (attach it with --via dm, or back up a dm device directly)")
         }
         if b == .hotcore && isDM {
             throw BackupFailure(code: .refused, description: "'\(vol.name)' is attached via dm; its backend is dm-snapshot (drop --backend hotcore)")

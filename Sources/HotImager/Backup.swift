@@ -25,8 +25,8 @@
 // after-snapshot or after-backup hook, or a writer's thaw, failed;
 // 130 interrupted.
 import Foundation
+import HotControl
 import HotCore
-import HotDaemon
 import HotOS
 import HotSync
 import HotWriters

@@ -17,8 +17,8 @@
 // the buffered ranges and queues their clusters first; the episode ends when
 // nothing buffered is left unclaimed. Episodes are logged and counted.
 import Foundation
+import HotControl
 import HotCore
-import HotDaemon
 import HotOS
 import HotSync
 import QCow2

@@ -4,8 +4,8 @@
 // archived ranges, ask for buffered ranges, end. Shared by `hotimage
 // snapshot` and `hotimage backup`.
 import Foundation
+import HotControl
 import HotCore
-import HotDaemon
 import HotOS
 import HotSync
 
@@ -24,8 +24,8 @@ public struct AttachedVolume: Sendable {
     public var size: UInt64
     public var blockSize: Int
     public var snapshotURI: String
-    /// "fuse"/"nbd" (HotCore) or "dm" (the dm-snapshot backend).
-    public var via: String = "fuse"
+    /// fuse or nbd (HotCore), or dm (the dm-snapshot backend).
+    public var via: SessionVia = .fuse
     public var nbdSocket: String { runDir + "/nbd.sock" }
 }
 
@@ -60,15 +60,15 @@ public final class SessionClient: @unchecked Sendable {
     public static func locate(runDir: String) throws -> AttachedVolume {
         let c = try ControlClient(path: runDir + "/control.sock")
         defer { c.close() }
-        let h = try c.call("hello")
+        let h = try c.call(.hello)
         guard h.ok, let dev = h.protectedDevice, let size = h.size else {
             throw SessionError("the HotCore daemon in \(runDir) is not ready: \(h.error ?? "no protected device yet")")
         }
-        let st = (try? c.call("status"))?.status
+        let st = (try? c.call(.status))?.status
         return AttachedVolume(runDir: runDir, name: (runDir as NSString).lastPathComponent,
                               protectedDevice: dev, realDevice: st?.device, size: size, blockSize: h.blockSize ?? 4096,
                               snapshotURI: h.snapshotURI ?? "nbd+unix:///snapshot?socket=\(runDir)/nbd.sock",
-                              via: st?.via ?? "fuse")
+                              via: st?.via ?? .fuse)
     }
 
     /// Takes the snapshot. `readMap` runs inside the consistent window (the
@@ -81,7 +81,7 @@ public final class SessionClient: @unchecked Sendable {
         var attempt = 0
         while true {
             attempt += 1
-            var req = ControlRequest(op: "begin")
+            var req = ControlRequest(op: .begin)
             req.consistency = consistency.rawValue
             req.mountPoint = mountPoint
             req.pauseMs = pauseMs
@@ -92,10 +92,10 @@ public final class SessionClient: @unchecked Sendable {
             do {
                 (used, excluded) = try readMap()
             } catch {
-                _ = try? client.call("end")
+                _ = try? client.call(.end)
                 throw SessionError("reading the used-block map: \(error)")
             }
-            var mreq = ControlRequest(op: "map")
+            var mreq = ControlRequest(op: .map)
             mreq.used = used.map { [$0.lowerBound, $0.upperBound] }
             mreq.excluded = excluded.map { [$0.lowerBound, $0.upperBound] }
             let r = try client.call(mreq)
@@ -111,7 +111,7 @@ public final class SessionClient: @unchecked Sendable {
                 onRetry(r.error ?? "writes during the map read")
                 continue
             }
-            _ = try? client.call("end")
+            _ = try? client.call(.end)
             throw SessionError("snapshot failed: \(r.error ?? "no reply")")
         }
     }
@@ -127,7 +127,7 @@ public final class SessionClient: @unchecked Sendable {
                 }
                 if stop { break }
                 do {
-                    let h = try client.call("heartbeat")
+                    let h = try client.call(.heartbeat)
                     if !h.ok { m.withLock { if lastError == nil { lastError = h.error } } }
                 } catch {
                     m.withLock { if lastError == nil { lastError = "\(error)" } }
@@ -141,7 +141,7 @@ public final class SessionClient: @unchecked Sendable {
     /// protection area and their buffered copies are freed.
     public func archived(_ ranges: [Range<UInt64>]) throws {
         guard !ranges.isEmpty else { return }
-        var req = ControlRequest(op: "archived")
+        var req = ControlRequest(op: .archived)
         req.ranges = ranges.map { [$0.lowerBound, $0.upperBound] }
         let r = try client.call(req)
         if !r.ok { throw SessionError("archived: \(r.error ?? "refused")") }
@@ -149,7 +149,7 @@ public final class SessionClient: @unchecked Sendable {
 
     /// Byte ranges whose originals sit in the COW buffer (oldest layout first).
     public func buffered(limit: Int = 4096) throws -> [Range<UInt64>] {
-        var req = ControlRequest(op: "buffered")
+        var req = ControlRequest(op: .buffered)
         req.limit = limit
         let r = try client.call(req)
         if !r.ok { throw SessionError("buffered: \(r.error ?? "refused")") }
@@ -161,14 +161,14 @@ public final class SessionClient: @unchecked Sendable {
     /// since the session was dropped (a client that was stopped).
     public func sessionLost() -> String? {
         do {
-            let h = try client.call("heartbeat")
+            let h = try client.call(.heartbeat)
             if h.ok { return nil }
             return h.error ?? "the daemon refused the heartbeat"
         } catch { return "\(error)" }
     }
 
     public func status() throws -> DaemonStatus {
-        let r = try client.call("status")
+        let r = try client.call(.status)
         guard r.ok, let s = r.status else { throw SessionError("status: \(r.error ?? "no status")") }
         return s
     }
@@ -180,7 +180,7 @@ public final class SessionClient: @unchecked Sendable {
             m.broadcast()
             while beating { _ = m.wait(timeoutNanos: 100_000_000) }
         }
-        _ = try? client.call("end")
+        _ = try? client.call(.end)
     }
 
     public func close() { client.close() }

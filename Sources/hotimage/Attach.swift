@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import HotControl
 import HotCore
 import HotDaemon
 import HotOS
@@ -118,24 +119,27 @@ struct Attach: ParsableCommand {
         for (flag, v) in [("--memory-buffer", memoryBuffer), ("--hb-file-size", hbFileSize), ("--buffer-limit", bufferLimit)] {
             guard let n = parseSize(v), n > 0 else { throw ValidationError("\(flag) '\(v)' is not a size (e.g. 64M, 1G)") }
         }
-        guard via == "fuse" || via == "nbd" || via == "dm" else { throw ValidationError("--via must be fuse, nbd or dm") }
+        guard SessionVia(rawValue: via) != nil else { throw ValidationError("--via must be fuse, nbd or dm") }
         guard pauseMs >= 0, snapshotDeadline > 0, bufferDeadline > 0, heartbeatTimeout > 0 else {
             throw ValidationError("pause and deadlines must be positive")
         }
         guard (1...16).contains(nbdConnections) else { throw ValidationError("--nbd-connections must be 1 to 16") }
         guard nbdTimeout >= 1 else { throw ValidationError("--nbd-timeout must be at least 1 second") }
         guard deadConnTimeout >= 1 else { throw ValidationError("--dead-conn-timeout must be at least 1 second") }
-        if reconnect && via != "nbd" { throw ValidationError("--reconnect applies to --via nbd only") }
+        if reconnect && frontend != .nbd { throw ValidationError("--reconnect applies to --via nbd only") }
         if let n = name, n.isEmpty || n.contains("/") || n.hasPrefix(".") {
             throw ValidationError("--name must be a plain name without '/'")
         }
     }
 
+    /// --via as parsed (validate() refused any other word).
+    var frontend: SessionVia { SessionVia(rawValue: via) ?? .fuse }
+
     var resolvedName: String { name ?? String(device.split(separator: "/").last ?? "disk") }
 
     func options() -> AttachOptions {
         var o = AttachOptions(device: device, name: resolvedName)
-        o.via = via
+        o.via = frontend
         o.runDir = paths.runDir
         o.bufferDir = bufferDir
         o.hbFileBytes = parseSize(hbFileSize)!
@@ -191,7 +195,7 @@ struct Attach: ParsableCommand {
     }
 
     func runForeground() throws {
-        if via == "dm" { return try runForegroundDM() }
+        if frontend == .dm { return try runForegroundDM() }
         let o = options()
         try runInForeground(label: "hotcore.\(resolvedName)") { try Daemon(options: o, logger: $0) }
     }
@@ -239,7 +243,7 @@ struct Detach: ParsableCommand {
             try cleanUpAfterDeadDaemon(dir)
             return
         }
-        var req = ControlRequest(op: "detach")
+        var req = ControlRequest(op: .detach)
         req.force = force
         let r = try c.call(req)
         c.close()

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import HotControl
 import HotCore
 import HotDaemon
 import HotImager

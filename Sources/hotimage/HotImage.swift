@@ -3,6 +3,7 @@
 // stderr and a documented exit code.
 import ArgumentParser
 import Foundation
+import HotControl
 import HotCore
 import HotDaemon
 import HotImager

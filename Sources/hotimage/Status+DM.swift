@@ -1,5 +1,6 @@
 // `hotimage status` for a dm-snapshot daemon: the origin and its snapshot,
 // the COW store's fill, size and hb files.
+import HotControl
 import HotCore
 import HotDaemon
 import HotImager

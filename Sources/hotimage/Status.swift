@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import HotControl
 import HotCore
 import HotDaemon
 import HotImager
@@ -69,7 +70,7 @@ struct Status: ParsableCommand {
             do {
                 let c = try ControlClient(path: d + "/control.sock")
                 defer { c.close() }
-                let r = try c.call("status")
+                let r = try c.call(.status)
                 guard let s = r.status else { throw CLIExit.fail(r.error ?? "no status") }
                 if json {
                     let enc = JSONEncoder()
@@ -102,7 +103,7 @@ struct Status: ParsableCommand {
         if let dm = s.dm { return renderDM(s, dm) }
         let e = s.engine
         let bs = UInt64(e.blockSize)
-        var lines = ["\(s.name): \(s.device) → \(s.protectedDevice ?? "(not presented)") via \(s.via), daemon pid \(s.pid), \(s.connections) NBD connection(s)"]
+        var lines = ["\(s.name): \(s.device) → \(s.protectedDevice ?? "(not presented)") via \(s.via.rawValue), daemon pid \(s.pid), \(s.connections) NBD connection(s)"]
         var state = "  session: \(e.phase.rawValue)"
         if let f = e.failure { state += " — \(f)" }
         if let c = e.consistency { state += " (\(c.rawValue))" }

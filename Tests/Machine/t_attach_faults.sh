@@ -44,7 +44,7 @@ while not os.path.exists(stop):
     n += 1
     if n % 16 == 0: os.fsync(fd)
     if n % 512 == 0: time.sleep(0.3)
-    if n % 64 == 0: open(prog, "w").write(f"{n}\n")
+    if n % 64 == 0: open(prog + ".tmp", "w").write(f"{n}\n"); os.replace(prog + ".tmp", prog)
 os.fsync(fd); os.close(fd)
 open(path + ".want", "w").write(hashlib.sha256(data).hexdigest())
 PY

@@ -22,4 +22,16 @@ public struct DMSessionStatus: Codable, Sendable, Equatable {
     public var chunkBytes: Int
     /// Why the last session failed, kept after the client ended it.
     public var lastFailure: String? = nil
+
+    public init(origin: String, originTable: [String], transient: Bool, snapshotDevice: String?,
+                snapshotState: String?, cowUsedBytes: UInt64, cowTotalBytes: UInt64, cowLimitBytes: UInt64,
+                cowPeakBytes: UInt64, hbFileBytes: UInt64, hbFiles: [String], loops: [String], growths: Int,
+                persistent: Bool, chunkBytes: Int, lastFailure: String? = nil) {
+        self.origin = origin; self.originTable = originTable; self.transient = transient
+        self.snapshotDevice = snapshotDevice; self.snapshotState = snapshotState
+        self.cowUsedBytes = cowUsedBytes; self.cowTotalBytes = cowTotalBytes; self.cowLimitBytes = cowLimitBytes
+        self.cowPeakBytes = cowPeakBytes; self.hbFileBytes = hbFileBytes; self.hbFiles = hbFiles
+        self.loops = loops; self.growths = growths; self.persistent = persistent; self.chunkBytes = chunkBytes
+        self.lastFailure = lastFailure
+    }
 }
