@@ -127,7 +127,7 @@ public struct HotCoreLeftovers: Sendable, Codable {
                 usleep(50_000)
             }
             if gone { say("detached \(l)") } else {
-                let openers = HotCoreLeftovers.openers(of: l)
+                let openers = DeviceUsers.scan(path: l)?.processIDs ?? []
                 left.append("\(l) is still bound to \(dir)/fuse/disk" + (openers.isEmpty ? "" : " (open by pid \(openers.map(String.init).joined(separator: ", ")))")
                             + ": close it, then 'losetup -d \(l)'")
             }
@@ -151,7 +151,7 @@ public struct HotCoreLeftovers: Sendable, Codable {
             var gone = false
             for i in 0..<60 {
                 // Gone, or a zombie its new parent has not reaped yet.
-                if kill(p, 0) != 0 || HotCoreLeftovers.isZombie(p) { gone = true; break }
+                if kill(p, 0) != 0 || ProcStat.isZombie(pid: p) { gone = true; break }
                 if i == 40 { kill(p, SIGKILL) }
                 usleep(50_000)
             }
@@ -165,11 +165,6 @@ public struct HotCoreLeftovers: Sendable, Codable {
         rmdir(dir + "/fuse")
         rmdir(dir)
         return []
-    }
-
-    static func isZombie(_ pid: Int32) -> Bool {
-        guard let st = readSmallFile("/proc/\(pid)/stat"), let close = st.lastIndex(of: ")") else { return false }
-        return st[st.index(after: close)...].trimmingCharacters(in: .whitespaces).hasPrefix("Z")
     }
 
     static func exists(_ p: String) -> Bool {
@@ -198,17 +193,5 @@ public struct HotCoreLeftovers: Sendable, Codable {
             if argv.contains(where: { files.contains($0) }) { out.append(pid) }
         }
         return out.sorted()
-    }
-
-    /// Processes with `dev` open (from /proc/*/fd).
-    static func openers(of dev: String) -> [Int32] {
-        var out: [Int32] = []
-        for e in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
-            guard let pid = Int32(e), let fds = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(e)/fd") else { continue }
-            if fds.contains(where: { (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(e)/fd/\($0)")) == dev }) {
-                out.append(pid)
-            }
-        }
-        return out
     }
 }

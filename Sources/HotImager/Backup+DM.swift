@@ -85,7 +85,7 @@ extension BackupJob {
         // A quiet one goes offline below.
         var inUse = mount.map { !$0.readOnly } ?? false
         if !inUse && o.mode == .auto, let u = DeviceUsers.scan(path: device) {
-            inUse = u.users.contains { !$0.isReadOnlyMount }
+            inUse = !u.active.isEmpty
         }
         guard onlineRequired || (o.mode == .auto && inUse) else { return nil }
         try checkOutput(mount: mount, device: device)

@@ -145,7 +145,7 @@ extension BackupJob {
             if isInterrupted { throw afterFailedSnapshot(.interrupted, "interrupted during the snapshot; nothing was imaged", ctx: ctx) }
             let code: BackupExit = (error as? BackupFailure)?.code ?? .session
             let text = "\(error)"
-            throw afterFailedSnapshot(code, text.hasPrefix("snapshot failed") ? text : "snapshot failed: \(text)", ctx: ctx)
+            throw afterFailedSnapshot(code, "snapshot failed: \(text)", ctx: ctx)
         }
     }
 

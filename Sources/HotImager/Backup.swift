@@ -305,11 +305,11 @@ public final class BackupJob: @unchecked Sendable {
     /// program that opened the device plainly. A read-only mount is quiet.
     func requireQuiet(_ device: String, attachment: String?) throws {
         guard let usage = DeviceUsers.scan(path: device) else { return }
-        var users = usage.users.filter { !$0.isReadOnlyMount }
+        var users = usage.active
         // A probe that blkid or udev runs on a new device is gone a moment later.
         if !usage.processes.isEmpty && usage.processes.count == users.count {
             usleep(300_000)
-            users = (DeviceUsers.scan(path: device)?.users ?? []).filter { !$0.isReadOnlyMount }
+            users = DeviceUsers.scan(path: device)?.active ?? []
         }
         guard !users.isEmpty else { return }
         let what = attachment.map { "back up online through the attachment ('hotimage backup \($0)', the default mode)" }
@@ -322,7 +322,7 @@ public final class BackupJob: @unchecked Sendable {
     /// (a check before and after; the exclusive open keeps mounts away).
     func usersAppeared(_ plan: Plan) -> String? {
         guard !plan.online, let usage = DeviceUsers.scan(path: plan.readDevice) else { return nil }
-        let users = usage.users.filter { !$0.isReadOnlyMount }
+        let users = usage.active
         return users.isEmpty ? nil : users.map(\.description).joined(separator: "; ")
     }
 

@@ -86,7 +86,7 @@ public final class SessionClient: @unchecked Sendable {
             req.mountPoint = mountPoint
             req.pauseMs = pauseMs
             let b = try client.call(req)
-            guard b.ok, let at = b.armedAtNanos else { throw SessionError("snapshot failed: \(b.error ?? "no reply")") }
+            guard b.ok, let at = b.armedAtNanos else { throw SessionError(b.error ?? "no reply to begin") }
             let wall = Date()
             let used: [Range<UInt64>], excluded: [Range<UInt64>]
             do {
@@ -112,7 +112,7 @@ public final class SessionClient: @unchecked Sendable {
                 continue
             }
             _ = try? client.call(.end)
-            throw SessionError("snapshot failed: \(r.error ?? "no reply")")
+            throw SessionError(r.error ?? "no reply to map")
         }
     }
 

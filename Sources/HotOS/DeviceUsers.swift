@@ -50,6 +50,10 @@ public struct DeviceUsage: Sendable {
     public var family: [BlockStack.Member]
     public var users: [DeviceUser]
     public var processes: [DeviceUser] { users.filter { if case .process = $0 { return true }; return false } }
+    /// Users that may change the device: all but read-only mounts.
+    public var active: [DeviceUser] { users.filter { !$0.isReadOnlyMount } }
+    /// The pids of `processes`.
+    public var processIDs: [Int32] { users.compactMap { if case let .process(p, _, _) = $0 { return p }; return nil } }
 }
 
 public enum DeviceUsers {

@@ -24,6 +24,12 @@ public enum ProcStat {
         self.startTime(pid: pid) == startTime
     }
 
+    /// Whether `pid` is a zombie: exited, not yet reaped (state Z, field 3).
+    public static func isZombie(pid: Int32) -> Bool {
+        guard let text = readSmallFile("/proc/\(pid)/stat"), let close = text.lastIndex(of: ")") else { return false }
+        return text[text.index(after: close)...].split(separator: " ").first == "Z"
+    }
+
     /// Field 22 of a /proc/PID/stat line. The command name (field 2) is in
     /// parentheses and may contain spaces and ')': fields are counted from
     /// the last ')'.

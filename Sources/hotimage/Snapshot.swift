@@ -83,7 +83,7 @@ struct Snapshot: ParsableCommand {
                 return (try FSMap.usedExtents(mountPoint: m.mountPoint, deviceBytes: vol.size).map { $0.offset..<($0.offset + $0.length) }, [])
             }, onRetry: { FileHandle.standardError.write(Data("hotimage: \($0); retrying\n".utf8)) })
         } catch {
-            throw CLIExit.fail("\(error)", code: 3)
+            throw CLIExit.fail("snapshot failed: \(error)", code: 3)
         }
         FileHandle.standardError.write(Data("hotimage: snapshot of \(vol.protectedDevice) taken (\(mode.rawValue), \(formatBytes(snap.usedBytes)) used, armed at \(snap.armedAtNanos) ns)\n".utf8))
         session.startHeartbeat()
