@@ -1,5 +1,5 @@
-// What `status` reports about a dm-snapshot daemon beyond the engine-shaped
-// fields every daemon fills (so the imager's monitor reads both alike).
+// What `status` reports about a dm-snapshot daemon beyond the session
+// (SessionStatus) every backend fills.
 public struct DMSessionStatus: Codable, Sendable, Equatable {
     /// dm name of the origin (the device the filesystem is mounted from).
     public var origin: String
@@ -20,18 +20,15 @@ public struct DMSessionStatus: Codable, Sendable, Equatable {
     public var growths: Int
     public var persistent: Bool
     public var chunkBytes: Int
-    /// Why the last session failed, kept after the client ended it.
-    public var lastFailure: String? = nil
 
     public init(origin: String, originTable: [String], transient: Bool, snapshotDevice: String?,
                 snapshotState: String?, cowUsedBytes: UInt64, cowTotalBytes: UInt64, cowLimitBytes: UInt64,
                 cowPeakBytes: UInt64, hbFileBytes: UInt64, hbFiles: [String], loops: [String], growths: Int,
-                persistent: Bool, chunkBytes: Int, lastFailure: String? = nil) {
+                persistent: Bool, chunkBytes: Int) {
         self.origin = origin; self.originTable = originTable; self.transient = transient
         self.snapshotDevice = snapshotDevice; self.snapshotState = snapshotState
         self.cowUsedBytes = cowUsedBytes; self.cowTotalBytes = cowTotalBytes; self.cowLimitBytes = cowLimitBytes
         self.cowPeakBytes = cowPeakBytes; self.hbFileBytes = hbFileBytes; self.hbFiles = hbFiles
         self.loops = loops; self.growths = growths; self.persistent = persistent; self.chunkBytes = chunkBytes
-        self.lastFailure = lastFailure
     }
 }

@@ -8,6 +8,8 @@
 /// Shared option defaults.
 public enum Defaults {
     /// Size of each hb_NN.tmp buffer file (the COW store grows by this much).
+    /// Where daemons keep their run directories (RUN/NAME).
+    public static let runDir = "/run/hotimage"
     public static let hbFileBytes: UInt64 = 256 << 20
     /// All hb files together; beyond it the session fails.
     public static let bufferLimitBytes: UInt64 = 16 << 30

@@ -25,8 +25,8 @@ func toRanges(_ pairs: [[UInt64]]?) throws -> [Range<UInt64>] {
     }
 }
 
-/// The backend a run directory's `via` file names (the dm daemon writes it;
-/// a HotCore daemon writes none), nil if none or unreadable.
+/// The backend a run directory's `via` file names (every daemon writes it
+/// at start), nil if none or unreadable.
 func recordedVia(dir: String) -> SessionVia? {
     readSmallFile(dir + "/via").flatMap { SessionVia(rawValue: $0.trimmingCharacters(in: .whitespacesAndNewlines)) }
 }

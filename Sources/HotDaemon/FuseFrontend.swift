@@ -15,7 +15,8 @@ import Logging
 import Glibc
 #endif
 
-final class FuseFrontend: @unchecked Sendable {
+final class FuseFrontend: Frontend, @unchecked Sendable {
+    let runDir: String
     let mountDir: String
     let file: String
     let logger: Logger
@@ -34,6 +35,7 @@ final class FuseFrontend: @unchecked Sendable {
     }
 
     init(runDir: String, logger: Logger) {
+        self.runDir = runDir
         mountDir = runDir + "/fuse"
         file = mountDir + "/disk"
         self.logger = logger
@@ -47,8 +49,12 @@ final class FuseFrontend: @unchecked Sendable {
         return nil
     }
 
-    /// Starts nbdfuse against `socket`, waits for its file, attaches the loop.
-    func start(socket: String, size: UInt64, logFD: Int32) throws -> String {
+    /// Starts nbdfuse against the server's socket (its log: RUN/NAME/nbdfuse.log),
+    /// waits for its file, attaches the loop.
+    func start(server: NBDServer, size: UInt64, sectorSize: Int) throws -> String {
+        let logFD = open(runDir + "/nbdfuse.log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        defer { if logFD >= 0 { close(logFD) } }
+        let socket = server.socketPath
         guard let nbdfuse = FuseFrontend.which("nbdfuse") else { throw FrontendError.missingTool("nbdfuse") }
         mkdir(mountDir, 0o700)
         pid = try ProcessControl.spawn([nbdfuse, "-C", "4", file, "--unix", socket], ioFlusher: true, logFD: logFD)

@@ -35,7 +35,7 @@ public struct HotCoreLeftovers: Sendable, Codable {
     /// Record files still in the run directory.
     public var records: [String] = []
 
-    static let recordFiles = ["device", "pid", "nbd-index", "lock", "control.sock", "nbd.sock", "nbdfuse.log"]
+    static let recordFiles = ["device", "pid", "via", "nbd-index", "lock", "control.sock", "nbd.sock", "nbdfuse.log"]
 
     /// A refused attach leaves its lock and logs; a daemon that ran leaves
     /// pid, device and sockets.

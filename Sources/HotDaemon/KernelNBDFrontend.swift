@@ -34,9 +34,10 @@ import Logging
 import Glibc
 #endif
 
-final class KernelNBDFrontend: @unchecked Sendable {
+final class KernelNBDFrontend: Frontend, @unchecked Sendable {
     let stateFile: String
     let logger: Logger
+    let options: AttachOptions
     private(set) var index: Int?
     private let m = Monitor()
     private var stopping = false
@@ -44,9 +45,24 @@ final class KernelNBDFrontend: @unchecked Sendable {
     private var backend = ""
     private var deadConnTimeout: UInt64 = 0
 
-    init(runDir: String, logger: Logger) {
+    init(runDir: String, logger: Logger, options: AttachOptions) {
         stateFile = runDir + "/nbd-index"
         self.logger = logger
+        self.options = options
+    }
+
+    /// Connects a new device, or with --reconnect re-attaches the one a
+    /// dead daemon of this attachment left waiting.
+    func start(server: NBDServer, size: UInt64, sectorSize: Int) throws -> String {
+        let backend = KernelNBDFrontend.backendID(name: options.name, device: options.device)
+        var orphan: (index: Int, connections: Int)?
+        if options.reconnect {
+            orphan = KernelNBDFrontend.orphan(runDir: options.dir, backend: backend)
+            if orphan == nil { logger.info("--reconnect: no device of '\(options.name)' is waiting; connecting a new one") }
+        }
+        return try start(server: server, size: size, sectorSize: sectorSize, connections: options.nbdConnections,
+                         requestTimeout: options.nbdRequestTimeoutSeconds, deadConnTimeout: options.deadConnTimeoutSeconds,
+                         backend: backend, reconnectTo: orphan)
     }
 
     /// The identifier the kernel keeps for the device; a reconnect must match it.

@@ -30,6 +30,31 @@ public struct DMBackupOptions: Sendable {
     public init() {}
 }
 
+/// A transient dm-snapshot daemon to start for one backup.
+public struct TransientDMRequest: Sendable {
+    public var device: String
+    /// The daemon's name: the dm device's name.
+    public var name: String
+    public var runDir: String
+    public var bufferDir: String?
+    public var hbFileBytes: UInt64
+    public var bufferLimitBytes: UInt64
+}
+
+public struct TransientLaunchFailure: Error, CustomStringConvertible {
+    /// Refused (bad input, a device that cannot be snapshotted), not failed.
+    public var refused: Bool
+    public var description: String
+    public init(refused: Bool, description: String) { self.refused = refused; self.description = description }
+}
+
+/// Starts session daemons for the imager (the CLI gives one: the imager
+/// does not know how a daemon process is made).
+public protocol TransientSessionLauncher: Sendable {
+    /// Starts the daemon and waits until it serves; returns its run directory.
+    func launchTransientDM(_ request: TransientDMRequest) throws -> String
+}
+
 extension BackupJob {
     /// Refuses a backend that the attachment does not have.
     func checkBackend(_ vol: AttachedVolume) throws {
@@ -49,8 +74,8 @@ extension BackupJob {
     func snapshotSource(_ plan: Plan, _ snap: TakenSnapshot, _ session: SessionClient?) throws -> BlockSource {
         guard let dev = snap.snapshotDevice else { return try NBDSource(uri: plan.volume!.snapshotURI) }
         do { return try DeviceSource(path: dev, exclusive: false) } catch {
-            if let st = try? session?.status(), st.engine.phase == .failed {
-                throw ImagerError(description: "the session failed: \(st.engine.failure ?? "unknown reason")", sessionFailed: true)
+            if let st = try? session?.status(), st.session.phase == .failed {
+                throw ImagerError(description: "the session failed: \(st.session.failure ?? "unknown reason")", sessionFailed: true)
             }
             throw error
         }
@@ -96,39 +121,17 @@ extension BackupJob {
         return Plan(daemon: dir, volume: vol, readDevice: vol.protectedDevice, realDevice: nil, mount: mount, online: true, size: vol.size)
     }
 
-    /// Starts `hotimage dm-session` in its own session (it must outlive us
-    /// if we are killed: it is the watchdog) and waits for its socket.
+    /// Starts a transient dm-snapshot daemon through the injected launcher.
     private func spawnDMDaemon(device: String, name: String) throws -> String {
-        let dir = o.runDir + "/" + name
-        mkdir(o.runDir, 0o700)
-        mkdir(dir, 0o700)
-        unlink(dir + "/device")
-        let logPath = dir + "/daemon.log"
-        let logFD = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
-        defer { if logFD >= 0 { close(logFD) } }
-        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        var args = [exe, "dm-session", device, "--name", name, "--run-dir", o.runDir,
-                    "--hb-file-size", "\(o.dm.hbFileBytes)", "--buffer-limit", "\(o.dm.bufferLimitBytes)"]
-        if let b = o.dm.bufferDir { args += ["--buffer-dir", b] }
-        let pid: pid_t
-        do { pid = try ProcessControl.spawn(args, logFD: logFD) } catch {
+        guard let launcher = o.launcher else {
+            throw BackupFailure(code: .failed, description: "no way to start a dm-snapshot daemon was given (BackupOptions.launcher)")
+        }
+        let req = TransientDMRequest(device: device, name: name, runDir: o.runDir, bufferDir: o.dm.bufferDir,
+                                     hbFileBytes: o.dm.hbFileBytes, bufferLimitBytes: o.dm.bufferLimitBytes)
+        do { return try launcher.launchTransientDM(req) } catch let f as TransientLaunchFailure {
+            throw BackupFailure(code: f.refused ? .refused : .failed, description: f.description)
+        } catch {
             throw BackupFailure(code: .failed, description: "starting the dm-snapshot daemon: \(error)")
         }
-        let deadline = Date().addingTimeInterval(30)
-        while Date() < deadline {
-            if FileManager.default.fileExists(atPath: dir + "/device") && FileManager.default.fileExists(atPath: dir + "/control.sock") {
-                return dir
-            }
-            if let status = ProcessControl.reap(pid) {
-                let log = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
-                let last = log.split(separator: "\n").last(where: { $0.hasPrefix("hotimage: ") })
-                let code = ProcessControl.exitCode(status)
-                let why = last.map { String($0.dropFirst("hotimage: ".count)) } ?? "the dm-snapshot daemon exited (status \(code)); see \(logPath)"
-                throw BackupFailure(code: code == 2 ? .refused : .failed, description: why)
-            }
-            usleep(50_000)
-        }
-        kill(pid, SIGTERM)
-        throw BackupFailure(code: .failed, description: "the dm-snapshot daemon did not start within 30 s (log: \(logPath))")
     }
 }

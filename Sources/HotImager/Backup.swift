@@ -49,7 +49,7 @@ public struct BackupOptions: Sendable {
     public var overwrite = false
     /// Who may read the image (and a kept partial one): root only, or a group too.
     public var imageAccess = DataFileAccess.ownerOnly
-    public var runDir = "/run/hotimage"
+    public var runDir = Defaults.runDir
     public var pauseMs: Double?
     public var imager = ImagerConfig()
     public var toolVersion = "0"
@@ -57,6 +57,8 @@ public struct BackupOptions: Sendable {
     public var backend: BackupBackend?
     /// The transient dm-snapshot daemon's COW store (Backup+DM.swift).
     public var dm = DMBackupOptions()
+    /// Starts transient dm-snapshot daemons (the CLI gives CLISessionLauncher).
+    public var launcher: TransientSessionLauncher?
     /// Writers asked to freeze their components around the snapshot.
     public var writers = WriterConfig()
     /// Go on crash-consistent when a component fails to freeze.

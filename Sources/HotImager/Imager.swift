@@ -292,8 +292,8 @@ public final class Imager: @unchecked Sendable {
             } catch {
                 // A read of the snapshot fails when the session has failed:
                 // say why, as a session failure.
-                if let s = session, let st = try? s.status(), st.engine.phase == .failed {
-                    fail(ImagerError(description: "the session failed: \(st.engine.failure ?? "unknown reason")", sessionFailed: true))
+                if let s = session, let st = try? s.status(), st.session.phase == .failed {
+                    fail(ImagerError(description: "the session failed: \(st.session.failure ?? "unknown reason")", sessionFailed: true))
                 } else if let e = session?.lastError ?? session?.sessionLost() {
                     fail(ImagerError(description: "the session failed: \(e) (\(error))", sessionFailed: true))
                 } else {
@@ -342,13 +342,14 @@ public final class Imager: @unchecked Sendable {
             fail(ImagerError(description: "the HotCore daemon stopped answering: \(error)", sessionFailed: true))
             return
         }
-        let e = st.engine
-        if e.phase == .failed {
-            fail(ImagerError(description: "the session failed: \(e.failure ?? "unknown reason")", sessionFailed: true))
+        if st.session.phase == .failed {
+            fail(ImagerError(description: "the session failed: \(st.session.failure ?? "unknown reason")", sessionFailed: true))
             return
         }
-        let spill = e.spillBytes
-        let total = spill + e.memoryBytes
+        // HotCore: memory tier and hb files apart; dm-snapshot: the COW store.
+        let spill = st.engine?.spillBytes ?? st.session.bufferedBytes
+        let memory = st.engine?.memoryBytes ?? 0
+        let total = spill + memory
         samples.append((now, spill))
         samples.removeAll { now - $0.t > 2_000_000_000 }
         let rate: Double = {
@@ -357,7 +358,7 @@ public final class Imager: @unchecked Sendable {
         }()
         let imagingRate = m.withLock { Double(done) / max(0.001, Double(now - start) / 1e9) }
         m.withLock {
-            lastBuffer = (total, (st.bufferLimitBytes ?? 0) + e.memoryCapacityBytes)
+            lastBuffer = (total, (st.bufferLimitBytes ?? 0) + (st.engine?.memoryCapacityBytes ?? 0))
             peakBuffer = max(peakBuffer, total)
             peakSpill = max(peakSpill, spill)
         }

@@ -40,12 +40,14 @@ public enum ProcessControl {
     }
 
     /// Starts `argv` with pipes to its stdin and from its stdout; its stderr
-    /// goes to ours, or, with `pipeStderr`, to a third pipe. `environment` is
-    /// added to ours. Returns the pid and our ends of the pipes (stderr -1
-    /// without `pipeStderr`), close-on-exec here; the caller closes them.
+    /// goes to ours, or to `stderrFD`, or, with `pipeStderr`, to a third
+    /// pipe. `environment` is added to ours. Returns the pid and our ends of
+    /// the pipes (stderr -1 without `pipeStderr`), close-on-exec here; the
+    /// caller closes them.
     public static func spawnPiped(_ argv: [String], environment: [String: String] = [:], pipeStderr: Bool = false,
+                                  stderrFD: Int32? = nil,
                                   newSession: Bool = true) throws -> (pid: pid_t, stdin: Int32, stdout: Int32, stderr: Int32) {
-        var inP: [Int32] = [0, 0], outP: [Int32] = [0, 0], errP: [Int32] = [-1, 2]
+        var inP: [Int32] = [0, 0], outP: [Int32] = [0, 0], errP: [Int32] = [-1, stderrFD ?? 2]
         try syscall("pipe") { pipe(&inP) }
         do {
             try syscall("pipe") { pipe(&outP) }

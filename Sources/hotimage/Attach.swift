@@ -43,7 +43,10 @@ struct Attach: ParsableCommand {
         DEVICE (no userspace in the data path); backups use the kernel's \
         dm-snapshot (see 'backup --backend') with hb_NN.tmp files as its \
         copy-on-write store (--hb-file-size each, grown up to --buffer-limit); \
-        --memory-buffer, --pause-ms and --buffer-deadline do not apply.
+        --memory-buffer, --pause-ms and --buffer-deadline do not apply. With \
+        --once, DEVICE is an existing device-mapper volume (an LVM LV) that is \
+        snapshotted as it is, for one backup session, after which the daemon \
+        exits; 'backup' of such a volume starts this by itself.
 
         The protected device is also reachable as /dev/hotimage/NAME, which \
         stays the same whatever loop or nbd number it gets (use it in fstab).
@@ -110,6 +113,9 @@ struct Attach: ParsableCommand {
     @Flag(help: "--via nbd: re-attach the nbd device a dead daemon of this name left (else attach anew).")
     var reconnect = false
 
+    @Flag(help: "--via dm: snapshot DEVICE, an existing device-mapper volume (an LVM LV), for one backup session and exit ('backup' starts this itself).")
+    var once = false
+
     @Flag(help: "Stay in the foreground (for systemd or debugging).")
     var foreground = false
 
@@ -127,6 +133,7 @@ struct Attach: ParsableCommand {
         guard nbdTimeout >= 1 else { throw ValidationError("--nbd-timeout must be at least 1 second") }
         guard deadConnTimeout >= 1 else { throw ValidationError("--dead-conn-timeout must be at least 1 second") }
         if reconnect && frontend != .nbd { throw ValidationError("--reconnect applies to --via nbd only") }
+        if once && frontend != .dm { throw ValidationError("--once applies to --via dm only") }
         if let n = name, n.isEmpty || n.contains("/") || n.hasPrefix(".") {
             throw ValidationError("--name must be a plain name without '/'")
         }
@@ -160,44 +167,27 @@ struct Attach: ParsableCommand {
     func run() throws {
         guard getuid() == 0 else { throw CLIExit.fail("attach must run as root", code: 2) }
         if foreground { return try runForeground() }
-        // Background: start ourselves with --foreground, wait until the
-        // protected device is usable (or the daemon gave up), print it.
+        // Background: this command line again with --foreground, through
+        // the launcher (HotDaemon/DaemonLauncher.swift).
         let o = options()
-        mkdir(o.runDir, 0o700)
-        mkdir(o.dir, 0o700)
-        unlink(o.dir + "/device")
-        let logPath = o.dir + "/daemon.log"
-        let logFD = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
-        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        var args = [exe] + Array(CommandLine.arguments.dropFirst())
-        args.append("--foreground")
-        let pid = try ProcessControl.spawn(args, logFD: logFD)
-        if logFD >= 0 { close(logFD) }
-        let deadline = Date().addingTimeInterval(60)
-        while Date() < deadline {
-            if let dev = try? String(contentsOfFile: o.dir + "/device", encoding: .utf8) {
-                print("attached \(device) as '\(o.name)' (daemon pid \(pid), log \(logPath))")
-                print(dev.trimmingCharacters(in: .whitespacesAndNewlines))
-                return
-            }
-            if let st = ProcessControl.reap(pid) {
-                // The daemon's own one-line error is the last "hotimage:" line of its log.
-                let log = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
-                let last = log.split(separator: "\n").last(where: { $0.hasPrefix("hotimage: ") })
-                let code = ProcessControl.exitCode(st)
-                let why = last.map { String($0.dropFirst("hotimage: ".count)) } ?? "the daemon exited (status \(code)) before the device was ready; see \(logPath)"
-                throw CLIExit.fail(why, code: code == 2 ? 2 : 1)
-            }
-            usleep(50_000)
+        let args = Array(CommandLine.arguments.dropFirst()) + ["--foreground"]
+        do {
+            let r = try DaemonLauncher.launch(arguments: args, dir: o.dir, within: 60)
+            print("attached \(device) as '\(o.name)' (daemon pid \(r.pid), log \(r.logPath))")
+            print(r.device)
+        } catch let f as DaemonLauncher.Failure {
+            throw CLIExit.fail(f.description, code: f.refused ? 2 : 1)
         }
-        kill(pid, SIGTERM)
-        throw CLIExit.fail("the daemon did not become ready within 60 s (log: \(logPath))")
     }
 
     func runForeground() throws {
-        if frontend == .dm { return try runForegroundDM() }
-        let o = options()
-        try runInForeground(label: "hotcore.\(resolvedName)") { try Daemon(options: o, logger: $0) }
+        if frontend == .dm {
+            let o = dmOptions()
+            try runInForeground(label: "dm.\(resolvedName)") { try SessionDaemon.dmSnapshot(o, logger: $0) }
+        } else {
+            let o = options()
+            try runInForeground(label: "hotcore.\(resolvedName)") { try SessionDaemon.hotCore(o, logger: $0) }
+        }
     }
 }
 

@@ -1,7 +1,6 @@
-// `attach --via dm` (the foreground daemon) and the hidden `dm-session`
-// command that `backup` spawns for an existing device-mapper volume. Both
-// run a DMDaemon (HotDaemon/DMDaemon.swift), the watchdog of the
-// dm-snapshot backend.
+// `attach --via dm` (a dm-linear device over DEVICE, or with --once a
+// transient daemon for one backup of an existing dm device) and the
+// foreground run every daemon goes through (SessionDaemon, HotDaemon).
 import ArgumentParser
 import Foundation
 import HotCore
@@ -14,7 +13,12 @@ extension Attach {
     func dmOptions() -> DMDaemonOptions {
         var o = DMDaemonOptions(name: resolvedName)
         o.runDir = paths.runDir
-        o.baseDevice = device
+        if once {
+            o.originDevice = device
+            o.transient = true
+        } else {
+            o.baseDevice = device
+        }
         o.bufferDir = bufferDir
         o.hbFileBytes = parseSize(hbFileSize)!
         o.bufferLimitBytes = parseSize(bufferLimit)!
@@ -22,69 +26,50 @@ extension Attach {
         o.heartbeatTimeoutNanos = UInt64(heartbeatTimeout * 1e9)
         return o
     }
-
-    func runForegroundDM() throws {
-        try runDMDaemon(dmOptions(), label: "dm.\(resolvedName)")
-    }
-}
-
-/// Runs a dm-snapshot daemon in the foreground until it stops.
-func runDMDaemon(_ options: DMDaemonOptions, label: String) throws {
-    try runInForeground(label: label) { try DMDaemon(options: options, logger: $0) }
 }
 
 /// Runs a daemon in this process: signals blocked first, one clear error
-/// line (exit 2 for usage), the device path printed once it is usable.
-func runInForeground(label: String, make: (Logger) throws -> ForegroundDaemon) throws {
+/// line (exit 2 for usage), the device path printed once it is usable (or
+/// said to the launcher, DaemonLauncher.swift).
+func runInForeground(label: String, make: (Logger) throws -> SessionDaemon) throws {
     let signals = SignalWaiter()
     let logger = makeLogger(label)
-    let daemon: ForegroundDaemon
+    let daemon: SessionDaemon
     do { daemon = try make(logger) } catch {
         logger.error("\(error)")
-        throw CLIExit.fail("\(error)", code: (error as? DaemonError).map { if case .usage = $0 { return 2 } else { return 1 } } ?? 1)
+        let refused = (error as? DaemonError).map { if case .usage = $0 { return true } else { return false } } ?? false
+        if DaemonLauncher.launched { DaemonLauncher.sayFailed(refused: refused, "\(error)") }
+        throw CLIExit.fail("\(error)", code: refused ? 2 : 1)
     }
     let dev: String
     do { dev = try daemon.start() } catch {
         logger.error("\(error)")
+        if DaemonLauncher.launched { DaemonLauncher.sayFailed(refused: false, "\(error)") }
         throw CLIExit.fail("\(error)")
     }
-    print(dev)
-    fflush(stdout)
+    if DaemonLauncher.launched {
+        DaemonLauncher.sayReady(dev)
+    } else {
+        print(dev)
+        fflush(stdout)
+    }
     daemon.waitForShutdown(signals: signals)
 }
 
-/// `hotimage dm-session DEVICE`: a transient dm-snapshot daemon for one
-/// backup of an existing device-mapper volume (spawned by `backup`; not in
-/// the help).
-struct DMSessionCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "dm-session",
-        abstract: "Serve one dm-snapshot backup session for a device-mapper volume (used by 'backup').",
-        shouldDisplay: false)
-
-    @Argument var device: String
-    @Option var name: String
-    @Option var bufferDir: String?
-    @Option var hbFileSize: String = Defaults.sizeText(Defaults.hbFileBytes)
-    @Option var bufferLimit: String = Defaults.sizeText(Defaults.bufferLimitBytes)
-    @Option var snapshotDeadline: Double = 60
-    @Option var heartbeatTimeout: Double = 10
-    @OptionGroup var paths: RunDirOptions
-
-    func run() throws {
-        guard let hb = parseSize(hbFileSize), hb > 0, let lim = parseSize(bufferLimit), lim > 0 else {
-            throw CLIExit.fail("--hb-file-size and --buffer-limit must be sizes", code: 2)
+/// What `backup` uses to start a transient dm-snapshot daemon: `attach
+/// DEVICE --via dm --once` in the background.
+struct CLISessionLauncher: TransientSessionLauncher {
+    func launchTransientDM(_ r: TransientDMRequest) throws -> String {
+        var args = ["attach", r.device, "--via", "dm", "--once", "--name", r.name, "--run-dir", r.runDir,
+                    "--hb-file-size", "\(r.hbFileBytes)", "--buffer-limit", "\(r.bufferLimitBytes)", "--foreground"]
+        if let b = r.bufferDir { args += ["--buffer-dir", b] }
+        let dir = r.runDir + "/" + r.name
+        do {
+            _ = try DaemonLauncher.launch(arguments: args, dir: dir, within: 30)
+        } catch let f as DaemonLauncher.Failure {
+            throw TransientLaunchFailure(refused: f.refused, description: f.description)
         }
-        var o = DMDaemonOptions(name: name)
-        o.runDir = paths.runDir
-        o.originDevice = device
-        o.transient = true
-        o.bufferDir = bufferDir
-        o.hbFileBytes = hb
-        o.bufferLimitBytes = lim
-        o.snapshotDeadlineNanos = UInt64(snapshotDeadline * 1e9)
-        o.heartbeatTimeoutNanos = UInt64(heartbeatTimeout * 1e9)
-        try runDMDaemon(o, label: "dm.\(name)")
+        return dir
     }
 }
 

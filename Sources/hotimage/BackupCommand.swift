@@ -288,6 +288,7 @@ struct BackupCommand: ParsableCommand {
         o.toolVersion = hotimageVersion
         o.backend = backend.flatMap(BackupBackend.init(rawValue:))
         o.dm.bufferDir = bufferDir
+        o.launcher = CLISessionLauncher()
         o.dm.hbFileBytes = parseSize(hbFileSize)!
         o.dm.bufferLimitBytes = parseSize(bufferLimit)!
         o.writers = cfg.writers

@@ -43,7 +43,7 @@ struct HotImage: ParsableCommand {
         version: hotimageVersion,
         subcommands: [Attach.self, Detach.self, Status.self, Snapshot.self,
                       BackupCommand.self, RestoreCommand.self, InfoCommand.self, VerifyCommand.self,
-                      DMSessionCommand.self, VMCommand.self, WritersCommand.self, WriterExecCommand.self])
+                      VMCommand.self, WritersCommand.self, WriterExecCommand.self])
 
     /// As ParsableCommand's, but usage errors exit 2 (documented) instead of
     /// ArgumentParser's 64.
@@ -64,7 +64,7 @@ struct HotImage: ParsableCommand {
 /// Options every command that talks to a daemon shares.
 struct RunDirOptions: ParsableArguments {
     @Option(name: .customLong("run-dir"), help: ArgumentHelp("Directory of the daemons' sockets.", valueName: "dir"))
-    var runDir: String = "/run/hotimage"
+    var runDir: String = Defaults.runDir
 }
 
 enum CLIExit {

@@ -103,8 +103,8 @@ struct Snapshot: ParsableCommand {
         let code = ProcessControl.wait(pid)
         // A failure while the command ran: the snapshot it read may be incomplete.
         var sessionError = session.lastError
-        if let s = try? session.status(), s.engine.phase == .failed {
-            sessionError = s.engine.failure ?? "failed"
+        if let s = try? session.status(), s.session.phase == .failed {
+            sessionError = s.session.failure ?? "failed"
         }
         session.end()
         session.close()

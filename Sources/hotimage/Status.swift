@@ -101,9 +101,9 @@ struct Status: ParsableCommand {
 
     func render(_ s: DaemonStatus) -> String {
         if let dm = s.dm { return renderDM(s, dm) }
-        let e = s.engine
+        guard let e = s.engine else { return "\(s.name): \(s.device) via \(s.via.rawValue): session \(s.session.phase.rawValue)" }
         let bs = UInt64(e.blockSize)
-        var lines = ["\(s.name): \(s.device) → \(s.protectedDevice ?? "(not presented)") via \(s.via.rawValue), daemon pid \(s.pid), \(s.connections) NBD connection(s)"]
+        var lines = ["\(s.name): \(s.device) → \(s.protectedDevice ?? "(not presented)") via \(s.via.rawValue), daemon pid \(s.pid), \(s.connections ?? 0) NBD connection(s)"]
         var state = "  session: \(e.phase.rawValue)"
         if let f = e.failure { state += " — \(f)" }
         if let c = e.consistency { state += " (\(c.rawValue))" }
@@ -114,7 +114,7 @@ struct Status: ParsableCommand {
             lines.append("  buffer: memory \(formatBytes(e.memoryBytes)) of \(formatBytes(e.memoryCapacityBytes)), hb files \(formatBytes(e.spillBytes)) in \(e.spillFiles) file(s) in \(s.bufferDir)")
             lines.append("  copies \(e.counters.copies) blocks (\(formatBytes(e.counters.copies * bs))), spilled \(e.counters.spilledBlocks), peak memory \(formatBytes(e.counters.peakMemoryBytes)), peak hb \(formatBytes(e.counters.peakSpillBytes))")
             if let age = e.oldestMemoryAgeMs { lines.append("  oldest block in memory: \(age) ms") }
-            if e.phase.copiesOnWrite { lines.append("  snapshot: \(s.snapshotURI)") }
+            if e.phase.copiesOnWrite { lines.append("  snapshot: \(s.snapshotURI ?? "")") }
         }
         lines.append(String(format: "  deadlines: snapshot %.0f s, buffer %.0f s, heartbeat %.0f s; pause %.0f ms; map memory %@",
                             e.deadlines.snapshotSeconds, e.deadlines.memorySeconds, e.deadlines.heartbeatSeconds,

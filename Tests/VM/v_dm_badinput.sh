@@ -35,7 +35,7 @@ umount "$W/m"; H detach $name >/dev/null || fail "detach"
 BASE2=$(make_loop "$W/self.img" 64M)
 out=$(H attach "$BASE2" --via dm --name hitdm-self2 --buffer-dir "$W/m/hb" --hb-file-size 8M 2>&1) || fail "attach self2: $out"
 mkfs_ext4 /dev/mapper/hotimage-hitdm-self2 && mount /dev/mapper/hotimage-hitdm-self2 "$W/m" && mkdir -p "$W/m/hb" || fail "mount self2"
-expect 3 "is on the volume being backed up" H backup hitdm-self2 -o "$W/x.qcow2"
+expect 3 "would be written through the volume they protect" H backup hitdm-self2 -o "$W/x.qcow2"
 umount "$W/m"; H detach hitdm-self2 >/dev/null || fail "detach self2"
 
 # A full buffer directory: a 4 MiB tmpfs for 8 MiB hb files.

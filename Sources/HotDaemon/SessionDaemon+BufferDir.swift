@@ -1,9 +1,11 @@
-// The buffer directory must not live on the volume HotCore protects. An hb
-// file there is written through the protected device, i.e. through HotCore
-// itself: the movers' writes need copy-on-write of the volume's metadata,
-// which needs room in the memory tier, which only the movers can make (the
-// wedge of issue 14); on a device stacked *under* HotCore's back (a loop or
-// dm over the real device) they would change the volume behind it.
+// The buffer directory must not live on the volume a session protects. For
+// HotCore an hb file there is written through the protected device, i.e.
+// through HotCore itself: the movers' writes need copy-on-write of the
+// volume's metadata, which needs room in the memory tier, which only the
+// movers can make (a wedge); on a device stacked *under* HotCore's back (a
+// loop or dm over the real device) they would change the volume behind it.
+// For dm-snapshot the hb files would be frozen with the volume and copy
+// themselves on write.
 //
 // Checked at attach (the real device and what stands on it) and at every
 // session start (also the protected device and what stands on it, since it
@@ -16,7 +18,7 @@ import HotOS
 import Glibc
 #endif
 
-extension Daemon {
+extension SessionDaemon {
     /// Opens (creating 0700) the buffer directory; returns the descriptor.
     static func openBufferDirectory(_ path: String) throws -> Int32 {
         let created = mkdir(path, 0o700) == 0
@@ -55,10 +57,10 @@ extension Daemon {
 
     /// The session-start check: the held directory and what its path names now.
     func bufferDirectoryRefusalNow() -> String? {
-        var devices = [options.device]
-        if let p = currentProtectedDevice { devices.append(p) }
-        let path = options.resolvedBufferDir
-        if let why = Daemon.bufferDirectoryRefusal(path: path, fd: bufferDirFD, name: options.name, devices: devices) {
+        var devices = backend.guardedDevices
+        if let p = currentProtectedDevice, !devices.contains(p) { devices.append(p) }
+        let path = config.bufferDir
+        if let why = SessionDaemon.bufferDirectoryRefusal(path: path, fd: bufferDirFD, name: config.name, devices: devices) {
             return why
         }
         var held = stat(), now = stat()

@@ -1,0 +1,256 @@
+// The HotCore backend: the real device opened exclusively, the
+// SnapshotEngine over it with hb files in the buffer directory, the NBD
+// server (exports "live" and "snapshot"), two movers (memory tier → hb
+// files) and the Frontend that presents the live export as the protected
+// device. What it adds to the run directory:
+//
+//   RUN/NAME/nbd.sock      the NBD server
+//   RUN/NAME/fuse/disk     nbdfuse's file (--via fuse)
+//   RUN/NAME/nbd-index     "INDEX CONNECTIONS" of /dev/nbdINDEX (--via nbd); kept
+//                          when the daemon dies, for `attach --reconnect`
+//   /dev/hotimage/NAME     symlink to the protected device (stable for fstab)
+import Foundation
+import HotControl
+import HotCore
+import HotOS
+import HotSync
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public struct AttachOptions: Sendable {
+    public var device: String
+    public var name: String
+    public var via: SessionVia = .fuse
+    public var runDir: String = Defaults.runDir
+    public var bufferDir: String?
+    public var hbFileBytes: UInt64 = Defaults.hbFileBytes
+    public var bufferLimitBytes: UInt64 = Defaults.bufferLimitBytes
+    public var engine = EngineConfig()
+    public var workers = 8
+    /// --via nbd: sockets between the kernel and HotCore.
+    public var nbdConnections = 2
+    /// --via nbd: how long the kernel holds I/O for a restarted daemon.
+    public var deadConnTimeoutSeconds: UInt64 = 120
+    /// --via nbd: the kernel's per-request timeout (see KernelNBDFrontend).
+    public var nbdRequestTimeoutSeconds: UInt64 = 30
+    /// --via nbd: re-attach the /dev/nbdN a dead daemon of this name left.
+    public var reconnect = false
+
+    public init(device: String, name: String) {
+        self.device = device
+        self.name = name
+    }
+
+    public var dir: String { runDir + "/" + name }
+    public var resolvedBufferDir: String { bufferDir ?? Defaults.bufferDir(name: name) }
+}
+
+extension SessionDaemon {
+    /// A HotCore daemon for `attach --via fuse|nbd`. Opens everything up to
+    /// (not including) the frontend; throws clear errors.
+    public static func hotCore(_ o: AttachOptions, logger: Logger) throws -> SessionDaemon {
+        guard getuid() == 0 else { throw DaemonError.usage("hotimage attach must run as root") }
+        guard o.via.isHotCore else { throw DaemonError.usage("--via must be fuse or nbd") }
+        if o.via == .nbd && !KernelNBD.available {
+            throw DaemonError.usage("--via nbd needs the kernel's nbd driver, which this kernel does not have (modprobe nbd); use --via fuse")
+        }
+        if o.reconnect && o.via != .nbd { throw DaemonError.usage("--reconnect applies to --via nbd only") }
+        if let m = Mounts.of(device: o.device).first { throw DaemonError.mounted(o.device, m.mountPoint) }
+        let config = SessionDaemonConfig(name: o.name, runDir: o.runDir, bufferDir: o.resolvedBufferDir,
+                                         bufferLimitBytes: o.bufferLimitBytes)
+        let lockFD = try lockRunDirectory(config)
+        var dirFD: Int32 = -1
+        do {
+            let device = try BlockDevice(path: o.device, exclusive: true)
+            guard device.size >= UInt64(o.engine.blockSize) else {
+                throw DaemonError.failed("\(o.device) is too small (\(device.size) bytes)")
+            }
+            dirFD = try openBufferDirectory(config.bufferDir)
+            if let why = bufferDirectoryRefusal(path: config.bufferDir, fd: dirFD, name: o.name, devices: [o.device]) {
+                throw DaemonError.usage(why)
+            }
+            let backend = HotCoreBackend(options: o, device: device, bufferDirFD: dirFD, logger: logger)
+            return SessionDaemon(config: config, backend: backend, lockFD: lockFD, bufferDirFD: dirFD, logger: logger)
+        } catch {
+            if dirFD >= 0 { close(dirFD) }
+            close(lockFD)
+            throw error
+        }
+    }
+}
+
+final class HotCoreBackend: SessionBackend, @unchecked Sendable {
+    let options: AttachOptions
+    let logger: Logger
+    let realDevice: BlockDevice
+    let hb: HBFileStore
+    let engine: SnapshotEngine
+    let nbd: NBDServer
+    let frontend: Frontend
+    private let m = Monitor()
+    private var stopping = false
+
+    init(options: AttachOptions, device: BlockDevice, bufferDirFD: Int32, logger: Logger) {
+        self.options = options
+        self.logger = logger
+        realDevice = device
+        // The test switch opens hb files by path, so a test can put them on
+        // the protected volume (SessionDaemon+BufferDir.swift).
+        hb = HBFileStore(directory: options.resolvedBufferDir, directoryFD: allowBufferOnVolumeForTests ? -1 : bufferDirFD,
+                         slotBytes: options.engine.blockSize, fileBytes: options.hbFileBytes,
+                         limitBytes: options.bufferLimitBytes, deferDeletes: true)
+        hb.removeAll()
+        // Stale hb files of a previous daemon of this name.
+        for i in 0..<100 { hb.unlinkFile(HBFileStore.fileName(i)) }
+        engine = SnapshotEngine(device: device, spill: hb, config: options.engine)
+        // HOTIMAGE_NO_SPLICE=1 copies every READ (for A/B benchmarks).
+        let splice = ProcessInfo.processInfo.environment["HOTIMAGE_NO_SPLICE"] == nil
+        nbd = NBDServer(socketPath: options.dir + "/nbd.sock", engine: engine, logger: logger, workers: options.workers,
+                        spliceFD: splice ? device.fd : nil)
+        if options.via == .nbd {
+            frontend = KernelNBDFrontend(runDir: options.dir, logger: logger, options: options)
+        } else {
+            frontend = FuseFrontend(runDir: options.dir, logger: logger)
+        }
+    }
+
+    var via: SessionVia { options.via }
+    var device: String { options.device }
+    var sizeBytes: UInt64 { realDevice.size }
+    var blockSize: Int { engine.config.blockSize }
+    var guardedDevices: [String] { [options.device] }
+    var phase: SessionPhase { engine.currentPhase }
+    var snapshotURI: String? { "nbd+unix:///snapshot?socket=\(options.dir)/nbd.sock" }
+    var tickInterval: UInt32 { 100_000 }
+
+    func refusal(of consistency: Consistency) -> String? { nil }
+
+    func start() throws -> String {
+        try nbd.start()
+        do { try ProcessControl.setIOFlusher() } catch { logger.warning("\(error) (continuing without PR_SET_IO_FLUSHER)") }
+        ProcessControl.keepLargeAllocationsInHeap()
+        for i in 0..<2 { Threads.start(name: "mover-\(i)") { [self] in moverLoop() } }
+        let dev: String
+        do { dev = try frontend.start(server: nbd, size: realDevice.size, sectorSize: realDevice.sectorSize) } catch {
+            frontend.stop()
+            stopServing()
+            throw error
+        }
+        HotCoreBackend.linkStableName(options.name, to: dev)
+        return dev
+    }
+
+    func stop() {
+        frontend.stop()
+        HotCoreBackend.unlinkStableName(options.name)
+        stopServing()
+        hb.removeAll()
+        hb.collectGarbage()
+        unlink(options.dir + "/nbdfuse.log")
+    }
+
+    private func stopServing() {
+        m.withLock { stopping = true }
+        nbd.stop()
+    }
+
+    func detachRefusal() -> String? { nil }
+
+    /// /dev/hotimage/NAME -> the protected device: a path that stays the same
+    /// across reboots for fstab (the nbd or loop number may not).
+    static func linkStableName(_ name: String, to dev: String) {
+        mkdir("/dev/hotimage", 0o755)
+        unlink("/dev/hotimage/" + name)
+        symlink(dev, "/dev/hotimage/" + name)
+    }
+
+    static func unlinkStableName(_ name: String) {
+        unlink("/dev/hotimage/" + name)
+        rmdir("/dev/hotimage")
+    }
+
+    private func moverLoop() {
+        while !m.withLock({ stopping }) {
+            if engine.waitForSpillWork(timeoutNanos: 100_000_000) {
+                while engine.spillStep(maxBlocks: 1024) > 0 {}
+            }
+            // Closes and unlinks of hb files, never under the engine's lock.
+            hb.collectGarbage()
+        }
+    }
+
+    // MARK: the session
+
+    func begin(_ req: BeginRequest, freeze: (String) throws -> Void) -> Result<BeginOutcome, BeginRefusal> {
+        do { _ = try engine.begin(consistency: req.consistency) } catch {
+            return .failure(BeginRefusal(description: "\(error)", keepsOwner: false))
+        }
+        let pause = req.pauseNanos ?? engine.config.pauseNanos
+        var frozenNow = false
+        if let mp = req.mountPoint {
+            switch engine.waitForPause(pauseNanos: pause, arm: false, maxWaitNanos: engine.config.freezePauseWaitNanos) {
+            case .armed: break
+            case .noPause:
+                logger.info("session: no pause of \(pause / 1_000_000) ms within \(engine.config.freezePauseWaitNanos / 1_000_000_000) s; freezing anyway")
+            case .timedOut:
+                return .failure(BeginRefusal(description: engine.failureReason ?? "no write-inactivity pause before the snapshot deadline", keepsOwner: true))
+            case .notWaiting(let p):
+                return .failure(BeginRefusal(description: "the session became \(p.rawValue) while waiting for a pause", keepsOwner: true))
+            }
+            do { try freeze(mp) } catch {
+                engine.fail("could not freeze \(mp): \(error)")
+                return .failure(BeginRefusal(description: "could not freeze \(mp): \(error)", keepsOwner: true))
+            }
+            frozenNow = true
+        }
+        let r = engine.arm(pauseNanos: frozenNow ? 0 : pause)
+        guard case .armed(let at) = r else {
+            return .failure(BeginRefusal(description: engine.failureReason ?? "could not arm: \(r)", keepsOwner: true))
+        }
+        return .success(BeginOutcome(armedAtNanos: at, frozen: frozenNow, snapshotURI: snapshotURI, snapshotDevice: nil))
+    }
+
+    func map(used: [Range<UInt64>], excluded: [Range<UInt64>]) throws -> MapOutcome {
+        switch try engine.narrow(used: used, excluded: excluded) {
+        case .protecting(let n): return .protecting(usedBlocks: n)
+        case .retry(let w): return .retry(writes: w)
+        }
+    }
+
+    func archived(_ ranges: [Range<UInt64>]) throws -> UInt64 {
+        var total: UInt64 = 0
+        for r in ranges { total += try engine.release(offset: r.lowerBound, length: r.upperBound - r.lowerBound) }
+        return total
+    }
+
+    func buffered(limit: Int) -> [Range<UInt64>] { engine.bufferedRanges(limit: limit) }
+
+    func heartbeat() { engine.heartbeat() }
+
+    func end() { engine.end() }
+
+    func tick() -> [BackendEvent] {
+        engine.tick().map {
+            switch $0 {
+            case .failed(let r): return .failed(r)
+            case .dropped(let r): return .dropped(r)
+            }
+        }
+    }
+
+    func sessionStatus(bufferLimitBytes: UInt64) -> SessionStatus {
+        SessionStatus(engine: engine.status(), lastFailure: nil, bufferLimitBytes: bufferLimitBytes)
+    }
+
+    func fillStatus(_ s: inout DaemonStatus) {
+        let e = engine.status()
+        s.session = SessionStatus(engine: e, lastFailure: nil, bufferLimitBytes: options.bufferLimitBytes)
+        s.engine = e
+        s.nbdSocket = nbd.socketPath
+        s.snapshotURI = snapshotURI
+        s.connections = nbd.connectionCount
+        s.reads = nbd.pipes.counters
+    }
+}

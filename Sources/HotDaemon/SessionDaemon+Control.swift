@@ -1,0 +1,140 @@
+// What each control op does (the protocol is HotControl's ControlProtocol.swift);
+// the backend does the session's work.
+import HotControl
+import HotCore
+import HotOS
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension SessionDaemon {
+    func handle(_ id: Int, _ req: ControlRequest) -> ControlReply {
+        switch req.op {
+        case .hello:
+            var r = ControlReply(ok: true)
+            r.version = hotimageVersion
+            r.device = backend.device
+            r.protectedDevice = currentProtectedDevice
+            r.size = backend.sizeBytes
+            r.blockSize = backend.blockSize
+            r.phase = backend.phase.rawValue
+            r.snapshotURI = backend.snapshotURI
+            return r
+        case .status:
+            var r = ControlReply(ok: true)
+            r.status = daemonStatus()
+            return r
+        case .begin:
+            return begin(id, req)
+        case .map, .archived, .buffered, .heartbeat, .end:
+            guard isOwner(id) else {
+                return .failure("this connection does not own a session (begin one first)")
+            }
+            backend.heartbeat()
+            return sessionOp(id, req)
+        case .detach:
+            if let why = detachRefusal(force: req.force ?? false) { return .failure(why) }
+            requestStop()
+            return ControlReply(ok: true)
+        }
+    }
+
+    func daemonStatus() -> DaemonStatus {
+        var s = DaemonStatus(name: config.name, device: backend.device, protectedDevice: currentProtectedDevice,
+                             via: backend.via, pid: getpid(), bufferDir: config.bufferDir, frozen: frozenMountPoint,
+                             bufferLimitBytes: config.bufferLimitBytes,
+                             session: backend.sessionStatus(bufferLimitBytes: config.bufferLimitBytes),
+                             lastFreezeSeconds: lastFreezeSeconds, peakRSSBytes: procStatusBytes("VmHWM"),
+                             fileRSSBytes: procStatusBytes("RssFile"))
+        backend.fillStatus(&s)
+        return s
+    }
+
+    private func begin(_ id: Int, _ req: ControlRequest) -> ControlReply {
+        guard let consistency = Consistency(rawValue: req.consistency ?? "freeze") else {
+            return .failure("consistency must be freeze, wip or raw")
+        }
+        if let why = backend.refusal(of: consistency) { return .failure(why) }
+        var mountPoint: String?
+        if consistency == .freeze {
+            guard let mp = req.mountPoint else { return .failure("consistency freeze needs mountPoint") }
+            guard let mnt = Mounts.at(mountPoint: mp) else { return .failure("\(mp) is not a mount point") }
+            guard let dev = currentProtectedDevice,
+                  Mounts.of(device: dev).contains(where: { $0.mountPoint == mnt.mountPoint }) else {
+                return .failure("\(mp) is not mounted from the protected device \(currentProtectedDevice ?? "?")")
+            }
+            mountPoint = mnt.mountPoint
+        }
+        // hb files through the volume they protect would wedge it (HotCore)
+        // or be frozen with it and copy themselves on write (dm).
+        if let why = bufferDirectoryRefusalNow() {
+            logger.error("session: refused: \(why)")
+            return .failure(why)
+        }
+        if let other = claimOwner(id) { return .failure(other) }
+        let pause = req.pauseMs.map { UInt64(max(0, $0) * 1e6) }
+        logger.info("session: begin (\(consistency.rawValue)\(mountPoint.map { " " + $0 } ?? ""))")
+        let result = backend.begin(BeginRequest(consistency: consistency, mountPoint: mountPoint, pauseNanos: pause),
+                                   freeze: { [self] mp in try freeze(mp) })
+        switch result {
+        case .failure(let refusal):
+            beginDone(id, keepOwner: refusal.keepsOwner)
+            thawIfFrozen()
+            logger.error("session: \(refusal.description)")
+            return .failure(refusal.description, retry: refusal.retry ? true : nil)
+        case .success(let b):
+            beginDone(id, keepOwner: true)
+            logger.info("session: armed at \(b.armedAtNanos) ns\(b.frozen ? " (frozen)" : "")")
+            var reply = ControlReply(ok: true)
+            reply.armedAtNanos = b.armedAtNanos
+            reply.frozen = b.frozen
+            reply.snapshotURI = b.snapshotURI
+            reply.snapshotDevice = b.snapshotDevice
+            return reply
+        }
+    }
+
+    private func sessionOp(_ id: Int, _ req: ControlRequest) -> ControlReply {
+        switch req.op {
+        case .heartbeat:
+            return ControlReply(ok: true)
+        case .map:
+            defer { thawIfFrozen() }
+            do {
+                switch try backend.map(used: try toRanges(req.used), excluded: try toRanges(req.excluded)) {
+                case .protecting(let n):
+                    logger.info("session: protecting \(n) used blocks")
+                    var r = ControlReply(ok: true)
+                    r.result = "protecting"
+                    r.usedBlocks = n
+                    return r
+                case .retry(let w):
+                    logger.info("session: \(w) writes during the map read; waiting for the next pause")
+                    return .failure("\(w) writes landed while the map was read without a freeze; begin again", retry: true)
+                }
+            } catch {
+                return .failure("\(error)")
+            }
+        case .archived:
+            do {
+                var r = ControlReply(ok: true)
+                r.released = try backend.archived(try toRanges(req.ranges))
+                return r
+            } catch { return .failure("\(error)") }
+        case .buffered:
+            var r = ControlReply(ok: true)
+            r.ranges = backend.buffered(limit: req.limit ?? 1024).map { [$0.lowerBound, $0.upperBound] }
+            return r
+        case .end:
+            backend.end()
+            thawIfFrozen()
+            releaseOwner(id)
+            logger.info("session: ended")
+            if config.transient { requestStop() }
+            return ControlReply(ok: true)
+        case .hello, .begin, .status, .detach:
+            return .failure("\(req.op.rawValue) is not a session op")
+        }
+    }
+}
