@@ -71,13 +71,11 @@ STACK=$(losetup -f --show "$BASE") || fail "losetup over $BASE"
 STACKS+=("$STACK")
 mkfs.ext4 -q -F "$STACK" || fail "mkfs $STACK"
 mkdir -p "$W/stack"; mount "$STACK" "$W/stack" || fail "mount $STACK"
-out=$(H attach "$BASE" --name hit-stack --buffer-dir "$W/stack/hb" 2>&1); rc=$?
-[ $rc = 2 ] || fail "attach with the buffer directory on $STACK (over $BASE) exited $rc, expected 2: $out"
-echo "$out" | grep -q "buffer directory $W/stack/hb is on $STACK (mounted on $W/stack), stacked on" \
-  || fail "refusal does not name the directory and the device: $out"
-echo "$out" | grep -q "another volume" || fail "refusal does not say what to do: $out"
+# The refusal names the directory and the device.
+expect_exit 2 "buffer directory $W/stack/hb is on $STACK \\(mounted on $W/stack\\), stacked on" -- H attach "$BASE" --name hit-stack --buffer-dir "$W/stack/hb"
+grep -q "another volume" <<< "$EXIT_OUT" || fail "refusal does not say what to do: $EXIT_OUT"
 [ -e "$RUN/hit-stack/pid" ] && fail "a refused attach left a daemon"
-log "a. stacked loop: $(echo "$out" | tail -1)"
+log "a. stacked loop: $(tail -1 <<< "$EXIT_OUT")"
 umount "$W/stack"; losetup -d "$STACK"
 fi
 

@@ -21,8 +21,7 @@ rec() { echo "echo \"$1 \$HOTIMAGE_PHASE err=\$HOTIMAGE_ERROR freeze=\$HOTIMAGE_
 
 # 1. before-snapshot fails.
 : > "$HL"
-H backup hit-hooks -o "$W/1.qcow2" --before-snapshot "$(rec b 'exit 7')" --after-snapshot "$(rec a)" --after-backup "$(rec z)" > "$W/1.out" 2>&1; rc=$?
-[ $rc = 4 ] || fail "before-snapshot failure: exit $rc (want 4): $(cat "$W/1.out")"
+expect_exit 4 "" -- H backup hit-hooks -o "$W/1.qcow2" --before-snapshot "$(rec b 'exit 7')" --after-snapshot "$(rec a)" --after-backup "$(rec z)"
 [ "$(cat "$HL")" = "b before-snapshot err=0 freeze=yes vol=$W/m" ] || fail "before-snapshot failure ran: $(cat "$HL")"
 [ -e "$W/1.qcow2" ] && fail "an image exists after an aborted backup"
 log "before-snapshot fails: exit 4, no other hook, no image"
@@ -31,9 +30,8 @@ log "before-snapshot fails: exit 4, no other hook, no image"
 : > "$HL"
 ( while true; do dd if=/dev/zero of="$W/m/busy" bs=4k count=1 conv=fsync status=none; done ) &
 BUSY=$!
-H backup hit-hooks -o "$W/2.qcow2" --consistency wip --before-snapshot "$(rec b)" --after-snapshot "$(rec a)" --after-backup "$(rec z)" > "$W/2.out" 2>&1; rc=$?
+expect_exit 3 "" -- H backup hit-hooks -o "$W/2.qcow2" --consistency wip --before-snapshot "$(rec b)" --after-snapshot "$(rec a)" --after-backup "$(rec z)"
 kill $BUSY; wait $BUSY 2>/dev/null
-[ $rc = 3 ] || fail "snapshot failure: exit $rc (want 3): $(cat "$W/2.out")"
 printf 'b before-snapshot err=0 freeze=no vol=%s\na after-snapshot err=3 freeze=no vol=%s\nz after-backup err=3 freeze=no vol=%s\n' "$W/m" "$W/m" "$W/m" > "$W/2.want"
 cmp -s "$W/2.want" "$HL" || { diff "$W/2.want" "$HL"; fail "snapshot failure: hooks"; }
 [ -e "$W/2.qcow2" ] && fail "an image exists after a failed snapshot"
@@ -41,8 +39,7 @@ log "snapshot fails: after-snapshot and after-backup ran with error 3, no image"
 
 # 3. after-snapshot fails: the backup goes on, exit 6.
 : > "$HL"
-H backup hit-hooks -o "$W/3.qcow2" --before-snapshot "$(rec b)" --after-snapshot "$(rec a 'exit 5')" --after-backup "$(rec z)" > "$W/3.out" 2>&1; rc=$?
-[ $rc = 6 ] || fail "after-snapshot failure: exit $rc (want 6): $(cat "$W/3.out")"
+expect_exit 6 "" -- H backup hit-hooks -o "$W/3.qcow2" --before-snapshot "$(rec b)" --after-snapshot "$(rec a 'exit 5')" --after-backup "$(rec z)"
 [ "$(wc -l < "$HL")" = 3 ] && grep -q "^z after-backup err=0" "$HL" || fail "after-snapshot failure: hooks: $(cat "$HL")"
 HI verify "$W/3.qcow2" >/dev/null || fail "the image after a failed after-snapshot hook does not verify"
 qemu-img check "$W/3.qcow2" >/dev/null 2>&1 || fail "qemu-img check (image 3)"
@@ -65,21 +62,18 @@ grep -q "compression: *zlib" "$W/4.info" || fail "the config file's compress was
 qemu-img info "$W/4.qcow2" | grep -q "compression type: zlib" || fail "qemu-img does not see zlib"
 qemu-img check "$W/4.qcow2" >/dev/null 2>&1 || fail "qemu-img check (zlib image)"
 echo "bad key = 1" > "$W/bad.conf"
-H backup hit-hooks -o "$W/5.qcow2" --config "$W/bad.conf" > "$W/5.out" 2>&1; rc=$?
-[ $rc = 2 ] && grep -q "bad.conf:1: unknown key" "$W/5.out" || fail "bad config: exit $rc: $(cat "$W/5.out")"
+expect_exit 2 "bad.conf:1: unknown key" -- H backup hit-hooks -o "$W/5.qcow2" --config "$W/bad.conf"
 t0=$(date +%s)
-H backup hit-hooks -o "$W/6.qcow2" --hook-timeout 1 --before-snapshot "sleep 30" > "$W/6.out" 2>&1; rc=$?
-[ $rc = 4 ] && grep -q "timed out" "$W/6.out" && [ $(( $(date +%s) - t0 )) -lt 10 ] || fail "hook timeout: exit $rc: $(cat "$W/6.out")"
+expect_exit 4 "timed out" -- H backup hit-hooks -o "$W/6.qcow2" --hook-timeout 1 --before-snapshot "sleep 30"
+[ $(( $(date +%s) - t0 )) -lt 10 ] || fail "hook timeout: the backup took $(( $(date +%s) - t0 )) s: $EXIT_OUT"
 log "config file hooks first, then the command line; compress from the file; timeouts kill"
 
 # 5. --keep-partial: a backup interrupted (SIGTERM from its after-snapshot
 #    hook) keeps an incomplete image; restore refuses it.
-H backup hit-hooks -o "$W/7.qcow2" --keep-partial --after-snapshot 'kill -TERM $PPID' > "$W/7.out" 2>&1; rc=$?
-[ $rc = 130 ] || fail "an interrupted backup exited $rc (want 130): $(cat "$W/7.out")"
+expect_exit 130 "" -- H backup hit-hooks -o "$W/7.qcow2" --keep-partial --after-snapshot 'kill -TERM $PPID'
 [ -e "$W/7.qcow2" ] || fail "--keep-partial: no partial image"
 HI info "$W/7.qcow2" | grep -q "complete: *NO" || fail "--keep-partial: not marked incomplete"
-HI restore "$W/7.qcow2" "$W/7.raw" > "$W/7r.out" 2>&1; rc=$?
-[ $rc = 2 ] && grep -q "incomplete" "$W/7r.out" || fail "restore of a partial image: exit $rc: $(cat "$W/7r.out")"
+expect_exit 2 "incomplete" -- HI restore "$W/7.qcow2" "$W/7.raw"
 HI verify "$W/7.qcow2" > /dev/null 2>&1 && fail "verify passes an incomplete image"
 qemu-img check "$W/7.qcow2" >/dev/null 2>&1 || fail "qemu-img check (partial image)"
 log "--keep-partial: an interrupted backup's image is kept, marked incomplete, refused by restore"
@@ -88,8 +82,7 @@ log "--keep-partial: an interrupted backup's image is kept, marked incomplete, r
 #    session ended (HotCore back to passthrough).
 head -c 20M /dev/urandom > "$W/m/random"; sync
 mkdir -p "$W/full" && mount -t tmpfs -o size=2M tmpfs "$W/full"
-H backup hit-hooks -o "$W/full/8.qcow2" > "$W/8.out" 2>&1; rc=$?
-[ $rc = 1 ] || fail "backup to a full disk exited $rc (want 1): $(cat "$W/8.out")"
+expect_exit 1 "" --out "$W/8.out" -- H backup hit-hooks -o "$W/full/8.qcow2"
 grep -qi "no space left" "$W/8.out" || fail "full disk message: $(cat "$W/8.out")"
 [ -e "$W/full/8.qcow2" ] && fail "a failed backup left its partial image"
 [ "$(status_json hit-hooks | json_get "['engine']['phase']")" = idle ] || fail "the session did not end after the failure"

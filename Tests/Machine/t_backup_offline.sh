@@ -13,45 +13,32 @@ mkdir -p "$W/m" && mount "$BASE" "$W/m"
 head -c 40M /dev/urandom > "$W/m/a.bin"; seq 1 1000000 > "$W/m/n.txt"
 (cd "$W/m" && sha256sum a.bin n.txt) > "$W/off.sums"
 # Offline refuses it while mounted read-write (exit 2), and leaves no image.
-H backup "$BASE" --mode offline -o "$W/refused.qcow2" > "$W/refused.out" 2>&1; rc=$?
-[ $rc = 2 ] || fail "offline backup of a mounted volume exited $rc (want 2): $(cat "$W/refused.out")"
-grep -q "mounted read-write" "$W/refused.out" || fail "refusal message: $(cat "$W/refused.out")"
+expect_exit 2 "mounted read-write" -- H backup "$BASE" --mode offline -o "$W/refused.qcow2"
 [ -e "$W/refused.qcow2" ] && fail "a refused backup left an image"
 umount "$W/m"
-H backup "$BASE" --mode offline -o "$W/off.qcow2" > "$W/off.out" 2>&1 || { cat "$W/off.out"; fail "offline backup"; }
-grep -q "map ext2fs" "$W/off.out" || fail "offline backup did not use the ext2fs map: $(cat "$W/off.out")"
+backup_roundtrip "$W/off.qcow2" --loop 256M --fs ext4 --mount "$W/r" --says "map ext2fs" -- H backup "$BASE" --mode offline -o "$W/off.qcow2"
+T2=$RESTORED
+(cd "$W/r" && sha256sum -c --quiet "$W/off.sums") || fail "offline restore: files differ"
+umount "$W/r"
 HI info "$W/off.qcow2" --json | python3 -c '
 import json,sys; d=json.load(sys.stdin); m=d["metadata"]
 assert m["mode"]=="offline" and m["consistency"]=="offline" and m["mapMethod"]=="ext2fs", m
 assert m["filesystem"]["type"]=="ext4" and m["filesystem"]["uuid"], m["filesystem"]
 assert 40<<20 < m["usedBytes"] < 80<<20, m["usedBytes"]' || fail "offline image metadata"
-qemu-img check "$W/off.qcow2" >/dev/null 2>&1 || fail "qemu-img check (offline image)"
-T2=$(make_loop "$W/off.restored" 256M)
-HI restore "$W/off.qcow2" "$T2" >/dev/null 2>&1 || fail "restore of the offline image"
-e2fsck -fn "$T2" >/dev/null 2>&1 || fail "e2fsck of the restored offline image"
-mkdir -p "$W/r" && mount -o ro "$T2" "$W/r" && (cd "$W/r" && sha256sum -c --quiet "$W/off.sums") || fail "offline restore: files differ"
-umount "$W/r"
 # Restore refuses a target holding a filesystem, without --force.
-HI restore "$W/off.qcow2" "$T2" > "$W/refuse2.out" 2>&1; rc=$?
-[ $rc = 2 ] && grep -q "already holds a filesystem" "$W/refuse2.out" || fail "restore over a filesystem: exit $rc: $(cat "$W/refuse2.out")"
+expect_exit 2 "already holds a filesystem" -- HI restore "$W/off.qcow2" "$T2"
 # ... a mounted one, even with --force, and one that is too small.
 mount -o ro "$T2" "$W/r"
-HI restore "$W/off.qcow2" "$T2" --force > "$W/refuse3.out" 2>&1; rc=$?
-[ $rc = 2 ] && grep -q "mounted" "$W/refuse3.out" || fail "restore over a mounted device: exit $rc: $(cat "$W/refuse3.out")"
+expect_exit 2 "mounted" -- HI restore "$W/off.qcow2" "$T2" --force
 umount "$W/r"
 SMALL=$(make_loop "$W/small.img" 128M)
-HI restore "$W/off.qcow2" "$SMALL" --force > "$W/refuse4.out" 2>&1; rc=$?
-[ $rc = 2 ] && grep -q "too small" "$W/refuse4.out" || fail "restore to a small device: exit $rc: $(cat "$W/refuse4.out")"
+expect_exit 2 "too small" -- HI restore "$W/off.qcow2" "$SMALL" --force
 log "offline: ext2fs map, restored and checked; refusals hold"
 
 # 2. A device without a filesystem: raw map, every block.
 RAW=$(make_loop "$W/raw.img" 32M)
 head -c 8M /dev/urandom | dd of="$RAW" bs=1M seek=20 conv=fsync status=none
-H backup "$RAW" --mode offline -o "$W/raw.qcow2" > "$W/raw.out" 2>&1 || { cat "$W/raw.out"; fail "raw backup"; }
-grep -q "every block" "$W/raw.out" || fail "raw map not said plainly: $(cat "$W/raw.out")"
-qemu-img check "$W/raw.qcow2" >/dev/null 2>&1 || fail "qemu-img check (raw image)"
-HI restore "$W/raw.qcow2" "$W/raw.restored" >/dev/null 2>&1 || fail "restore raw"
-cmp "$RAW" "$W/raw.restored" || fail "raw image differs from the device"
+backup_roundtrip "$W/raw.qcow2" --same-as "$RAW" --says "every block" -- H backup "$RAW" --mode offline -o "$W/raw.qcow2"
 log "raw: a device without a filesystem is imaged whole"
 
 # 3. Online with a swap file and an excluded directory.

@@ -50,42 +50,35 @@ PY
   fi
 done
 
-expect() {  # code pattern cmd...
-  local code=$1 pat=$2; shift 2
-  local out rc
-  out=$("$@" 2>&1); rc=$?
-  [ $rc = "$code" ] || fail "'$*' exited $rc, expected $code: $out"
-  echo "$out" | grep -q -- "$pat" || fail "'$*' said '$out', expected /$pat/"
-}
-expect 2 "is not a size" "$HOTIMAGE" attach /dev/null --memory-buffer lots
-expect 2 "must be fuse, nbd or dm" "$HOTIMAGE" attach /dev/null --via carrier-pigeon
-expect 2 "plain name" "$HOTIMAGE" attach /dev/null --name ../x
-expect 2 "applies to --via nbd only" "$HOTIMAGE" attach /dev/null --reconnect
-expect 2 "1 to 16" "$HOTIMAGE" attach /dev/null --via nbd --nbd-connections 17
+expect_exit 2 "is not a size" -- "$HOTIMAGE" attach /dev/null --memory-buffer lots
+expect_exit 2 "must be fuse, nbd or dm" -- "$HOTIMAGE" attach /dev/null --via carrier-pigeon
+expect_exit 2 "plain name" -- "$HOTIMAGE" attach /dev/null --name ../x
+expect_exit 2 "applies to --via nbd only" -- "$HOTIMAGE" attach /dev/null --reconnect
+expect_exit 2 "1 to 16" -- "$HOTIMAGE" attach /dev/null --via nbd --nbd-connections 17
 if [ ! -e /sys/module/nbd ] && [ ! -e /dev/nbd0 ]; then
   # This kernel has no nbd: the refusal names the cause and the alternative.
-  expect 2 "needs the kernel's nbd driver.*use --via fuse" "$HOTIMAGE" attach /dev/null --via nbd --run-dir "$RUN"
+  expect_exit 2 "needs the kernel's nbd driver.*use --via fuse" -- "$HOTIMAGE" attach /dev/null --via nbd --run-dir "$RUN"
 else
   log "this kernel has nbd: the no-driver refusal is not checked here"
 fi
-expect 2 "give the command to run" "$HOTIMAGE" snapshot data
-expect 2 "consistency must be" "$HOTIMAGE" snapshot data --consistency maybe -- true
-expect 1 "no HotCore daemon 'nope'" "$HOTIMAGE" status nope --run-dir "$RUN"
-expect 1 "no HotCore daemon 'nope'" "$HOTIMAGE" detach nope --run-dir "$RUN"
-expect 2 "mode must be online, auto or offline" "$HOTIMAGE" backup x -o y --mode sideways
-expect 2 "compress" "$HOTIMAGE" backup x -o y --compress lzma
-expect 2 "cluster-size must be" "$HOTIMAGE" backup x -o y --cluster-size 3K
-expect 2 "neither an attachment" "$HOTIMAGE" backup /nonexistent -o "$W/x.qcow2" --run-dir "$RUN"
-expect 2 "not a qcow2\|qcow2\|magic" "$HOTIMAGE" verify /etc/hostname
-expect 1 "magic\|qcow2" "$HOTIMAGE" info /etc/hostname
-expect 2 "Missing expected argument" "$HOTIMAGE" restore
-expect 2 "no such writer: nope" "$HOTIMAGE" writers --writers nope --writers-dir "$W"
-expect 2 "writer-timeout must be" "$HOTIMAGE" backup x -o "$W/x.qcow2" --writer-timeout 0
-expect 2 "wants key=value" "$HOTIMAGE" backup x -o "$W/x.qcow2" --writer-setting novalue
-expect 2 "no built-in writer" "$HOTIMAGE" writer-exec nosuch components
-expect 2 "one of them" "$HOTIMAGE" vm stop
-expect 2 "one of them" "$HOTIMAGE" vm resume --all --from /nonexistent
-expect 2 "yes or no" "$HOTIMAGE" vm stop --all --partial maybe
-expect 2 "seconds > 0" "$HOTIMAGE" vm resume --all --wait 0
-expect 1 "neither a block device nor a regular file" "$HOTIMAGE" attach /dev/null --name hit-null --run-dir "$RUN"
+expect_exit 2 "give the command to run" -- "$HOTIMAGE" snapshot data
+expect_exit 2 "consistency must be" -- "$HOTIMAGE" snapshot data --consistency maybe -- true
+expect_exit 1 "no HotCore daemon 'nope'" -- "$HOTIMAGE" status nope --run-dir "$RUN"
+expect_exit 1 "no HotCore daemon 'nope'" -- "$HOTIMAGE" detach nope --run-dir "$RUN"
+expect_exit 2 "mode must be online, auto or offline" -- "$HOTIMAGE" backup x -o y --mode sideways
+expect_exit 2 "compress" -- "$HOTIMAGE" backup x -o y --compress lzma
+expect_exit 2 "cluster-size must be" -- "$HOTIMAGE" backup x -o y --cluster-size 3K
+expect_exit 2 "neither an attachment" -- "$HOTIMAGE" backup /nonexistent -o "$W/x.qcow2" --run-dir "$RUN"
+expect_exit 2 "not a qcow2|qcow2|magic" -- "$HOTIMAGE" verify /etc/hostname
+expect_exit 1 "magic|qcow2" -- "$HOTIMAGE" info /etc/hostname
+expect_exit 2 "Missing expected argument" -- "$HOTIMAGE" restore
+expect_exit 2 "no such writer: nope" -- "$HOTIMAGE" writers --writers nope --writers-dir "$W"
+expect_exit 2 "writer-timeout must be" -- "$HOTIMAGE" backup x -o "$W/x.qcow2" --writer-timeout 0
+expect_exit 2 "wants key=value" -- "$HOTIMAGE" backup x -o "$W/x.qcow2" --writer-setting novalue
+expect_exit 2 "no built-in writer" -- "$HOTIMAGE" writer-exec nosuch components
+expect_exit 2 "one of them" -- "$HOTIMAGE" vm stop
+expect_exit 2 "one of them" -- "$HOTIMAGE" vm resume --all --from /nonexistent
+expect_exit 2 "yes or no" -- "$HOTIMAGE" vm stop --all --partial maybe
+expect_exit 2 "seconds > 0" -- "$HOTIMAGE" vm resume --all --wait 0
+expect_exit 1 "neither a block device nor a regular file" -- "$HOTIMAGE" attach /dev/null --name hit-null --run-dir "$RUN"
 log "ok"

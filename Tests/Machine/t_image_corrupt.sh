@@ -48,11 +48,10 @@ PY
 }
 
 check_damaged() {  # name what
-  HI verify "$W/$1.qcow2" > "$W/$1.verify" 2>&1; local rc=$?
-  [ $rc = 1 ] || [ $rc = 2 ] || fail "$2: verify exited $rc: $(cat "$W/$1.verify")"
+  expect_exit "1|2" "" --out "$W/$1.verify" -- HI verify "$W/$1.qcow2"
   HI restore "$W/$1.qcow2" "$W/$1.raw" > "$W/$1.restore" 2>&1; local rr=$?
   [ $rr != 0 ] || fail "$2: restore accepted a damaged image"
-  log "$2: verify exit $rc: $(grep -m1 -E 'problem|error|hotimage:' "$W/$1.verify" | cut -c1-150); restore exit $rr"
+  log "$2: verify exit $EXIT_RC: $(grep -m1 -E 'problem|error|hotimage:' "$W/$1.verify" | cut -c1-150); restore exit $rr"
 }
 
 cp "$W/good.qcow2" "$W/c1.qcow2"

@@ -113,7 +113,6 @@ backup() {
   [ $rc = 0 ] || { tail -20 "$W/$1.err"; fail "$1: backup exited $rc"; }
   kill -0 $BENCH 2>/dev/null || fail "$1: pgbench did not run through the whole backup"
   [ "$after" -gt "$before" ] || fail "$1: no pgbench transaction during the backup"
-  HI verify "$W/$1.qcow2" > /dev/null || fail "$1: verify"
   HI info --json "$W/$1.qcow2" > "$W/$1.info" || fail "$1: info"
   log "$1 (--writers $2): $(grep 'summary:' "$W/$1.err" | sed 's/hotimage: summary: //' | head -1); $((after - before)) pgbench transactions during it"
 }
@@ -169,14 +168,13 @@ PY
 LABEL_START=$(sed -n 's/^START WAL LOCATION: \([0-9A-F/]*\).*/\1/p' "$W/a.label")
 [ -n "$LABEL_START" ] || fail "(a): no START WAL LOCATION in the label: $(cat "$W/a.label")"
 
-# restore_to NAME: the image on a fresh loop device, mounted at $W/r-NAME.
+# restore_to NAME [DEVICE]: the image verified, restored to a fresh loop
+# device (or over DEVICE), checked clean and mounted read-write at $W/r-NAME.
 restore_to() {
-  local target=${2:-}
-  [ -n "$target" ] || target=$(make_loop "$W/r-$1.img" 700M)
-  HI restore "$W/$1.qcow2" "$target" ${2:+--force} > "$W/r-$1.out" 2>&1 || { cat "$W/r-$1.out"; fail "$1: restore"; }
-  e2fsck -fn "$target" > "$W/r-$1.fsck" 2>&1 || { cat "$W/r-$1.fsck"; fail "$1: e2fsck of the restored volume"; }
-  mkdir -p "$W/r-$1" && mount "$target" "$W/r-$1" || fail "$1: mount the restored volume"
-  RTARGET=$target RDATA=$W/r-$1/pg/data
+  local target=(--loop 700M)
+  [ -z "${2:-}" ] || target=(--onto "$2" --force)
+  backup_roundtrip "$W/$1.qcow2" "${target[@]}" --fs ext4 --mount "$W/r-$1" --rw
+  RTARGET=$RESTORED RDATA=$W/r-$1/pg/data
   # The live postmaster's pid is in the copy, and alive on this host:
   # PostgreSQL would refuse to start over it.
   rm -f "$RDATA/postmaster.pid"

@@ -34,14 +34,12 @@ phase() { status_json "$1" | json_get "['engine']['phase']"; }
 #    the (shortened) snapshot deadline, live writes are untouched.
 attach_new hit-nopause 64M --snapshot-deadline 3
 start_writer hit-nopause 0
-out=$(H snapshot hit-nopause --consistency raw -- true 2>&1); rc=$?
-[ $rc = 3 ] || fail "snapshot without a pause exited $rc, expected 3: $out"
-echo "$out" | grep -q "not complete within 3 s" || fail "deadline message: $out"
+expect_exit 3 "not complete within 3 s" -- H snapshot hit-nopause --consistency raw -- true
 # From the engine's begin to its failure, both on the engine's clock.
 st=$(status_json hit-nopause)
 ms=$(( ($(echo "$st" | json_get "['engine']['passthroughSinceNanos']") - $(echo "$st" | json_get "['engine']['lastBeginNanos']")) / 1000000 ))
 [ $ms -ge 3000 ] && [ $ms -le 3300 ] || fail "the deadline of 3 s took $ms ms"
-log "never-pausing writer: session failed after $ms ms: $(echo "$out" | tail -1)"
+log "never-pausing writer: session failed after $ms ms: $(tail -1 <<< "$EXIT_OUT")"
 [ "$(phase hit-nopause)" = failed ] || [ "$(phase hit-nopause)" = idle ] || fail "phase after deadline: $(phase hit-nopause)"
 stop_writer_and_check_live hit-nopause
 H detach hit-nopause --force >/dev/null || fail "detach hit-nopause"

@@ -98,19 +98,14 @@ grep -q "^hit-vm-a: running, must be stopped; persistent; agent no; fully covere
 log "layout: a fully, b partially, c not covered; b's agent answers; --cdrom-counts; another place covers c only"
 
 # 2. Refusals and failures that change nothing.
-expect_fail() {  # code pattern cmd...
-  local code=$1 pat=$2 out rc; shift 2
-  out=$("$@" 2>&1); rc=$?
-  [ $rc = "$code" ] && echo "$out" | grep -q -- "$pat" || fail "'$*': exit $rc (want $code), said: $out"
-}
-expect_fail 2 "no such domain: hit-vm-nope" "$HOTIMAGE" vm stop hit-vm-a hit-vm-nope --record "$W/none.json"
+expect_exit 2 "no such domain: hit-vm-nope" -- "$HOTIMAGE" vm stop hit-vm-a hit-vm-nope --record "$W/none.json"
 [ "$(V domstate hit-vm-a)" = running ] && [ ! -e "$W/none.json" ] || fail "a stop naming an unknown domain did something"
-expect_fail 2 "one of them" "$HOTIMAGE" vm stop --all hit-vm-a
-expect_fail 2 "not a mount point or directory" "$HOTIMAGE" vm layout "$W/nowhere"
-expect_fail 2 "without a managed save" "$HOTIMAGE" vm resume hit-vm-c
+expect_exit 2 "one of them" -- "$HOTIMAGE" vm stop --all hit-vm-a
+expect_exit 2 "not a mount point or directory" -- "$HOTIMAGE" vm layout "$W/nowhere"
+expect_exit 2 "without a managed save" -- "$HOTIMAGE" vm resume hit-vm-c
 lv_xml hit-vm-t "$W/outside/c.raw" raw > "$W/t.xml"
 V create "$W/t.xml" >/dev/null || fail "virsh create"
-expect_fail 1 "transient domain has no managed save" "$HOTIMAGE" vm stop hit-vm-t --record "$W/t.json"
+expect_exit 1 "transient domain has no managed save" -- "$HOTIMAGE" vm stop hit-vm-t --record "$W/t.json"
 V destroy hit-vm-t >/dev/null
 log "unknown names and usage refused (exit 2, nothing done); a transient guest cannot be saved (exit 1)"
 
@@ -142,7 +137,7 @@ H backup hit-vm -o "$W/stopped.qcow2" > "$W/backup1.out" 2>&1 || fail "backup of
 wait_until 20 beats_after hit-vm-a 2 || fail "a does not beat after resume"
 [ "$(beat_id hit-vm-a)" = "$ID_A" ] && [ "$(grep -c "guest: boot" "$W/console-hit-vm-a.log")" = 1 ] || fail "a booted again instead of being restored"
 [ "$(beat_id hit-vm-b)" = "$ID_B" ] || fail "b booted again"
-expect_fail 2 "no such record" "$HOTIMAGE" vm resume --from "$R"
+expect_exit 2 "no such record" -- "$HOTIMAGE" vm resume --from "$R"
 log "resume --from: both restored from their saves (same boot ids, no new boot), record removed"
 
 # 6. A paused guest comes back paused.
