@@ -130,7 +130,7 @@ f.write(json.dumps({"op": "begin", "consistency": "raw"}) + "\n"); f.flush()
 print("begin:", f.readline().strip(), flush=True)
 time.sleep(8)
 f.write(json.dumps({"op": "status"}) + "\n"); f.flush()
-st = json.loads(f.readline())["status"]["engine"]
+st = json.loads(f.readline())["status"]["session"]
 print("after:", st["phase"], st.get("failure"), flush=True)
 PY
 client=$!
