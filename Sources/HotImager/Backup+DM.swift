@@ -15,6 +15,7 @@
 import Foundation
 import HotControl
 import HotCore
+import HotErrors
 import HotOS
 
 public enum BackupBackend: String, Sendable, CaseIterable {
@@ -36,10 +37,10 @@ extension BackupJob {
         guard let b = o.backend else { return }
         let isDM = vol.via == .dm
         if b == .dmSnapshot && !isDM {
-            throw BackupFailure(code: .refused, description: "'\(vol.name)' is attached via \(vol.via.rawValue) (HotCore); --backend dm-snapshot needs a device-mapper volume (attach it with --via dm, or back up a dm device directly)")
+            throw BackupFailure(kind: .refused, description: "'\(vol.name)' is attached via \(vol.via.rawValue) (HotCore); --backend dm-snapshot needs a device-mapper volume (attach it with --via dm, or back up a dm device directly)")
         }
         if b == .hotcore && isDM {
-            throw BackupFailure(code: .refused, description: "'\(vol.name)' is attached via dm; its backend is dm-snapshot (drop --backend hotcore)")
+            throw BackupFailure(kind: .refused, description: "'\(vol.name)' is attached via dm; its backend is dm-snapshot (drop --backend hotcore)")
         }
     }
 
@@ -50,7 +51,7 @@ extension BackupJob {
         guard let dev = snap.snapshotDevice else { return try NBDSource(uri: plan.volume!.snapshotURI) }
         do { return try DeviceSource(path: dev, exclusive: false) } catch {
             if let st = try? session?.status(), st.engine.phase == .failed {
-                throw ImagerError(description: "the session failed: \(st.engine.failure ?? "unknown reason")", sessionFailed: true)
+                throw ImagerError(description: "the session failed: \(st.engine.failure ?? "unknown reason")", kind: .sessionFailed)
             }
             throw error
         }
@@ -77,7 +78,7 @@ extension BackupJob {
                 let why = !DeviceMapper.available ? "this kernel has no device-mapper (modprobe dm-mod dm-snapshot)"
                     : getuid() != 0 ? "the dm-snapshot backend must run as root"
                     : "\(device) is not a device-mapper device (an LVM LV or a dm-linear device); use 'hotimage attach \(device) --via dm' first"
-                throw BackupFailure(code: .refused, description: why)
+                throw BackupFailure(kind: .refused, description: why)
             }
             return nil
         }
@@ -91,7 +92,7 @@ extension BackupJob {
         try checkOutput(mount: mount, device: device)
         let dir = try spawnDMDaemon(device: device, name: info.name)
         let vol: AttachedVolume
-        do { vol = try SessionClient.locate(runDir: dir) } catch { throw BackupFailure(code: .failed, description: "\(error)") }
+        do { vol = try SessionClient.locate(runDir: dir) } catch { throw BackupFailure(kind: .failed, description: "\(error)") }
         r.log("\(device) is a device-mapper volume: dm-snapshot session daemon started (log \(dir)/daemon.log)")
         return Plan(daemon: dir, volume: vol, readDevice: vol.protectedDevice, realDevice: nil, mount: mount, online: true, size: vol.size)
     }
@@ -112,7 +113,7 @@ extension BackupJob {
         if let b = o.dm.bufferDir { args += ["--buffer-dir", b] }
         let pid: pid_t
         do { pid = try ProcessControl.spawn(args, logFD: logFD) } catch {
-            throw BackupFailure(code: .failed, description: "starting the dm-snapshot daemon: \(error)")
+            throw BackupFailure(kind: .failed, description: "starting the dm-snapshot daemon: \(error)")
         }
         let deadline = Date().addingTimeInterval(30)
         while Date() < deadline {
@@ -124,11 +125,11 @@ extension BackupJob {
                 let last = log.split(separator: "\n").last(where: { $0.hasPrefix("hotimage: ") })
                 let code = ProcessControl.exitCode(status)
                 let why = last.map { String($0.dropFirst("hotimage: ".count)) } ?? "the dm-snapshot daemon exited (status \(code)); see \(logPath)"
-                throw BackupFailure(code: code == 2 ? .refused : .failed, description: why)
+                throw BackupFailure(kind: code == o.exitCode(.usage) ? .refused : .failed, description: why)
             }
             usleep(50_000)
         }
         kill(pid, SIGTERM)
-        throw BackupFailure(code: .failed, description: "the dm-snapshot daemon did not start within 30 s (log: \(logPath))")
+        throw BackupFailure(kind: .failed, description: "the dm-snapshot daemon did not start within 30 s (log: \(logPath))")
     }
 }

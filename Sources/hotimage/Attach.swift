@@ -158,7 +158,7 @@ struct Attach: ParsableCommand {
     }
 
     func run() throws {
-        guard getuid() == 0 else { throw CLIExit.fail("attach must run as root", code: 2) }
+        guard getuid() == 0 else { throw CLIExit.fail(.refused, "attach must run as root") }
         if foreground { return try runForeground() }
         // Background: start ourselves with --foreground, wait until the
         // protected device is usable (or the daemon gave up), print it.
@@ -186,7 +186,7 @@ struct Attach: ParsableCommand {
                 let last = log.split(separator: "\n").last(where: { $0.hasPrefix("hotimage: ") })
                 let code = ProcessControl.exitCode(st)
                 let why = last.map { String($0.dropFirst("hotimage: ".count)) } ?? "the daemon exited (status \(code)) before the device was ready; see \(logPath)"
-                throw CLIExit.fail(why, code: code == 2 ? 2 : 1)
+                throw CLIExit.fail(code == ExitCodes.code(.usage) ? .usage : .failed, why)
             }
             usleep(50_000)
         }

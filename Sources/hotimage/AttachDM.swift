@@ -41,7 +41,7 @@ func runInForeground(label: String, make: (Logger) throws -> ForegroundDaemon) t
     let daemon: ForegroundDaemon
     do { daemon = try make(logger) } catch {
         logger.error("\(error)")
-        throw CLIExit.fail("\(error)", code: (error as? DaemonError).map { if case .usage = $0 { return 2 } else { return 1 } } ?? 1)
+        throw CLIExit.fail((error as? DaemonError)?.kind ?? .failed, "\(error)")
     }
     let dev: String
     do { dev = try daemon.start() } catch {
@@ -73,7 +73,7 @@ struct DMSessionCommand: ParsableCommand {
 
     func run() throws {
         guard let hb = parseSize(hbFileSize), hb > 0, let lim = parseSize(bufferLimit), lim > 0 else {
-            throw CLIExit.fail("--hb-file-size and --buffer-limit must be sizes", code: 2)
+            throw CLIExit.fail(.usage, "--hb-file-size and --buffer-limit must be sizes")
         }
         var o = DMDaemonOptions(name: name)
         o.runDir = paths.runDir

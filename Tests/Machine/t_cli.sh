@@ -87,5 +87,8 @@ expect 2 "one of them" "$HOTIMAGE" vm stop
 expect 2 "one of them" "$HOTIMAGE" vm resume --all --from /nonexistent
 expect 2 "yes or no" "$HOTIMAGE" vm stop --all --partial maybe
 expect 2 "seconds > 0" "$HOTIMAGE" vm resume --all --wait 0
+# libvirt that cannot be reached (no virsh, or no daemon at the URI): its own
+# exit code, not 5 (backup's "a writer could not freeze").
+expect 7 "virsh is not installed\|does not answer" "$HOTIMAGE" vm layout --uri "qemu:///system?socket=$W/no-libvirt.sock"
 expect 1 "neither a block device nor a regular file" "$HOTIMAGE" attach /dev/null --name hit-null --run-dir "$RUN"
 log "ok"
