@@ -5,6 +5,7 @@
 //   system libraries (CNBD, CZstd, CZlib, CExt2fs, CDevMapper: module maps only)
 //   -> CHotShim (C glue: ioctl numbers and structs, no logic)
 //      HotSync (the one mutex and the one mutex+condition; Glibc only)
+//      HotErrors (failure kinds and the CodedError protocol; no dependencies)
 //   -> HotOS (typed Swift over the OS; the only Swift that calls C)
 //   -> NBDWire, HotCore, QCow2 (pure Swift: NBD codec, protection map, COW
 //      buffer, session; qcow2 writer, reader and verifier)
@@ -44,32 +45,34 @@ let package = Package(
 
         // The one lock type and the one condition-lock type (see Lock.swift).
         .target(name: "HotSync", swiftSettings: swift5),
-        .target(name: "HotOS", dependencies: ["HotSync", "CHotShim", "CExt2fs", "CDevMapper"],
+        // What kind of failure an error is (FailureKind.swift); the CLI maps kinds to exit codes.
+        .target(name: "HotErrors", swiftSettings: swift5),
+        .target(name: "HotOS", dependencies: ["HotSync", "HotErrors", "CHotShim", "CExt2fs", "CDevMapper"],
                 swiftSettings: swift5),
         .target(name: "NBDWire", swiftSettings: swift5),
         // qcow2 v3 writer, reader and verifier (pure Swift over libzstd/zlib).
-        .target(name: "QCow2", dependencies: ["HotSync", "CZstd", "CZlib"], swiftSettings: swift5),
+        .target(name: "QCow2", dependencies: ["HotSync", "HotErrors", "CZstd", "CZlib"], swiftSettings: swift5),
         .target(name: "HotCore", dependencies: [
-            "HotSync",
+            "HotSync", "HotErrors",
             .product(name: "DequeModule", package: "swift-collections"),
         ], swiftSettings: swift5),
         // The control protocol both ends share: types, codec, client; no server.
-        .target(name: "HotControl", dependencies: ["HotSync", "HotCore", "HotOS"], swiftSettings: swift5),
+        .target(name: "HotControl", dependencies: ["HotSync", "HotErrors", "HotCore", "HotOS"], swiftSettings: swift5),
         .target(name: "HotDaemon", dependencies: [
-            "HotSync", "HotOS", "NBDWire", "HotCore", "HotControl",
+            "HotSync", "HotErrors", "HotOS", "NBDWire", "HotCore", "HotControl",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "DequeModule", package: "swift-collections"),
         ], swiftSettings: swift5),
         // Writers: components (guests, containers, databases), their files,
         // freeze and thaw; the JSON protocol and the built-in writers.
-        .target(name: "HotWriters", dependencies: ["HotSync", "HotOS"], swiftSettings: swift5),
+        .target(name: "HotWriters", dependencies: ["HotSync", "HotErrors", "HotOS"], swiftSettings: swift5),
         // The backup side: used-block maps, the imager, restore, hooks, progress.
         .target(name: "HotImager", dependencies: [
-            "HotSync", "HotWriters", "HotControl", "HotCore", "HotOS", "QCow2", "CNBD",
+            "HotSync", "HotErrors", "HotWriters", "HotControl", "HotCore", "HotOS", "QCow2", "CNBD",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: swift5),
         .executableTarget(name: "hotimage", dependencies: [
-            "HotDaemon", "HotControl", "HotOS", "HotCore", "HotImager", "HotWriters", "QCow2",
+            "HotErrors", "HotDaemon", "HotControl", "HotOS", "HotCore", "HotImager", "HotWriters", "QCow2",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: swift5),
@@ -80,6 +83,9 @@ let package = Package(
         ], swiftSettings: swift5),
 
         .testTarget(name: "HotSyncTests", dependencies: ["HotSync"], swiftSettings: swift5),
+        .testTarget(name: "HotErrorsTests", dependencies: ["HotErrors"], swiftSettings: swift5),
+        // The command line's exit-code table and the helps that print it.
+        .testTarget(name: "hotimageTests", dependencies: ["hotimage", "HotErrors"], swiftSettings: swift5),
         .testTarget(name: "NBDWireTests", dependencies: ["NBDWire"], exclude: ["Corpus"], swiftSettings: swift5),
         .testTarget(name: "HotCoreTests", dependencies: ["HotCore"], swiftSettings: swift5),
         .testTarget(name: "HotControlTests", dependencies: ["HotControl"], swiftSettings: swift5),

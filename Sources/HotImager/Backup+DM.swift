@@ -15,6 +15,7 @@
 import Foundation
 import HotControl
 import HotCore
+import HotErrors
 import HotOS
 
 public enum BackupBackend: String, Sendable, CaseIterable {
@@ -61,10 +62,10 @@ extension BackupJob {
         guard let b = o.backend else { return }
         let isDM = vol.via == .dm
         if b == .dmSnapshot && !isDM {
-            throw BackupFailure(code: .refused, description: "'\(vol.name)' is attached via \(vol.via.rawValue) (HotCore); --backend dm-snapshot needs a device-mapper volume (attach it with --via dm, or back up a dm device directly)")
+            throw BackupFailure(kind: .refused, description: "'\(vol.name)' is attached via \(vol.via.rawValue) (HotCore); --backend dm-snapshot needs a device-mapper volume (attach it with --via dm, or back up a dm device directly)")
         }
         if b == .hotcore && isDM {
-            throw BackupFailure(code: .refused, description: "'\(vol.name)' is attached via dm; its backend is dm-snapshot (drop --backend hotcore)")
+            throw BackupFailure(kind: .refused, description: "'\(vol.name)' is attached via dm; its backend is dm-snapshot (drop --backend hotcore)")
         }
     }
 
@@ -75,7 +76,7 @@ extension BackupJob {
         guard let dev = snap.snapshotDevice else { return try NBDSource(uri: plan.volume!.snapshotURI) }
         do { return try DeviceSource(path: dev, exclusive: false) } catch {
             if let st = try? session?.status(), st.session.phase == .failed {
-                throw ImagerError(description: "the session failed: \(st.session.failure ?? "unknown reason")", sessionFailed: true)
+                throw ImagerError(description: "the session failed: \(st.session.failure ?? "unknown reason")", kind: .sessionFailed)
             }
             throw error
         }
@@ -102,7 +103,7 @@ extension BackupJob {
                 let why = !DeviceMapper.available ? "this kernel has no device-mapper (modprobe dm-mod dm-snapshot)"
                     : getuid() != 0 ? "the dm-snapshot backend must run as root"
                     : "\(device) is not a device-mapper device (an LVM LV or a dm-linear device); use 'hotimage attach \(device) --via dm' first"
-                throw BackupFailure(code: .refused, description: why)
+                throw BackupFailure(kind: .refused, description: why)
             }
             return nil
         }
@@ -116,7 +117,7 @@ extension BackupJob {
         try checkOutput(mount: mount, device: device)
         let dir = try spawnDMDaemon(device: device, name: info.name)
         let vol: AttachedVolume
-        do { vol = try SessionClient.locate(runDir: dir) } catch { throw BackupFailure(code: .failed, description: "\(error)") }
+        do { vol = try SessionClient.locate(runDir: dir) } catch { throw BackupFailure(kind: .failed, description: "\(error)") }
         r.log("\(device) is a device-mapper volume: dm-snapshot session daemon started (log \(dir)/daemon.log)")
         return Plan(daemon: dir, volume: vol, readDevice: vol.protectedDevice, realDevice: nil, mount: mount, online: true, size: vol.size)
     }
@@ -124,14 +125,14 @@ extension BackupJob {
     /// Starts a transient dm-snapshot daemon through the injected launcher.
     private func spawnDMDaemon(device: String, name: String) throws -> String {
         guard let launcher = o.launcher else {
-            throw BackupFailure(code: .failed, description: "no way to start a dm-snapshot daemon was given (BackupOptions.launcher)")
+            throw BackupFailure(kind: .failed, description: "no way to start a dm-snapshot daemon was given (BackupOptions.launcher)")
         }
         let req = TransientDMRequest(device: device, name: name, runDir: o.runDir, bufferDir: o.dm.bufferDir,
                                      hbFileBytes: o.dm.hbFileBytes, bufferLimitBytes: o.dm.bufferLimitBytes)
         do { return try launcher.launchTransientDM(req) } catch let f as TransientLaunchFailure {
-            throw BackupFailure(code: f.refused ? .refused : .failed, description: f.description)
+            throw BackupFailure(kind: f.refused ? .refused : .failed, description: f.description)
         } catch {
-            throw BackupFailure(code: .failed, description: "starting the dm-snapshot daemon: \(error)")
+            throw BackupFailure(kind: .failed, description: "starting the dm-snapshot daemon: \(error)")
         }
     }
 }

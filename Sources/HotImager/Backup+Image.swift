@@ -5,18 +5,20 @@
 //   finish the image     metadata and checksums, renamed to its final name;
 //                        or kept marked incomplete (--keep-partial); or removed
 //   end the session      its last status (the daemon's peak RSS) first
-//   after-backup hooks   with the exit code so far (a failure: exit 6)
+//   after-backup hooks   with the exit code so far (a failure:
+//                        completeWithWarnings)
 //   the summary          event and log lines
 import Foundation
 import HotCore
+import HotErrors
 import HotOS
 import HotWriters
 import QCow2
 
-/// How imaging went; finishing the image and the hooks may still change
-/// the exit code.
+/// How imaging went (kind nil: well); finishing the image and the hooks
+/// may still change it.
 struct ImagingOutcome {
-    var code: BackupExit = .ok
+    var kind: FailureKind?
     var errorText: String?
     var result: ImagerResult?
     var episodes: [EmergencyEpisode] = []
@@ -42,11 +44,11 @@ extension BackupJob {
             }
             r.finishProgress()
             if let u = usersAppeared(plan) {
-                throw ImagerError(description: "the volume was put to use while it was read offline (\(u)): the image may not be one point in time; back up online through 'hotimage attach'", sessionFailed: false)
+                throw ImagerError(description: "the volume was put to use while it was read offline (\(u)): the image may not be one point in time; back up online through 'hotimage attach'", kind: .failed)
             }
         } catch {
             r.finishProgress()
-            out.code = m.withLock({ interrupted }) ? .interrupted : ((error as? ImagerError)?.sessionFailed == true ? .session : .failed)
+            out.kind = m.withLock({ interrupted }) ? .interrupted : ((error as? ImagerError)?.kind == .sessionFailed ? .sessionFailed : .failed)
             out.errorText = "\(error)"
         }
         // The imager (and the source it reads) is done: let go of it, so a
@@ -59,14 +61,14 @@ extension BackupJob {
     /// incomplete (--keep-partial), or removes it. Whether a partial image
     /// was kept.
     func finishImage(_ image: BackupImage, _ out: inout ImagingOutcome, metadata meta: ImageMetadata) -> Bool {
-        if out.code == .ok {
+        if out.kind == nil {
             TestStall.at("finish", interrupted: { self.isInterrupted })
-            if isInterrupted { out.code = .interrupted; out.errorText = "interrupted before the image was finished" }
+            if isInterrupted { out.kind = .interrupted; out.errorText = "interrupted before the image was finished" }
         }
         let writer = image.writer
-        if out.code == .ok {
+        if out.kind == nil {
             do { _ = try writer.finish(metadata: meta.encoded(), complete: true); try image.partial.commit() } catch {
-                out.code = .failed
+                out.kind = .failed
                 out.errorText = "finishing the image: \(error)"
                 writer.abandon()
             }
@@ -106,11 +108,11 @@ extension BackupJob {
     }
 
     /// after-backup, with the error code; a failed hook (after-snapshot or
-    /// after-backup) or writer thaw turns a success into exit 6.
+    /// after-backup) or writer thaw turns a success into completeWithWarnings.
     func runAfterBackupHooks(_ out: inout ImagingOutcome, ctx: HookContext, afterSnapshot: [HookResult], thawFailures: [String]) {
-        let afterBackup = HookRunner.run(o.hooks, .afterBackup, error: out.code.rawValue, context: ctx, stopOnFailure: false, log: hookLog)
+        let afterBackup = HookRunner.run(o.hooks, .afterBackup, error: o.exitCode(out.kind), context: ctx, stopOnFailure: false, log: hookLog)
         hookResults += afterBackup
-        if out.code == .ok && ((afterSnapshot + afterBackup).contains(where: { !$0.ok }) || !thawFailures.isEmpty) { out.code = .hookFailed }
+        if out.kind == nil && ((afterSnapshot + afterBackup).contains(where: { !$0.ok }) || !thawFailures.isEmpty) { out.kind = .completeWithWarnings }
     }
 
     /// The summary: sent as an event and logged.
@@ -121,7 +123,7 @@ extension BackupJob {
         let result = out.result
         let imaged = result?.bytesRead ?? 0
         let summary = BackupSummary(
-            image: o.output, exitCode: out.code.rawValue, error: out.errorText, mode: plan.online ? "online" : "offline",
+            image: o.output, exitCode: o.exitCode(out.kind), error: out.errorText, mode: plan.online ? "online" : "offline",
             consistency: consistency, mapMethod: cut.mapMethod, seconds: seconds, snapshotSeconds: cut.seconds,
             usedBytes: cut.snap.usedBytes, imagedBytes: imaged, imageBytes: imageBytes,
             ratio: imaged > 0 ? Double(imageBytes) / Double(imaged) : 0,
@@ -131,7 +133,7 @@ extension BackupJob {
             components: writers?.records ?? [], writerErrors: writers?.writerErrors ?? [], partialKept: partialKept,
             freezeSeconds: cut.freezeSeconds, daemonPeakRSSBytes: daemon.peakRSS, daemonFileRSSBytes: daemon.fileRSS)
         r.event("summary", ["summary": .value(summary)])
-        printSummary(summary)
+        printSummary(summary, out.kind)
         return summary
     }
 }

@@ -1,24 +1,26 @@
 // Backup+Snapshot.swift — the steps of `hotimage backup` up to the
 // consistent point (the routine is in Backup.swift's header):
 //
-//   before-snapshot hooks   a failure aborts (exit 4), nothing else runs
+//   before-snapshot hooks   a failure aborts (hookAborted), nothing else runs
 //   the image file          a locked temporary name (Backup+PartialImage.swift)
-//   writers: freeze         a failure: thaw, after-* hooks, exit 5
+//   writers: freeze         a failure: thaw, after-* hooks, writerFreezeFailed
 //   the snapshot            online: HotCore's cut with the used map minus
 //                           exclusions; offline: the map of the quiet volume
-//   writers: thaw           at once; a failure is recorded (exit 6 at the end)
+//   writers: thaw           at once; a failure is recorded (completeWithWarnings
+//                           at the end)
 //
-// A step that ends the backup throws BackupStop with the exit code, after
+// A step that ends the backup throws BackupStop with the outcome, after
 // running what must still run (after-* hooks, thaw, the error event).
 import Foundation
 import HotCore
+import HotErrors
 import HotOS
 import HotWriters
 import QCow2
 
-/// The backup ends early with this exit code; what had to run has run.
+/// The backup ends early with this outcome; what had to run has run.
 struct BackupStop: Error {
-    var code: BackupExit
+    var kind: FailureKind
 }
 
 /// The image being written: under a locked temporary name until complete.
@@ -44,10 +46,10 @@ extension BackupJob {
     /// resolve(), its refusal reported as an error event.
     func resolveReporting() throws(BackupStop) -> Plan {
         do { return try resolve() } catch let f as BackupFailure {
-            r.log(f.description); r.event("error", ["message": .string(f.description), "exitCode": .int(Int64(f.code.rawValue))])
-            throw BackupStop(code: f.code)
+            r.log(f.description); r.event("error", ["message": .string(f.description), "exitCode": .int(Int64(o.exitCode(f.kind)))])
+            throw BackupStop(kind: f.kind)
         } catch {
-            r.log("\(error)"); throw BackupStop(code: .failed)
+            r.log("\(error)"); throw BackupStop(kind: .failed)
         }
     }
 
@@ -75,8 +77,8 @@ extension BackupJob {
         if let bad = before.first(where: { !$0.ok }) {
             let msg = "before-snapshot hook '\(bad.command)' failed (\(bad.timedOut ? "timed out" : "exit \(bad.exitCode)")); backup aborted"
             r.log(msg)
-            r.event("error", ["message": .string(msg), "exitCode": .int(Int64(BackupExit.hookAbort.rawValue))])
-            throw BackupStop(code: .hookAbort)
+            r.event("error", ["message": .string(msg), "exitCode": .int(Int64(o.exitCode(.hookAborted)))])
+            throw BackupStop(kind: .hookAborted)
         }
     }
 
@@ -101,7 +103,7 @@ extension BackupJob {
     func freezeWriters(_ plan: Plan, image: BackupImage, ctx: HookContext) throws(BackupStop) {
         guard plan.online, let fail = freezeComponents(plan) else { return }
         image.writer.abandon()
-        throw afterFailedSnapshot(.writerFreeze, fail, ctx: ctx)
+        throw afterFailedSnapshot(.writerFreezeFailed, fail, ctx: ctx)
     }
 
     /// Lists the writers' components and freezes those on the volume. Nil
@@ -143,9 +145,9 @@ extension BackupJob {
             image.writer.abandon()
             session?.end(); session?.close()
             if isInterrupted { throw afterFailedSnapshot(.interrupted, "interrupted during the snapshot; nothing was imaged", ctx: ctx) }
-            let code: BackupExit = (error as? BackupFailure)?.code ?? .session
+            let kind = (error as? BackupFailure)?.kind ?? .sessionFailed
             let text = "\(error)"
-            throw afterFailedSnapshot(code, "snapshot failed: \(text)", ctx: ctx)
+            throw afterFailedSnapshot(kind, "snapshot failed: \(text)", ctx: ctx)
         }
     }
 
@@ -184,7 +186,7 @@ extension BackupJob {
     }
 
     /// Thaws the writers at once (the consistent point is taken); the
-    /// failures, recorded for exit 6.
+    /// failures, recorded for completeWithWarnings.
     func thawWriters() -> [String] {
         let thawFailures = writers?.thaw(log: { self.r.log($0) }) ?? []
         if let w = writers { r.event("writers", ["phase": .string("thawed"), "components": .value(w.records)]) }
@@ -207,12 +209,13 @@ extension BackupJob {
 
     /// The snapshot failed (or never started): no data; after-snapshot and
     /// after-backup still run, with the error code.
-    func afterFailedSnapshot(_ code: BackupExit, _ msg: String, ctx: HookContext) -> BackupStop {
+    func afterFailedSnapshot(_ kind: FailureKind, _ msg: String, ctx: HookContext) -> BackupStop {
+        let code = o.exitCode(kind)
         writers?.thaw(log: { self.r.log($0) })
         r.log(msg)
-        r.event("error", ["message": .string(msg), "exitCode": .int(Int64(code.rawValue))])
-        hookResults += HookRunner.run(o.hooks, .afterSnapshot, error: code.rawValue, context: ctx, stopOnFailure: false, log: hookLog)
-        hookResults += HookRunner.run(o.hooks, .afterBackup, error: code.rawValue, context: ctx, stopOnFailure: false, log: hookLog)
-        return BackupStop(code: code)
+        r.event("error", ["message": .string(msg), "exitCode": .int(Int64(code))])
+        hookResults += HookRunner.run(o.hooks, .afterSnapshot, error: code, context: ctx, stopOnFailure: false, log: hookLog)
+        hookResults += HookRunner.run(o.hooks, .afterBackup, error: code, context: ctx, stopOnFailure: false, log: hookLog)
+        return BackupStop(kind: kind)
     }
 }

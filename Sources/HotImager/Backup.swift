@@ -2,31 +2,35 @@
 //
 //   resolve SOURCE (attach name, protected device, mount point, device)
 //   choose the mode (online: a HotCore session; offline: exclusive read)
-//   before-snapshot hooks          (a failure aborts: exit 4)
+//   before-snapshot hooks          (a failure aborts: hookAborted)
 //   writers: list components, freeze those on the volume (HotWriters);
-//                                  a failure: thaw, after-* hooks, exit 5
+//                                  a failure: thaw, after-* hooks,
+//                                  writerFreezeFailed
 //                                  (or go on crash-consistent with
 //                                  --allow-unfrozen, recorded)
 //   snapshot: pause, freeze, used-block map minus exclusions, thaw
-//   writers: thaw                  (a failure is recorded: exit 6 at the end)
+//   writers: thaw                  (a failure is recorded:
+//                                   completeWithWarnings at the end)
 //                                  (a failure: after-snapshot and
-//                                   after-backup still run; exit 3)
+//                                   after-backup still run; sessionFailed)
 //   after-snapshot hooks           (their result is recorded, never stops the backup)
 //   the imager streams used clusters into the qcow2 image, archived ranges
 //   shrink HotCore's protection, emergency mode when hb files grow
 //   finish the image (metadata, checksums), end the session
 //   after-backup hooks with the exit code so far
 //
-// Exit codes: 0 done; 1 reading or writing failed; 2 refused (usage, a
-// volume mounted read-write in offline mode, no HotCore for online mode,
-// the image exists); 3 the snapshot or the session failed (the live volume
-// is unharmed); 4 a before-snapshot hook failed; 5 a writer failed to
-// freeze a component (nothing imaged); 6 the image is complete but an
-// after-snapshot or after-backup hook, or a writer's thaw, failed;
-// 130 interrupted.
+// Outcomes (FailureKind; the exit codes are the command line's table):
+// nil done; failed reading or writing; refused (usage, a volume mounted
+// read-write in offline mode, no HotCore for online mode, the image
+// exists); sessionFailed the snapshot or the session (the live volume is
+// unharmed); hookAborted a before-snapshot hook; writerFreezeFailed a
+// writer could not freeze a component (nothing imaged);
+// completeWithWarnings the image is complete but an after-snapshot or
+// after-backup hook, or a writer's thaw, failed; interrupted.
 import Foundation
 import HotControl
 import HotCore
+import HotErrors
 import HotOS
 import HotSync
 import HotWriters
@@ -63,11 +67,14 @@ public struct BackupOptions: Sendable {
     public var writers = WriterConfig()
     /// Go on crash-consistent when a component fails to freeze.
     public var allowUnfrozen = false
-    public init(source: String, output: String) { self.source = source; self.output = output }
-}
-
-public enum BackupExit: Int32 {
-    case ok = 0, failed = 1, refused = 2, session = 3, hookAbort = 4, writerFreeze = 5, hookFailed = 6, interrupted = 130
+    /// The exit code of an outcome (nil: success), for the summary, the
+    /// error events and the hooks' HOTIMAGE_ERROR: the caller's table.
+    public var exitCode: @Sendable (FailureKind?) -> Int32
+    public init(source: String, output: String, exitCode: @escaping @Sendable (FailureKind?) -> Int32) {
+        self.source = source
+        self.output = output
+        self.exitCode = exitCode
+    }
 }
 
 public struct BackupSummary: Codable, Sendable {
@@ -99,8 +106,8 @@ public struct BackupSummary: Codable, Sendable {
     public var daemonFileRSSBytes: UInt64? = nil
 }
 
-struct BackupFailure: Error, CustomStringConvertible {
-    var code: BackupExit
+struct BackupFailure: CodedError {
+    var kind: FailureKind
     var description: String
 }
 
@@ -168,7 +175,8 @@ public final class BackupJob: @unchecked Sendable {
     /// The HotBackup routine (this file's header); the steps are in
     /// Backup+Snapshot.swift and Backup+Image.swift. A step that ends the
     /// backup early throws BackupStop once the hooks that must run have run.
-    public func run() -> (BackupExit, BackupSummary?) {
+    /// nil: the image is complete and every step succeeded.
+    public func run() -> (FailureKind?, BackupSummary?) {
         let t0 = monotonicNanos()
         do throws(BackupStop) {
             let plan = try resolveReporting()
@@ -202,9 +210,9 @@ public final class BackupJob: @unchecked Sendable {
             // 6. after-backup, with the error code; the summary.
             runAfterBackupHooks(&out, ctx: ctx, afterSnapshot: after, thawFailures: thawFailures)
             let summary = summarize(plan, cut, out, consistency: consistency, partialKept: partialKept, daemon: daemon, since: t0)
-            return (out.code, summary)
+            return (out.kind, summary)
         } catch {
-            return (error.code, nil)
+            return (error.kind, nil)
         }
     }
 
@@ -212,10 +220,10 @@ public final class BackupJob: @unchecked Sendable {
         r.log(s)
     }
 
-    func printSummary(_ s: BackupSummary) {
+    func printSummary(_ s: BackupSummary, _ kind: FailureKind?) {
         var lines = [
             String(format: "summary: %@ in %.1f s (snapshot %.2f s), %@ used, %@ imaged at %.0f MB/s",
-                   s.exitCode == 0 || s.exitCode == 6 ? "image complete" : "FAILED", s.seconds, s.snapshotSeconds,
+                   kind == nil || kind == .completeWithWarnings ? "image complete" : "FAILED", s.seconds, s.snapshotSeconds,
                    formatBytes(s.usedBytes), formatBytes(s.imagedBytes), s.megabytesPerSecond),
             String(format: "summary: image %@ (%.1f%% of the imaged data), COW buffer peak %@ (hb files %@)",
                    formatBytes(s.imageBytes), s.ratio * 100, formatBytes(s.cowPeakBytes), formatBytes(s.spillPeakBytes)),
@@ -243,14 +251,14 @@ public final class BackupJob: @unchecked Sendable {
 
     func resolve() throws -> Plan {
         if o.mode == .offline && o.consistencyGiven {
-            throw BackupFailure(code: .refused, description: "--consistency applies to online backups; --mode offline reads a quiet volume as it is (drop one of them)")
+            throw BackupFailure(kind: .refused, description: "--consistency applies to online backups; --mode offline reads a quiet volume as it is (drop one of them)")
         }
         // An attachment (by name, protected device, mount point or real
         // device): always through it. Only a session gives a point in time
         // while the volume can be written, and HotCore is already there.
         if let d = findDaemon(o.source, runDir: o.runDir) {
             let vol: AttachedVolume
-            do { vol = try SessionClient.locate(runDir: d) } catch { throw BackupFailure(code: .failed, description: "\(error)") }
+            do { vol = try SessionClient.locate(runDir: d) } catch { throw BackupFailure(kind: .failed, description: "\(error)") }
             try checkBackend(vol)
             let mount = Mounts.of(device: vol.protectedDevice).first
             let online: Bool
@@ -261,7 +269,7 @@ public final class BackupJob: @unchecked Sendable {
                 online = false
             }
             if online, o.consistency == .freeze, mount == nil {
-                throw BackupFailure(code: .refused, description: "--consistency freeze: \(vol.protectedDevice) holds no mounted filesystem to freeze (use --consistency wip, or leave it out)")
+                throw BackupFailure(kind: .refused, description: "--consistency freeze: \(vol.protectedDevice) holds no mounted filesystem to freeze (use --consistency wip, or leave it out)")
             }
             try checkOutput(mount: mount, device: vol.protectedDevice)
             return Plan(daemon: d, volume: vol, readDevice: vol.protectedDevice, realDevice: vol.realDevice, mount: mount, online: online, size: vol.size)
@@ -279,18 +287,18 @@ public final class BackupJob: @unchecked Sendable {
         }
         var st = stat()
         guard stat(device, &st) == 0 else {
-            throw BackupFailure(code: .refused, description: "'\(o.source)' is neither an attachment in \(o.runDir), a mount point, nor a device")
+            throw BackupFailure(kind: .refused, description: "'\(o.source)' is neither an attachment in \(o.runDir), a mount point, nor a device")
         }
         guard (st.st_mode & S_IFMT) == S_IFBLK || (st.st_mode & S_IFMT) == S_IFREG else {
-            throw BackupFailure(code: .refused, description: "\(device) is not a block device or image file")
+            throw BackupFailure(kind: .refused, description: "\(device) is not a block device or image file")
         }
         if let m = mount, !m.readOnly {
-            throw BackupFailure(code: .refused, description: o.mode == .offline
+            throw BackupFailure(kind: .refused, description: o.mode == .offline
                 ? "\(device) is mounted read-write at \(m.mountPoint): offline mode refuses it (unmount it, or attach it with 'hotimage attach \(device)' and back up online)"
                 : "\(device) is mounted read-write at \(m.mountPoint) and not behind HotCore: attach it first (hotimage attach), or unmount it for an offline backup")
         }
         if onlineRequired {
-            throw BackupFailure(code: .refused, description: "\(device) is not behind HotCore: \(o.mode == .online ? "online mode" : "--consistency") needs 'hotimage attach \(device)' first (or --mode offline on a quiet volume)")
+            throw BackupFailure(kind: .refused, description: "\(device) is not behind HotCore: \(o.mode == .online ? "online mode" : "--consistency") needs 'hotimage attach \(device)' first (or --mode offline on a quiet volume)")
         }
         if (st.st_mode & S_IFMT) == S_IFBLK { try requireQuiet(device, attachment: nil) }
         try checkOutput(mount: mount, device: device)
@@ -298,7 +306,7 @@ public final class BackupJob: @unchecked Sendable {
         do {
             let probeDev = try BlockDevice(path: device, readOnly: true, exclusive: false)
             size = probeDev.size
-        } catch { throw BackupFailure(code: .refused, description: "\(error)") }
+        } catch { throw BackupFailure(kind: .refused, description: "\(error)") }
         return Plan(daemon: nil, volume: nil, readDevice: device, realDevice: nil, mount: mount, online: false, size: size)
     }
 
@@ -316,7 +324,7 @@ public final class BackupJob: @unchecked Sendable {
         guard !users.isEmpty else { return }
         let what = attachment.map { "back up online through the attachment ('hotimage backup \($0)', the default mode)" }
             ?? "stop them, or put the volume behind HotCore ('hotimage attach \(device)', then use the device it prints) and back up online"
-        throw BackupFailure(code: .refused, description: "\(device) is in use, and offline mode needs a quiet volume: "
+        throw BackupFailure(kind: .refused, description: "\(device) is in use, and offline mode needs a quiet volume: "
             + users.map(\.description).joined(separator: "; ") + ". Either \(what)")
     }
 
@@ -331,15 +339,15 @@ public final class BackupJob: @unchecked Sendable {
     /// The image must not live on the volume being backed up.
     func checkOutput(mount: MountEntry?, device: String) throws {
         let dir = (o.output as NSString).deletingLastPathComponent.isEmpty ? "." : (o.output as NSString).deletingLastPathComponent
-        guard FileManager.default.fileExists(atPath: dir) else { throw BackupFailure(code: .refused, description: "the image directory \(dir) does not exist") }
+        guard FileManager.default.fileExists(atPath: dir) else { throw BackupFailure(kind: .refused, description: "the image directory \(dir) does not exist") }
         if let m = mount, let h = Mounts.holding(path: dir), h.major == m.major && h.minor == m.minor {
-            throw BackupFailure(code: .refused, description: "the image \(o.output) would be written into the volume being backed up (\(m.mountPoint))")
+            throw BackupFailure(kind: .refused, description: "the image \(o.output) would be written into the volume being backed up (\(m.mountPoint))")
         }
         if !o.overwrite && FileManager.default.fileExists(atPath: o.output) {
-            throw BackupFailure(code: .refused, description: "\(o.output) exists (use --force to overwrite it)")
+            throw BackupFailure(kind: .refused, description: "\(o.output) exists (use --force to overwrite it)")
         }
         if !o.excludes.isEmpty && mount == nil {
-            throw BackupFailure(code: .refused, description: "--exclude needs the filesystem mounted (it reads file extents with FIEMAP); \(device) is not mounted")
+            throw BackupFailure(kind: .refused, description: "--exclude needs the filesystem mounted (it reads file extents with FIEMAP); \(device) is not mounted")
         }
     }
 
@@ -359,7 +367,7 @@ public final class BackupJob: @unchecked Sendable {
         if p.mount == nil, !p.online, let fs = try? probeFilesystem(path: p.readDevice), ["ext2", "ext3", "ext4"].contains(fs.type) {
             let m = try ext2UsedExtents(devicePath: p.readDevice)
             if m.needsRecovery {
-                throw BackupFailure(code: .refused, description: "\(p.readDevice): the ext journal needs recovery (mount it once, or run e2fsck) before an offline backup")
+                throw BackupFailure(kind: .refused, description: "\(p.readDevice): the ext journal needs recovery (mount it once, or run e2fsck) before an offline backup")
             }
             return (m.used, "ext2fs")
         }
@@ -388,9 +396,9 @@ public final class BackupJob: @unchecked Sendable {
         for path in o.excludes {
             let abs = path.hasPrefix("/") ? path : mnt.mountPoint + "/" + path
             var st = stat()
-            guard lstat(abs, &st) == 0 else { throw BackupFailure(code: .refused, description: "--exclude \(path): \(String(cString: strerror(errno)))") }
+            guard lstat(abs, &st) == 0 else { throw BackupFailure(kind: .refused, description: "--exclude \(path): \(String(cString: strerror(errno)))") }
             guard st.st_dev == mst.st_dev else {
-                throw BackupFailure(code: .refused, description: "--exclude \(path) is not on the volume mounted at \(mnt.mountPoint)")
+                throw BackupFailure(kind: .refused, description: "--exclude \(path) is not on the volume mounted at \(mnt.mountPoint)")
             }
             if (st.st_mode & S_IFMT) == S_IFDIR {
                 let d = try directoryExtents(path: abs)

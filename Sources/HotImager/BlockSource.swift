@@ -5,6 +5,7 @@
 // requests in flight.
 import CNBD
 import Foundation
+import HotErrors
 import HotOS
 
 public protocol BlockReader: AnyObject {
@@ -21,8 +22,9 @@ public protocol BlockSource: Sendable {
     func makeReader() throws -> BlockReader
 }
 
-public struct ReadError: Error, CustomStringConvertible {
+public struct ReadError: CodedError {
     public var description: String
+    public var kind: FailureKind { .failed }
 }
 
 /// The snapshot export of a HotCore daemon, over libnbd.

@@ -19,6 +19,7 @@
 import Foundation
 import HotControl
 import HotCore
+import HotErrors
 import HotOS
 import HotSync
 import QCow2
@@ -62,10 +63,10 @@ public struct ImagerResult: Sendable {
     public var peakSpillBytes: UInt64
 }
 
-public struct ImagerError: Error, CustomStringConvertible {
+public struct ImagerError: CodedError {
     public var description: String
-    /// The HotCore session failed (exit 3), rather than reading or writing.
-    public var sessionFailed: Bool
+    /// sessionFailed: the HotCore session failed; failed: reading or writing.
+    public var kind: FailureKind
 }
 
 public final class Imager: @unchecked Sendable {
@@ -153,7 +154,7 @@ public final class Imager: @unchecked Sendable {
         }
         flushArchived()
         if let e = session?.lastError, m.withLock({ failure == nil }) {
-            m.withLock { failure = ImagerError(description: "the session failed: \(e)", sessionFailed: true) }
+            m.withLock { failure = ImagerError(description: "the session failed: \(e)", kind: .sessionFailed) }
         }
         m.withLock { endEpisode(now: monotonicNanos()) }
         if let f = m.withLock({ failure }) { throw f }
@@ -169,7 +170,7 @@ public final class Imager: @unchecked Sendable {
 
     /// Stops the imager from another thread; run() throws `reason`.
     public func cancel(_ reason: String) {
-        fail(ImagerError(description: reason, sessionFailed: false))
+        fail(ImagerError(description: reason, kind: .failed))
     }
 
     private func fail(_ e: ImagerError) {
@@ -263,7 +264,7 @@ public final class Imager: @unchecked Sendable {
         let encoder = ClusterEncoder(compression: compression, clusterSize: Int(clusterSize))
         let reader: BlockReader
         do { reader = try source.makeReader() } catch {
-            fail(ImagerError(description: "\(error)", sessionFailed: false)); return
+            fail(ImagerError(description: "\(error)", kind: .failed)); return
         }
         defer { reader.close() }
         while let u = nextUnit() {
@@ -293,11 +294,11 @@ public final class Imager: @unchecked Sendable {
                 // A read of the snapshot fails when the session has failed:
                 // say why, as a session failure.
                 if let s = session, let st = try? s.status(), st.session.phase == .failed {
-                    fail(ImagerError(description: "the session failed: \(st.session.failure ?? "unknown reason")", sessionFailed: true))
+                    fail(ImagerError(description: "the session failed: \(st.session.failure ?? "unknown reason")", kind: .sessionFailed))
                 } else if let e = session?.lastError ?? session?.sessionLost() {
-                    fail(ImagerError(description: "the session failed: \(e) (\(error))", sessionFailed: true))
+                    fail(ImagerError(description: "the session failed: \(e) (\(error))", kind: .sessionFailed))
                 } else {
-                    fail(ImagerError(description: "\(error)", sessionFailed: false))
+                    fail(ImagerError(description: "\(error)", kind: .failed))
                 }
                 return
             }
@@ -330,7 +331,7 @@ public final class Imager: @unchecked Sendable {
         }
         guard !batch.isEmpty else { return }
         do { try s.archived(batch) } catch {
-            fail(ImagerError(description: "reporting archived ranges: \(error)", sessionFailed: true))
+            fail(ImagerError(description: "reporting archived ranges: \(error)", kind: .sessionFailed))
         }
     }
 
@@ -339,11 +340,11 @@ public final class Imager: @unchecked Sendable {
     private func watch(_ s: SessionClient, now: UInt64, samples: inout [(t: UInt64, bytes: UInt64)]) {
         let st: DaemonStatus
         do { st = try s.status() } catch {
-            fail(ImagerError(description: "the HotCore daemon stopped answering: \(error)", sessionFailed: true))
+            fail(ImagerError(description: "the HotCore daemon stopped answering: \(error)", kind: .sessionFailed))
             return
         }
         if st.session.phase == .failed {
-            fail(ImagerError(description: "the session failed: \(st.session.failure ?? "unknown reason")", sessionFailed: true))
+            fail(ImagerError(description: "the session failed: \(st.session.failure ?? "unknown reason")", kind: .sessionFailed))
             return
         }
         // HotCore: memory tier and hb files apart; dm-snapshot: the COW store.

@@ -24,15 +24,15 @@ extension RestoreJob {
         }
         guard !files.isEmpty else { return [] }
         guard let fs = meta.filesystem.type, ["ext2", "ext3", "ext4", "xfs"].contains(fs) else {
-            throw RestoreFailure(refused: false, description: "the image holds \(files.count) writer file(s) (\(files.map(\.rel).joined(separator: ", "))) but its filesystem (\(meta.filesystem.type ?? "unknown")) cannot be mounted to write them; the volume itself is restored. See 'hotimage info --json' for their contents")
+            throw RestoreFailure(kind: .failed, description: "the image holds \(files.count) writer file(s) (\(files.map(\.rel).joined(separator: ", "))) but its filesystem (\(meta.filesystem.type ?? "unknown")) cannot be mounted to write them; the volume itself is restored. See 'hotimage info --json' for their contents")
         }
         var st = stat()
-        guard stat(target, &st) == 0 else { throw RestoreFailure(refused: false, description: "\(target): \(String(cString: strerror(errno)))") }
+        guard stat(target, &st) == 0 else { throw RestoreFailure(kind: .failed, description: "\(target): \(String(cString: strerror(errno)))") }
         var loop: String?
         var dev = target
         if (st.st_mode & S_IFMT) == S_IFREG {
             do { loop = try Loop.attach(file: target, directIO: false); dev = loop! } catch {
-                throw RestoreFailure(refused: false, description: "attaching \(target) to a loop device to write the writers' files: \(error)")
+                throw RestoreFailure(kind: .failed, description: "attaching \(target) to a loop device to write the writers' files: \(error)")
             }
         }
         defer { if let l = loop { try? Loop.detach(l) } }
@@ -40,7 +40,7 @@ extension RestoreJob {
         // someone else made in advance under a predictable name).
         var template = Array((NSTemporaryDirectory() + "hotimage-restore-XXXXXX").utf8CString)
         guard mkdtemp(&template) != nil else {
-            throw RestoreFailure(refused: false, description: "creating a directory to mount the restored filesystem: \(String(cString: strerror(errno)))")
+            throw RestoreFailure(kind: .failed, description: "creating a directory to mount the restored filesystem: \(String(cString: strerror(errno)))")
         }
         let dir = String(cString: template)
         defer { rmdir(dir) }
@@ -48,7 +48,7 @@ extension RestoreJob {
         if fs == "xfs" { opts += ["-o", "nouuid"] }
         let m = (try? ProcessControl.run(["mount"] + opts + [dev, dir])) ?? (status: 127, output: "cannot run mount")
         guard m.status == 0 else {
-            throw RestoreFailure(refused: false, description: "mounting the restored \(fs) to write the writers' files: \(m.output.trimmingCharacters(in: .whitespacesAndNewlines))")
+            throw RestoreFailure(kind: .failed, description: "mounting the restored \(fs) to write the writers' files: \(m.output.trimmingCharacters(in: .whitespacesAndNewlines))")
         }
         var unmounted = false
         defer { if !unmounted { _ = try? ProcessControl.run(["umount", dir]) } }
@@ -63,7 +63,7 @@ extension RestoreJob {
             }
             // umount writes it back; a failure there is reported by umount's exit.
             guard FileManager.default.createFile(atPath: path, contents: Data(f.content.utf8), attributes: [.posixPermissions: 0o600]) else {
-                throw RestoreFailure(refused: false, description: "writing \(f.rel) into the restored filesystem failed")
+                throw RestoreFailure(kind: .failed, description: "writing \(f.rel) into the restored filesystem failed")
             }
             _ = chown(path, pst.st_uid, pst.st_gid)
             r.log("\(f.owner): wrote /\(f.rel) into the restored filesystem")
@@ -72,7 +72,7 @@ extension RestoreJob {
         let u = (try? ProcessControl.run(["umount", dir])) ?? (status: 127, output: "cannot run umount")
         unmounted = true
         guard u.status == 0 else {
-            throw RestoreFailure(refused: false, description: "unmounting the restored filesystem after writing the writers' files: \(u.output.trimmingCharacters(in: .whitespacesAndNewlines))")
+            throw RestoreFailure(kind: .failed, description: "unmounting the restored filesystem after writing the writers' files: \(u.output.trimmingCharacters(in: .whitespacesAndNewlines))")
         }
         return placed
     }

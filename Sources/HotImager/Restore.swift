@@ -15,6 +15,7 @@
 // (Restore+Artifacts.swift); --no-writer-files skips that.
 import Foundation
 import HotCore
+import HotErrors
 import HotOS
 import HotSync
 import QCow2
@@ -32,8 +33,10 @@ public struct RestoreOptions: Sendable {
     public init(image: String, target: String) { self.image = image; self.target = target }
 }
 
-public struct RestoreFailure: Error, CustomStringConvertible {
-    public var refused: Bool
+public struct RestoreFailure: CodedError {
+    /// refused: nothing was written (the checks before writing); failed:
+    /// reading the image or writing the target.
+    public var kind: FailureKind
     public var description: String
 }
 
@@ -69,7 +72,7 @@ public enum RestoreJob {
         // The rest reads as zeros (--no-discard leaves it as it was).
         var zeroed: UInt64 = 0
         if o.discard { zeroed = try zeroGaps(between: clusters, clusterSize: UInt64(img.clusterSize), size: img.virtualSize, of: dev, o) }
-        do { try dev.flush() } catch { throw RestoreFailure(refused: false, description: "flushing \(o.target): \(error)") }
+        do { try dev.flush() } catch { throw RestoreFailure(kind: .failed, description: "flushing \(o.target): \(error)") }
         return RestoreSummary(target: o.target, bytes: written, clusters: UInt64(clusters.count), zeroedBytes: zeroed,
                               seconds: Double(monotonicNanos() - t0) / 1e9, discarded: o.discard)
     }
@@ -79,19 +82,19 @@ public enum RestoreJob {
     private static func openImage(_ o: RestoreOptions, reporter r: Reporter) throws -> QCow2Reader {
         let img: QCow2Reader
         do { img = try QCow2Reader(path: o.image) } catch {
-            throw RestoreFailure(refused: true, description: "\(o.image): \(error)")
+            throw RestoreFailure(kind: .refused, description: "\(o.image): \(error)")
         }
         if let h = img.hotimage, !h.complete {
-            throw RestoreFailure(refused: true, description: "\(o.image) is an incomplete image (a failed backup kept with --keep-partial); it cannot be restored")
+            throw RestoreFailure(kind: .refused, description: "\(o.image) is an incomplete image (a failed backup kept with --keep-partial); it cannot be restored")
         }
         if let p = img.hotimageProblems.first {
-            throw RestoreFailure(refused: true, description: "\(o.image) is damaged (\(p)); run 'hotimage verify' for the details")
+            throw RestoreFailure(kind: .refused, description: "\(o.image) is damaged (\(p)); run 'hotimage verify' for the details")
         }
         if o.verifyFirst {
             r.log("verifying \(o.image) before writing anything (--no-verify skips this)")
             let rep = img.verify()
             if let p = rep.problems.first {
-                throw RestoreFailure(refused: true, description: "\(o.image) is damaged: \(p)\(rep.problemCount > 1 ? " (and \(rep.problemCount - 1) more; see 'hotimage verify')" : "")")
+                throw RestoreFailure(kind: .refused, description: "\(o.image) is damaged: \(p)\(rep.problemCount > 1 ? " (and \(rep.problemCount - 1) more; see 'hotimage verify')" : "")")
             }
         }
         if img.hotimage == nil { r.log("\(o.image) was not made by hotimage: restoring it without checksums") }
@@ -105,28 +108,28 @@ public enum RestoreJob {
         var st = stat()
         let exists = stat(o.target, &st) == 0
         if exists && (st.st_mode & S_IFMT) != S_IFBLK && (st.st_mode & S_IFMT) != S_IFREG {
-            throw RestoreFailure(refused: true, description: "\(o.target) is not a block device or a regular file")
+            throw RestoreFailure(kind: .refused, description: "\(o.target) is not a block device or a regular file")
         }
         if exists && (st.st_mode & S_IFMT) == S_IFBLK, let mnt = Mounts.of(device: o.target).first {
-            throw RestoreFailure(refused: true, description: "\(o.target) is mounted at \(mnt.mountPoint); unmount it first")
+            throw RestoreFailure(kind: .refused, description: "\(o.target) is mounted at \(mnt.mountPoint); unmount it first")
         }
         if !exists {
             // Mode 0600 whatever the umask: the file holds the whole volume.
             let fd = DataFileAccess.ownerOnly.open(o.target, flags: O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC)
-            if fd < 0 { throw RestoreFailure(refused: true, description: "creating \(o.target): \(String(cString: strerror(errno)))") }
+            if fd < 0 { throw RestoreFailure(kind: .refused, description: "creating \(o.target): \(String(cString: strerror(errno)))") }
             let ok = ftruncate(fd, off_t(size)) == 0
             close(fd)
-            if !ok { unlink(o.target); throw RestoreFailure(refused: false, description: "sizing \(o.target): \(String(cString: strerror(errno)))") }
+            if !ok { unlink(o.target); throw RestoreFailure(kind: .failed, description: "sizing \(o.target): \(String(cString: strerror(errno)))") }
         }
         let dev: BlockDevice
         do { dev = try BlockDevice(path: o.target, readOnly: false, exclusive: true) } catch {
-            throw RestoreFailure(refused: true, description: "\(error) (is it in use?)")
+            throw RestoreFailure(kind: .refused, description: "\(error) (is it in use?)")
         }
         if dev.size < size {
-            throw RestoreFailure(refused: true, description: "\(o.target) holds \(dev.size) bytes, the image's volume \(size): too small")
+            throw RestoreFailure(kind: .refused, description: "\(o.target) holds \(dev.size) bytes, the image's volume \(size): too small")
         }
         if exists && !o.force, let fs = try? probeFilesystem(path: o.target) {
-            throw RestoreFailure(refused: true, description: "\(o.target) already holds a filesystem (\(fs.type)\(fs.uuid.map { " \($0)" } ?? "")); use --force to overwrite it")
+            throw RestoreFailure(kind: .refused, description: "\(o.target) already holds a filesystem (\(fs.type)\(fs.uuid.map { " \($0)" } ?? "")); use --force to overwrite it")
         }
         return dev
     }
@@ -180,7 +183,7 @@ public enum RestoreJob {
             if left == 0 { break }
         }
         r.finishProgress()
-        if let f = failure { throw RestoreFailure(refused: false, description: "restoring \(o.target): \(f)") }
+        if let f = failure { throw RestoreFailure(kind: .failed, description: "restoring \(o.target): \(f)") }
         return m.withLock { written }
     }
 
@@ -199,7 +202,7 @@ public enum RestoreJob {
         if pos < size { gaps.append(pos..<size) }
         for g in gaps {
             do { try dev.zero(offset: g.lowerBound, length: UInt64(g.count), unmap: true) } catch {
-                throw RestoreFailure(refused: false, description: "zeroing unused space of \(o.target): \(error)")
+                throw RestoreFailure(kind: .failed, description: "zeroing unused space of \(o.target): \(error)")
             }
             zeroed += UInt64(g.count)
         }

@@ -6,11 +6,15 @@
 import Foundation
 import HotControl
 import HotCore
+import HotErrors
 import HotOS
 import HotSync
 
-public struct SessionError: Error, CustomStringConvertible {
+/// The daemon refused or could not serve a session request, or did not
+/// answer.
+public struct SessionError: CodedError {
     public var description: String
+    public var kind: FailureKind { .failed }
     public init(_ d: String) { description = d }
 }
 

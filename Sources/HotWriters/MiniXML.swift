@@ -5,6 +5,7 @@
 // XMLDocument would drag libxml2 and FoundationXML into every hotimage
 // binary for the sake of one writer.
 import Foundation
+import HotErrors
 
 public struct XMLNode: Sendable, Equatable {
     public var name: String
@@ -28,8 +29,9 @@ public struct XMLNode: Sendable, Equatable {
     public var trimmedText: String { text.trimmingCharacters(in: .whitespacesAndNewlines) }
 }
 
-public struct XMLParseError: Error, CustomStringConvertible, Sendable {
+public struct XMLParseError: CodedError, Sendable {
     public var description: String
+    public var kind: FailureKind { .failed }
 }
 
 public enum MiniXML {

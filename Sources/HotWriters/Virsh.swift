@@ -18,14 +18,14 @@ public struct Virsh: Sendable {
     /// throws why (the writer says it on stderr and has no components).
     public static func connect(uri: String) throws -> Virsh {
         guard let x = ProcessControl.which("virsh") else {
-            throw WriterError("virsh is not installed (Debian: libvirt-clients): no libvirt domains", unavailable: true)
+            throw WriterError("virsh is not installed (Debian: libvirt-clients): no libvirt domains", kind: .unreachable, unavailable: true)
         }
         let v = Virsh(uri: uri, executable: x)
         let r = v.run(["uri"], timeout: 15)
         guard r.ok else {
             // Refused at once (no socket, no daemon): libvirt is not on this
             // host. A hang is a problem with a libvirt that is there.
-            throw WriterError("libvirt at \(uri) does not answer: \(r.timedOut ? "timed out" : clean(r.message))", unavailable: !r.timedOut)
+            throw WriterError("libvirt at \(uri) does not answer: \(r.timedOut ? "timed out" : clean(r.message))", kind: .unreachable, unavailable: !r.timedOut)
         }
         return v
     }

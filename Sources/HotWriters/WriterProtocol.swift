@@ -42,6 +42,7 @@
 // within the timeout, which counts as a failure of every component it was
 // asked about; a writer that exits before answering fails the same way.
 import Foundation
+import HotErrors
 import HotOS
 
 public let writerProtocolVersion = 1
@@ -127,12 +128,19 @@ public struct ThawRequest: Codable, Sendable {
     public init() {}
 }
 
-public struct WriterError: Error, CustomStringConvertible, Sendable {
+public struct WriterError: CodedError, Sendable {
     public var description: String
+    /// `unreachable` when the application's service does not answer (or
+    /// is not installed); otherwise `failed`.
+    public var kind: FailureKind
     /// The application is not on this host (no virsh, no cgroup v2): not a
     /// failure, and said only when asked (unavailableNote).
     public var unavailable = false
-    public init(_ d: String, unavailable: Bool = false) { description = d; self.unavailable = unavailable }
+    public init(_ d: String, kind: FailureKind = .failed, unavailable: Bool = false) {
+        description = d
+        self.kind = kind
+        self.unavailable = unavailable
+    }
 }
 
 /// The environment variable that asks writers to keep quiet about

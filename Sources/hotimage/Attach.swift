@@ -165,7 +165,7 @@ struct Attach: ParsableCommand {
     }
 
     func run() throws {
-        guard getuid() == 0 else { throw CLIExit.fail("attach must run as root", code: 2) }
+        guard getuid() == 0 else { throw CLIExit.fail(.refused, "attach must run as root") }
         if foreground { return try runForeground() }
         // Background: this command line again with --foreground, through
         // the launcher (HotDaemon/DaemonLauncher.swift).
@@ -176,7 +176,7 @@ struct Attach: ParsableCommand {
             print("attached \(device) as '\(o.name)' (daemon pid \(r.pid), log \(r.logPath))")
             print(r.device)
         } catch let f as DaemonLauncher.Failure {
-            throw CLIExit.fail(f.description, code: f.refused ? 2 : 1)
+            throw CLIExit.fail(f.refused ? .refused : .failed, f.description)
         }
     }
 

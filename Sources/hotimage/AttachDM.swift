@@ -37,9 +37,9 @@ func runInForeground(label: String, make: (Logger) throws -> SessionDaemon) thro
     let daemon: SessionDaemon
     do { daemon = try make(logger) } catch {
         logger.error("\(error)")
-        let refused = (error as? DaemonError).map { if case .usage = $0 { return true } else { return false } } ?? false
-        if DaemonLauncher.launched { DaemonLauncher.sayFailed(refused: refused, "\(error)") }
-        throw CLIExit.fail("\(error)", code: refused ? 2 : 1)
+        let kind = (error as? DaemonError)?.kind ?? .failed
+        if DaemonLauncher.launched { DaemonLauncher.sayFailed(refused: kind == .usage || kind == .refused, "\(error)") }
+        throw CLIExit.fail(kind, "\(error)")
     }
     let dev: String
     do { dev = try daemon.start() } catch {

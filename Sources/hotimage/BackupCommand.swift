@@ -3,6 +3,7 @@ import Foundation
 import HotControl
 import HotCore
 import HotDaemon
+import HotErrors
 import HotImager
 import HotOS
 import HotWriters
@@ -28,7 +29,7 @@ struct BackupCommand: ParsableCommand {
                    be quiet: O_EXCL succeeds, and nothing is mounted
                    read-write, stacked (loop, dm, md) or open (any process,
                    from /proc/PID/fd) on the device, a partition of it, or
-                   anything stacked on it. Otherwise it is refused (exit 2),
+                   anything stacked on it. Otherwise it is refused (exit \(ExitCodes.code(.refused))),
                    naming the processes or holders. A read-only mount is
                    quiet. Uses that begin while it is read fail the backup.
           auto     (default) an attached volume: online, mounted or not, as
@@ -37,7 +38,7 @@ struct BackupCommand: ParsableCommand {
                    held open): online through dm-snapshot for a dm device,
                    else refused with what to do. A quiet one: offline.
         --consistency (freeze or wip) asks for online; with --mode offline it
-        is a usage error (exit 2). A whole disk whose partition is mounted is
+        is a usage error (exit \(ExitCodes.code(.usage))). A whole disk whose partition is mounted is
         in use.
 
         BACKENDS (online; --backend, default: by what SOURCE is)
@@ -55,7 +56,7 @@ struct BackupCommand: ParsableCommand {
                        copy-on-write store of hb_NN.tmp files in --buffer-dir, which
                        grows by --hb-file-size up to --buffer-limit and cannot shrink;
                        if it overflows the snapshot is dropped and the backup fails
-                       (exit 3), the live volume untouched. If this process dies or
+                       (exit \(ExitCodes.code(.sessionFailed))), the live volume untouched. If this process dies or
                        stops heart-beating, the snapshot and its files are removed
                        within 10 s. --consistency wip is HotCore's only.
 
@@ -68,12 +69,12 @@ struct BackupCommand: ParsableCommand {
           The image records what was left out. Unused blocks stay unallocated.
 
         HOOKS (also from the configuration file; run by /bin/sh -c)
-          --before-snapshot CMD   a failure aborts the backup (exit 4)
+          --before-snapshot CMD   a failure aborts the backup (exit \(ExitCodes.code(.hookAborted)))
           --after-snapshot CMD    runs after the snapshot, or after a failed one
           --after-backup CMD      runs last, with HOTIMAGE_ERROR set
           Environment: HOTIMAGE_PHASE, HOTIMAGE_ERROR, HOTIMAGE_VOLUMES,
           HOTIMAGE_FREEZE (yes|no), HOTIMAGE_IMAGE. A failing after-snapshot or
-          after-backup hook does not stop the backup (exit 6 if all else worked).
+          after-backup hook does not stop the backup (exit \(ExitCodes.code(.completeWithWarnings)) if all else worked).
 
         WRITERS (application consistency; 'hotimage writers' lists them)
           Before the snapshot of a mounted volume, every writer is asked which of
@@ -86,11 +87,11 @@ struct BackupCommand: ParsableCommand {
           per component, its coverage, how it was frozen and thawed, and files
           the restore needs (PostgreSQL's backup_label).
           A component that cannot be frozen (an error, a writer that hangs and
-          is killed) aborts the backup before anything is imaged (exit 5; what
+          is killed) aborts the backup before anything is imaged (exit \(ExitCodes.code(.writerFreezeFailed)); what
           was frozen is thawed, after-snapshot and after-backup hooks run), or
           with --allow-unfrozen the backup goes on crash-consistent for it,
           recorded. A failed thaw is reported and recorded; the filesystem is
-          thawed regardless; the backup exits 6. If hotimage dies while
+          thawed regardless; the backup exits \(ExitCodes.code(.completeWithWarnings)). If hotimage dies while
           components are frozen, each writer sees its input close and thaws.
           --writers none     no writers (the filesystem freeze alone)
           --writers LIST     only these, e.g. containers,postgresql
@@ -116,20 +117,7 @@ struct BackupCommand: ParsableCommand {
           summary, error; snapshot carries the cut on CLOCK_MONOTONIC).
           The image is mode 0600 whatever the umask; --group G: 0640, group G.
 
-        EXIT CODES
-          0  the image is complete
-          1  reading the volume or writing the image failed
-          2  refused: usage, the image exists, offline mode on a volume in
-             use (mounted read-write, stacked on, or open), online mode
-             without HotCore or device-mapper, a backend the source does not
-             have
-          3  the snapshot or the session failed, e.g. the dm-snapshot COW store
-             overflowed (the live volume is unharmed)
-          4  a before-snapshot hook failed; nothing was done
-          5  a writer could not freeze a component; nothing was imaged
-          6  the image is complete but an after-snapshot or after-backup hook,
-             or a writer's thaw, failed
-          130 interrupted
+        \(ExitCodes.help(ExitCodes.backup))
         On failure the partial image is removed, or kept with --keep-partial and
         marked incomplete (restore refuses it).
 
@@ -260,15 +248,15 @@ struct BackupCommand: ParsableCommand {
         let cfg: HotimageConfig
         do {
             cfg = try HotimageConfig.load(path: config ?? HotimageConfig.defaultPath, required: config != nil)
-        } catch { throw CLIExit.fail("\(error)", code: 2) }
-        var o = BackupOptions(source: source, output: output)
+        } catch { throw CLIExit.fail(.usage, "\(error)") }
+        var o = BackupOptions(source: source, output: output, exitCode: { ExitCodes.code($0) })
         o.mode = BackupMode(rawValue: mode)!
         // --consistency asks for online; the configuration file's is a default
         // for online backups and does not apply offline.
         if let c = consistency ?? (o.mode == .offline ? nil : cfg.consistency) { o.consistency = Consistency(rawValue: c) }
         o.consistencyGiven = consistency != nil
         do { o.compression = try QCow2Compression(parsing: compress ?? cfg.compress ?? "zstd:1") } catch {
-            throw CLIExit.fail("compress: \(error)", code: 2)
+            throw CLIExit.fail(.usage, "compress: \(error)")
         }
         o.clusterBits = parseSize(clusterSize)!.trailingZeroBitCount
         o.excludes = cfg.excludes + exclude
@@ -308,8 +296,8 @@ struct BackupCommand: ParsableCommand {
                 }
             }
         }
-        let (code, _) = job.run()
-        if code != .ok { throw ExitCode(code.rawValue) }
+        let (outcome, _) = job.run()
+        if outcome != nil { throw CLIExit.status(outcome) }
     }
 }
 
@@ -334,10 +322,7 @@ struct RestoreCommand: ParsableCommand {
         place, owned like their directory, mode 0600, and TARGET is unmounted \
         (--no-writer-files skips this; 'hotimage info --json' shows them).
 
-        EXIT CODES
-          0  restored
-          1  reading the image or writing the target failed
-          2  refused (see above) or usage error
+        \(ExitCodes.help(ExitCodes.restore))
         """)
 
     @Argument(help: "The qcow2 image.") var image: String
@@ -362,7 +347,7 @@ struct RestoreCommand: ParsableCommand {
                              s.clusters, s.target, s.seconds, formatBytes(s.zeroedBytes), s.discarded ? "discarded" : "left as it was"))
             }
         } catch let e as RestoreFailure {
-            throw CLIExit.fail(e.description, code: e.refused ? 2 : 1)
+            throw CLIExit.fail(e.kind, e.description)
         }
     }
 }
@@ -372,9 +357,7 @@ struct InfoCommand: ParsableCommand {
         commandName: "info",
         abstract: "Show what an image holds: size, compression, source, filesystem, snapshot.",
         discussion: """
-        EXIT CODES
-          0  shown
-          1  the file is not a readable qcow2 image
+        \(ExitCodes.help(ExitCodes.info))
         """)
 
     @Argument(help: "The qcow2 image.") var image: String
@@ -382,7 +365,7 @@ struct InfoCommand: ParsableCommand {
 
     func run() throws {
         let info: ImageInfo
-        do { info = try ImageInfo.read(image) } catch { throw CLIExit.fail("\(error)") }
+        do { info = try ImageInfo.read(image) } catch { throw CLIExit.fail(.failed, "\(error)") }
         if json { printJSON(info) } else { print(info.text, terminator: "") }
     }
 }
@@ -396,10 +379,7 @@ struct VerifyCommand: ParsableCommand {
         check does) and hotimage's checksums of the metadata and of every cluster \
         (each is decompressed); names the guest region of each problem.
 
-        EXIT CODES
-          0  the image is intact
-          1  problems were found (listed), or the image is incomplete
-          2  the file cannot be opened as a qcow2 image, or usage error
+        \(ExitCodes.help(ExitCodes.verify))
         """)
 
     @Argument(help: "The qcow2 image.") var image: String
@@ -407,14 +387,14 @@ struct VerifyCommand: ParsableCommand {
 
     func run() throws {
         let rep: VerifyOutcome
-        do { rep = try VerifyOutcome.run(image) } catch { throw CLIExit.fail("\(error)", code: 2) }
+        do { rep = try VerifyOutcome.run(image) } catch { throw CLIExit.fail(.refused, "\(error)") }
         if json { printJSON(rep) } else {
             for n in rep.notes { print("note: \(n)") }
             for p in rep.problems { print("problem: \(p)") }
             print(rep.problems.isEmpty ? "\(image): OK, \(rep.clustersChecked) clusters checked in \(String(format: "%.1f", rep.seconds)) s"
                                        : "\(image): \(rep.problems.count) problem(s)")
         }
-        if !rep.problems.isEmpty { throw ExitCode(1) }
+        if !rep.problems.isEmpty { throw CLIExit.status(.failed) }
     }
 }
 

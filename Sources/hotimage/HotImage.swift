@@ -34,19 +34,15 @@ struct HotImage: ParsableCommand {
           hotimage status data
           umount /srv/data && hotimage detach data
 
-        EXIT CODES (each command's help lists its own)
-          0  success
-          1  an operation failed (the message says which and why)
-          2  usage error, or refused
-          3  the backup session failed (the live volume is unharmed)
+        \(ExitCodes.help(ExitCodes.overview, title: "EXIT CODES (each command's help lists its own)"))
         """,
         version: hotimageVersion,
         subcommands: [Attach.self, Detach.self, Status.self, Snapshot.self,
                       BackupCommand.self, RestoreCommand.self, InfoCommand.self, VerifyCommand.self,
                       VMCommand.self, WritersCommand.self, WriterExecCommand.self])
 
-    /// As ParsableCommand's, but usage errors exit 2 (documented) instead of
-    /// ArgumentParser's 64.
+    /// As ParsableCommand's, but usage errors exit with the usage kind's code
+    /// (2, documented) instead of ArgumentParser's 64.
     static func main() {
         do {
             var command = try parseAsRoot()
@@ -54,7 +50,7 @@ struct HotImage: ParsableCommand {
         } catch {
             if exitCode(for: error).rawValue == 64 {
                 FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
-                Foundation.exit(2)
+                Foundation.exit(ExitCodes.code(.usage))
             }
             exit(withError: error)
         }
@@ -65,13 +61,6 @@ struct HotImage: ParsableCommand {
 struct RunDirOptions: ParsableArguments {
     @Option(name: .customLong("run-dir"), help: ArgumentHelp("Directory of the daemons' sockets.", valueName: "dir"))
     var runDir: String = Defaults.runDir
-}
-
-enum CLIExit {
-    static func fail(_ message: String, code: Int32 = 1) -> ExitCode {
-        writeStderr("hotimage: \(message)\n")
-        return ExitCode(code)
-    }
 }
 
 /// Parses 64M, 1G, 512K, 4096 (bytes; binary multiples).

@@ -40,7 +40,7 @@ struct Snapshot: ParsableCommand {
           hotimage snapshot /srv/data -- sh -c \\
               'qemu-img convert -O qcow2 "$HOTIMAGE_SNAPSHOT_URI" /backup/d.qcow2'
 
-        Exit status: COMMAND's, or 3 if the session failed while it ran.
+        Exit status: COMMAND's, or \(ExitCodes.code(.sessionFailed)) if the session failed while it ran.
         """)
 
     @Argument(help: "Attachment name, protected device or mount point.")
@@ -73,7 +73,7 @@ struct Snapshot: ParsableCommand {
         do { vol = try SessionClient.locate(runDir: dir) } catch { throw CLIExit.fail("\(error)") }
         let mount = Mounts.of(device: vol.protectedDevice).first
         let mode = consistency.flatMap(Consistency.init(rawValue:)) ?? (mount == nil ? .raw : .freeze)
-        if mode != .raw && mount == nil { throw CLIExit.fail("\(vol.protectedDevice) is not mounted: use --consistency raw", code: 2) }
+        if mode != .raw && mount == nil { throw CLIExit.fail(.refused, "\(vol.protectedDevice) is not mounted: use --consistency raw") }
 
         let session = try SessionClient(volume: vol)
         let snap: TakenSnapshot
@@ -83,7 +83,7 @@ struct Snapshot: ParsableCommand {
                 return (try FSMap.usedExtents(mountPoint: m.mountPoint, deviceBytes: vol.size).map { $0.offset..<($0.offset + $0.length) }, [])
             }, onRetry: { FileHandle.standardError.write(Data("hotimage: \($0); retrying\n".utf8)) })
         } catch {
-            throw CLIExit.fail("snapshot failed: \(error)", code: 3)
+            throw CLIExit.fail(.sessionFailed, "snapshot failed: \(error)")
         }
         FileHandle.standardError.write(Data("hotimage: snapshot of \(vol.protectedDevice) taken (\(mode.rawValue), \(formatBytes(snap.usedBytes)) used, armed at \(snap.armedAtNanos) ns)\n".utf8))
         session.startHeartbeat()
@@ -109,7 +109,7 @@ struct Snapshot: ParsableCommand {
         session.end()
         session.close()
         if let e = sessionError {
-            throw CLIExit.fail("the session failed while the command ran: \(e)", code: 3)
+            throw CLIExit.fail(.sessionFailed, "the session failed while the command ran: \(e)")
         }
         if code != 0 { throw ExitCode(code) }
     }

@@ -25,6 +25,8 @@ struct Status: ParsableCommand {
         It also cleans up what killed dm-snapshot daemons left behind (only \
         hotimage's own devices, found by name and owner; each action is \
         printed on stderr).
+
+        \(ExitCodes.help(ExitCodes.status))
         """)
 
     @Argument(help: "Attachment name (default: all).")
@@ -84,7 +86,7 @@ struct Status: ParsableCommand {
                 FileHandle.standardError.write(Data("hotimage: \(d): \(error) (stale run directory? the daemon may have died)\n".utf8))
             }
         }
-        if failed { throw ExitCode(1) }
+        if failed { throw CLIExit.status(.failed) }
     }
 
     struct DeadDaemon: Encodable {

@@ -54,9 +54,9 @@ struct VMStop: ParsableCommand {
     func run() throws {
         try checkVolumes(volumes)
         var rec: StopRecord
-        do { rec = try StopRecord.load(record) ?? StopRecord(uri: vm.uri) } catch { throw CLIExit.fail("\(error)", code: 2) }
+        do { rec = try StopRecord.load(record) ?? StopRecord(uri: vm.uri) } catch { throw CLIExit.fail(.usage, "\(error)") }
         if rec.uri != vm.uri && !rec.stopped.isEmpty {
-            throw CLIExit.fail("\(record) records domains of \(rec.uri), not \(vm.uri): resume them first or use another --record", code: 2)
+            throw CLIExit.fail(.refused, "\(record) records domains of \(rec.uri), not \(vm.uri): resume them first or use another --record")
         }
         let s = vm.settings(cdromCounts: cdromCounts)
         let virsh = try vm.connect()
@@ -78,10 +78,10 @@ struct VMStop: ParsableCommand {
         }
         for (r, _, t) in outcomes { printOutcome(r, verb: "stopped", seconds: t) }
         rec.add(outcomes.compactMap(\.1))
-        do { try rec.save(record) } catch { throw CLIExit.fail("record \(record): \(error)", code: 1) }
+        do { try rec.save(record) } catch { throw CLIExit.fail(.failed, "record \(record): \(error)") }
         if !rec.stopped.isEmpty { print("recorded in \(record): \(rec.stopped.map(\.name).joined(separator: " "))") }
         let failed = outcomes.filter { !$0.0.ok }.count
-        if failed > 0 { throw CLIExit.fail("\(failed) of \(todo.count) domains could not be stopped", code: 1) }
+        if failed > 0 { throw CLIExit.fail(.failed, "\(failed) of \(todo.count) domains could not be stopped") }
     }
 }
 
@@ -116,8 +116,8 @@ struct VMResume: ParsableCommand {
     func run() throws {
         var rec: StopRecord?
         if let f = from {
-            do { rec = try StopRecord.load(f) } catch { throw CLIExit.fail("\(error)", code: 2) }
-            guard rec != nil else { throw CLIExit.fail("\(f): no such record (nothing was stopped, or all was resumed)", code: 2) }
+            do { rec = try StopRecord.load(f) } catch { throw CLIExit.fail(.usage, "\(error)") }
+            guard rec != nil else { throw CLIExit.fail(.usage, "\(f): no such record (nothing was stopped, or all was resumed)") }
         }
         let virsh = try vm.connect(default: rec?.uri)
         var todo: [StoppedDomain]
@@ -130,7 +130,7 @@ struct VMResume: ParsableCommand {
                 if d.managedSave { todo.append(StoppedDomain(name: d.name, priorState: "", method: LibvirtControl.managedSave)); continue }
                 if names.isEmpty { continue }  // --all: only what has a managed save
                 if d.state.mayBackUpAsIs {
-                    throw CLIExit.fail("\(d.name) is \(d.state.rawValue) without a managed save: nothing to resume ('virsh start' boots it); nothing done", code: 2)
+                    throw CLIExit.fail(.refused, "\(d.name) is \(d.state.rawValue) without a managed save: nothing to resume ('virsh start' boots it); nothing done")
                 }
                 print("\(d.name): already \(d.state.rawValue)")
             }
@@ -146,10 +146,10 @@ struct VMResume: ParsableCommand {
         if var r = rec, let f = from {
             let back = Set(outcomes.filter { $0.0.ok }.map(\.0.id))
             r.stopped.removeAll { back.contains($0.name) }
-            do { try r.save(f) } catch { throw CLIExit.fail("record \(f): \(error)", code: 1) }
+            do { try r.save(f) } catch { throw CLIExit.fail(.failed, "record \(f): \(error)") }
             if !r.stopped.isEmpty { print("still recorded in \(f): \(r.stopped.map(\.name).joined(separator: " "))") }
         }
         let failed = outcomes.filter { !$0.0.ok }.count
-        if failed > 0 { throw CLIExit.fail("\(failed) of \(todo.count) domains could not be resumed", code: 1) }
+        if failed > 0 { throw CLIExit.fail(.failed, "\(failed) of \(todo.count) domains could not be resumed") }
     }
 }

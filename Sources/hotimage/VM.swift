@@ -46,13 +46,7 @@ struct VMCommand: ParsableCommand {
         backup that restores a guest with its memory, that directory must be on a \
         volume being backed up (layout says so when it is not).
 
-        EXIT CODES
-          0  done for every domain
-          1  some domain could not be stopped or resumed (the others were; the
-             record lists what was stopped)
-          2  usage or refused: no selection or two, an unknown domain name
-             (nothing was done), a volume that is not a directory, a bad record
-          5  libvirt cannot be reached (virsh missing, the daemon not answering)
+        \(ExitCodes.help(ExitCodes.vm))
 
         Examples:
           hotimage vm layout /srv/vms
@@ -80,18 +74,18 @@ struct VMOptions: ParsableArguments {
     }
 
     func connect(default d: String? = nil) throws -> Virsh {
-        do { return try Virsh.connect(uri: givenURI ?? d ?? uri) } catch { throw CLIExit.fail("\(error)", code: 5) }
+        do { return try Virsh.connect(uri: givenURI ?? d ?? uri) } catch { throw CLIExit.fail(.unreachable, "\(error)") }
     }
 }
 
 /// Every domain (or the named ones, which must all exist), inspected at once.
 func inspectDomains(_ virsh: Virsh, _ s: LibvirtSettings, names: [String]? = nil) throws -> [LibvirtDomainInfo] {
     let all: [String]
-    do { all = try virsh.domainNames() } catch { throw CLIExit.fail("\(error)", code: 5) }
+    do { all = try virsh.domainNames() } catch { throw CLIExit.fail(.unreachable, "\(error)") }
     let wanted = names ?? all
     let unknown = wanted.filter { !all.contains($0) }
     if !unknown.isEmpty {
-        throw CLIExit.fail("no such domain: \(unknown.joined(separator: ", ")) (there are: \(all.isEmpty ? "none" : all.joined(separator: ", "))); nothing done", code: 2)
+        throw CLIExit.fail(.refused, "no such domain: \(unknown.joined(separator: ", ")) (there are: \(all.isEmpty ? "none" : all.joined(separator: ", "))); nothing done")
     }
     let paths = s.paths, cd = s.cdromCounts
     let found = inParallel(wanted) { n -> Result<LibvirtDomainInfo, Error> in
@@ -102,7 +96,7 @@ func inspectDomains(_ virsh: Virsh, _ s: LibvirtSettings, names: [String]? = nil
         switch r {
         case .success(let d): out.append(d)
         case .failure(let e):
-            if names != nil { throw CLIExit.fail("\(n): \(e)", code: 1) }
+            if names != nil { throw CLIExit.fail(.failed, "\(n): \(e)") }
             writeStderr("hotimage: \(n): \(e) (left out)\n")  // undefined while we looked
         }
     }
@@ -113,7 +107,7 @@ func checkVolumes(_ volumes: [String]) throws {
     for v in volumes {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: v, isDirectory: &isDir), isDir.boolValue else {
-            throw CLIExit.fail("volume \(v): not a mount point or directory", code: 2)
+            throw CLIExit.fail(.usage, "volume \(v): not a mount point or directory")
         }
     }
 }

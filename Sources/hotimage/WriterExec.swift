@@ -17,10 +17,10 @@ struct WriterExecCommand: ParsableCommand {
 
     func run() throws {
         guard let w = builtinWriter(named: name) else {
-            throw CLIExit.fail("no built-in writer '\(name)' (there are: \(builtinWriters.map { $0.name }.joined(separator: ", ")))", code: 2)
+            throw CLIExit.fail(.usage, "no built-in writer '\(name)' (there are: \(builtinWriters.map { $0.name }.joined(separator: ", ")))")
         }
         let s: WriterSettings
-        do { s = try WriterSettings.parse(arguments: setting) } catch { throw CLIExit.fail("\(error)", code: 2) }
+        do { s = try WriterSettings.parse(arguments: setting) } catch { throw CLIExit.fail(.usage, "\(error)") }
         let code = WriterExec.serve(w, verb: verb, settings: s)
         if code != 0 { throw ExitCode(code) }
     }

@@ -38,10 +38,7 @@ struct WritersCommand: ParsableCommand {
         Writers, their directory and their settings come from the configuration \
         file (/etc/hotimage/hotimage.conf) as for 'backup', then from the options.
 
-        EXIT CODES
-          0  listed
-          1  a writer failed to list its components (said on stderr and in the list)
-          2  usage error, or an unknown writer named
+        \(ExitCodes.help(ExitCodes.writers))
         """)
 
     @Option(parsing: .upToNextOption, help: ArgumentHelp("Mount points (or directories) whose coverage to show.", valueName: "volume"))
@@ -76,15 +73,15 @@ struct WritersCommand: ParsableCommand {
     func run() throws {
         let cfg: HotimageConfig
         do { cfg = try HotimageConfig.load(path: config ?? HotimageConfig.defaultPath, required: config != nil) } catch {
-            throw CLIExit.fail("\(error)", code: 2)
+            throw CLIExit.fail(.usage, "\(error)")
         }
         var wc = cfg.writers
         if let w = writers { wc.selection = WriterSelection(parsing: w) }
         if let d = writersDir { wc.directory = d }
-        do { wc.settings.pairs += try WriterSettings.parse(arguments: writerSetting).pairs } catch { throw CLIExit.fail("\(error)", code: 2) }
-        for v in volumes where !FileManager.default.fileExists(atPath: v) { throw CLIExit.fail("no such volume or directory: \(v)", code: 2) }
+        do { wc.settings.pairs += try WriterSettings.parse(arguments: writerSetting).pairs } catch { throw CLIExit.fail(.usage, "\(error)") }
+        for v in volumes where !FileManager.default.fileExists(atPath: v) { throw CLIExit.fail(.usage, "no such volume or directory: \(v)") }
         let (found, missing) = WriterDiscovery.find(wc)
-        if !missing.isEmpty { throw CLIExit.fail("no such writer: \(missing.joined(separator: ", "))", code: 2) }
+        if !missing.isEmpty { throw CLIExit.fail(.usage, "no such writer: \(missing.joined(separator: ", "))") }
         let listings = WriterHost.list(found, volumes: volumes, config: wc)
         let rows = listings.map { l in
             Row(writer: l.writer.name, kind: l.writer.kind, error: l.error, components: l.components.map { c in
@@ -95,7 +92,7 @@ struct WritersCommand: ParsableCommand {
         }
         if json { printJSON(rows) } else { printText(rows) }
         for l in listings { if let e = l.error { writeStderr("hotimage: writer \(l.writer.name): \(e)\n") } }
-        if listings.contains(where: { $0.error != nil }) { throw ExitCode(1) }
+        if listings.contains(where: { $0.error != nil }) { throw CLIExit.status(.failed) }
     }
 
     func printText(_ rows: [Row]) {

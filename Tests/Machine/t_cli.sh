@@ -69,7 +69,7 @@ expect_exit 2 "mode must be online, auto or offline" -- "$HOTIMAGE" backup x -o 
 expect_exit 2 "compress" -- "$HOTIMAGE" backup x -o y --compress lzma
 expect_exit 2 "cluster-size must be" -- "$HOTIMAGE" backup x -o y --cluster-size 3K
 expect_exit 2 "neither an attachment" -- "$HOTIMAGE" backup /nonexistent -o "$W/x.qcow2" --run-dir "$RUN"
-expect_exit 2 "not a qcow2|qcow2|magic" -- "$HOTIMAGE" verify /etc/hostname
+expect_exit 2 "too short for a qcow2 header" -- "$HOTIMAGE" verify /etc/hostname
 expect_exit 1 "magic|qcow2" -- "$HOTIMAGE" info /etc/hostname
 expect_exit 2 "Missing expected argument" -- "$HOTIMAGE" restore
 expect_exit 2 "no such writer: nope" -- "$HOTIMAGE" writers --writers nope --writers-dir "$W"
@@ -80,5 +80,8 @@ expect_exit 2 "one of them" -- "$HOTIMAGE" vm stop
 expect_exit 2 "one of them" -- "$HOTIMAGE" vm resume --all --from /nonexistent
 expect_exit 2 "yes or no" -- "$HOTIMAGE" vm stop --all --partial maybe
 expect_exit 2 "seconds > 0" -- "$HOTIMAGE" vm resume --all --wait 0
+# libvirt that cannot be reached (no virsh, or no daemon at the URI): its own
+# exit code, not 5 (backup's "a writer could not freeze").
+expect_exit 7 "virsh is not installed|does not answer" -- "$HOTIMAGE" vm layout --uri "qemu:///system?socket=$W/no-libvirt.sock"
 expect_exit 1 "neither a block device nor a regular file" -- "$HOTIMAGE" attach /dev/null --name hit-null --run-dir "$RUN"
 log "ok"
