@@ -6,11 +6,13 @@
 //   -> CHotShim (C glue: ioctl numbers and structs, no logic)
 //      HotSync (the one mutex and the one mutex+condition; Glibc only)
 //      HotErrors (failure kinds and the CodedError protocol; no dependencies)
-//   -> HotOS (typed Swift over the OS; the only Swift that calls C)
+//   -> HotOS (typed Swift over the OS: the system calls; the codec libraries
+//      libzstd, zlib and libnbd are called by QCow2 and HotImager directly)
 //   -> NBDWire, HotCore, QCow2 (pure Swift: NBD codec, protection map, COW
 //      buffer, session; qcow2 writer, reader and verifier)
 //   -> HotControl (the control protocol: ops, requests, replies, status; the client)
-//   -> HotDaemon (session daemons: NBD + control servers, attach, dm-snapshot)
+//   -> HotDaemon (the session daemon and its backends: HotCore with its NBD
+//      server and frontends, dm-snapshot; the launcher; dead-daemon cleanup)
 //      HotWriters (writers: components, freeze/thaw protocol, built-ins)
 //   -> HotImager (backup, restore; talks to a daemon through HotControl only)
 //   -> hotimage (CLI); hotimage-stamp (test tool over CHotShim and HotSync)

@@ -7,14 +7,22 @@
 
 /// Shared option defaults.
 public enum Defaults {
-    /// Size of each hb_NN.tmp buffer file (the COW store grows by this much).
     /// Where daemons keep their run directories (RUN/NAME).
     public static let runDir = "/run/hotimage"
+    /// Size of each hb_NN.tmp buffer file (the COW store grows by this much).
     public static let hbFileBytes: UInt64 = 256 << 20
     /// All hb files together; beyond it the session fails.
     public static let bufferLimitBytes: UInt64 = 16 << 30
     /// Memory tier of HotCore's copy-on-write buffer.
     public static let memoryBufferBytes = 64 << 20
+    /// The snapshot must be complete (the used map received) within this of begin.
+    public static let snapshotDeadlineNanos: UInt64 = 60_000_000_000
+    /// No block may stay in HotCore's memory tier longer than this.
+    public static let memoryDeadlineNanos: UInt64 = 10_000_000_000
+    /// A session whose client is silent this long is dropped.
+    public static let heartbeatTimeoutNanos: UInt64 = 10_000_000_000
+    /// The write-inactivity pause that marks a consistent point.
+    public static let pauseNanos: UInt64 = 200_000_000
     /// The imager enters emergency mode when the hb files hold this much.
     public static let emergencyBytes: UInt64 = 256 << 20
 

@@ -20,12 +20,12 @@
 import HotSync
 
 public struct KernelCOWDeadlines: Sendable, Equatable {
-    public var snapshotNanos: UInt64 = 60_000_000_000
-    public var heartbeatNanos: UInt64 = 10_000_000_000
+    public var snapshotNanos: UInt64
+    public var heartbeatNanos: UInt64
     /// Only for a transient daemon: exit when no session began by then.
     public var idleExitNanos: UInt64?
 
-    public init(snapshotNanos: UInt64 = 60_000_000_000, heartbeatNanos: UInt64 = 10_000_000_000, idleExitNanos: UInt64? = nil) {
+    public init(snapshotNanos: UInt64 = Defaults.snapshotDeadlineNanos, heartbeatNanos: UInt64 = Defaults.heartbeatTimeoutNanos, idleExitNanos: UInt64? = nil) {
         self.snapshotNanos = snapshotNanos
         self.heartbeatNanos = heartbeatNanos
         self.idleExitNanos = idleExitNanos
@@ -138,15 +138,18 @@ public final class KernelCOWSession: @unchecked Sendable {
 
     /// Applies the deadlines; at most one event a tick.
     public func tick() -> KernelCOWEvent? {
-        let now = clock.now()
         let ev: KernelCOWEvent? = m.withLock {
+            // Read under the lock, and never less than the last heartbeat: a
+            // heartbeat that lands between reading the clock and comparing
+            // must not look like one from the far past.
+            let now = max(clock.now(), lastHeartbeat, beganAt)
             switch phase {
-            case .armed where now &- beganAt > deadlines.snapshotNanos:
+            case .armed where now - beganAt > deadlines.snapshotNanos:
                 return .failed("the snapshot was not complete within \(secondsText(deadlines.snapshotNanos)) s (no used-block map from the client)")
-            case .protecting where now &- lastHeartbeat > deadlines.heartbeatNanos:
+            case .protecting where now - lastHeartbeat > deadlines.heartbeatNanos:
                 return .dropped("no heartbeat for \(secondsText(deadlines.heartbeatNanos)) s")
             case .idle where sessionsBegun == 0 && !idleExitSaid:
-                guard let limit = deadlines.idleExitNanos, now &- startedAt > limit else { return nil }
+                guard let limit = deadlines.idleExitNanos, now >= startedAt, now - startedAt > limit else { return nil }
                 idleExitSaid = true
                 return .idleExit("no session began within \(secondsText(limit)) s")
             default:

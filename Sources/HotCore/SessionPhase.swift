@@ -49,13 +49,13 @@ public struct EngineConfig: Sendable, Equatable {
     /// Blocks older than this leave memory even below the high-water mark.
     public var spillAfterNanos: UInt64 = 2_000_000_000
     /// The snapshot must be complete (protecting) within this after begin.
-    public var snapshotDeadlineNanos: UInt64 = 60_000_000_000
+    public var snapshotDeadlineNanos: UInt64 = Defaults.snapshotDeadlineNanos
     /// No block may stay in the memory buffer longer than this.
-    public var memoryDeadlineNanos: UInt64 = 10_000_000_000
+    public var memoryDeadlineNanos: UInt64 = Defaults.memoryDeadlineNanos
     /// No heartbeat for this long: the session is dropped.
-    public var heartbeatTimeoutNanos: UInt64 = 10_000_000_000
+    public var heartbeatTimeoutNanos: UInt64 = Defaults.heartbeatTimeoutNanos
     /// Write-inactivity pause length.
-    public var pauseNanos: UInt64 = 200_000_000
+    public var pauseNanos: UInt64 = Defaults.pauseNanos
     /// With a freeze, how long to wait for a pause before freezing anyway
     /// (the freeze alone makes the point consistent; the pause only keeps
     /// the frozen time short, as HotBackup did).

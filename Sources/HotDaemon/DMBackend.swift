@@ -39,8 +39,8 @@ public struct DMDaemonOptions: Sendable {
     public var bufferDir: String?
     public var hbFileBytes: UInt64 = Defaults.hbFileBytes
     public var bufferLimitBytes: UInt64 = Defaults.bufferLimitBytes
-    public var snapshotDeadlineNanos: UInt64 = 60_000_000_000
-    public var heartbeatTimeoutNanos: UInt64 = 10_000_000_000
+    public var snapshotDeadlineNanos: UInt64 = Defaults.snapshotDeadlineNanos
+    public var heartbeatTimeoutNanos: UInt64 = Defaults.heartbeatTimeoutNanos
     /// A transient daemon that nobody begins a session with exits after this.
     public var idleExitNanos: UInt64 = 30_000_000_000
 

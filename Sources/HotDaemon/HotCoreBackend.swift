@@ -245,9 +245,7 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
     }
 
     func fillStatus(_ s: inout DaemonStatus) {
-        let e = engine.status()
-        s.session = SessionStatus(engine: e, lastFailure: nil, bufferLimitBytes: options.bufferLimitBytes)
-        s.engine = e
+        s.engine = engine.status()
         s.nbdSocket = nbd.socketPath
         s.snapshotURI = snapshotURI
         s.connections = nbd.connectionCount

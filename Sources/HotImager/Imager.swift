@@ -340,7 +340,7 @@ public final class Imager: @unchecked Sendable {
     private func watch(_ s: SessionClient, now: UInt64, samples: inout [(t: UInt64, bytes: UInt64)]) {
         let st: DaemonStatus
         do { st = try s.status() } catch {
-            fail(ImagerError(description: "the HotCore daemon stopped answering: \(error)", kind: .sessionFailed))
+            fail(ImagerError(description: "the session daemon stopped answering: \(error)", kind: .sessionFailed))
             return
         }
         if st.session.phase == .failed {

@@ -21,9 +21,8 @@
 //
 // No file-system call runs under the store's mutex: the engine calls `free`
 // and `removeAll` under its own lock, so an unlink, close or open that
-// blocks (a slow or wedged buffer disk; in issue 14 the buffer directory sat
-// on the very volume HotCore protects, and an unlink under the engine lock
-// stopped every live write for good) would stop every live write. New files
+// blocks (a slow or wedged buffer disk, or one whose writes need the very
+// volume HotCore protects) would stop every live write. New files
 // are opened outside the mutex (a placeholder reserves the index); with
 // `deferDeletes`, closes and unlinks are queued and `collectGarbage` (the
 // daemon's movers) does them; a name waiting for its unlink is not reused.

@@ -90,16 +90,16 @@ struct Attach: ParsableCommand {
     var bufferLimit: String = Defaults.sizeText(Defaults.bufferLimitBytes)
 
     @Option(help: "Write-inactivity pause that marks a consistent point, in ms.")
-    var pauseMs: Double = 200
+    var pauseMs: Double = Double(Defaults.pauseNanos) / 1e6
 
     @Option(help: "The snapshot must be complete within this many seconds.")
-    var snapshotDeadline: Double = 60
+    var snapshotDeadline: Double = Double(Defaults.snapshotDeadlineNanos) / 1e9
 
     @Option(help: "No block may stay in the memory buffer longer than this many seconds.")
-    var bufferDeadline: Double = 10
+    var bufferDeadline: Double = Double(Defaults.memoryDeadlineNanos) / 1e9
 
     @Option(help: "Drop the session when its client is silent this many seconds.")
-    var heartbeatTimeout: Double = 10
+    var heartbeatTimeout: Double = Double(Defaults.heartbeatTimeoutNanos) / 1e9
 
     @Option(help: "--via nbd: sockets between the kernel and HotCore (1-16).")
     var nbdConnections: Int = 2

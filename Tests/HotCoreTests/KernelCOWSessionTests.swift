@@ -134,4 +134,24 @@ final class KernelCOWSessionTests: XCTestCase {
         XCTAssertEqual(f.armedAtNanos, cut)
         XCTAssertEqual(f.consistency, .raw)
     }
+
+    /// A clock that answers a script of times, then repeats the last.
+    private final class ScriptedClock: SessionClock, @unchecked Sendable {
+        private var times: [UInt64]
+        init(_ seconds: [Double]) { times = seconds.map { UInt64($0 * 1e9) } }
+        func now() -> UInt64 { times.count > 1 ? times.removeFirst() : times[0] }
+    }
+
+    func testAHeartbeatNewerThanTheTicksClockReadingIsNotAncient() {
+        // The ticker reads the clock, a heartbeat lands (a later reading),
+        // then the comparison runs: the difference must not wrap around.
+        let clock = ScriptedClock([10, 10, 10, 12, 11])   // init, begin, mapped, heartbeat, tick
+        let s = KernelCOWSession(clock: clock, deadlines: KernelCOWDeadlines(heartbeatNanos: 10_000_000_000))
+        XCTAssertNil(s.begin(consistency: .raw))
+        XCTAssertTrue(s.built(cutNanos: 10_000_000_000))
+        XCTAssertNil(s.mapped(blocks: 1))
+        s.heartbeat()
+        XCTAssertNil(s.tick(), "a heartbeat 1 s 'after' the tick's reading dropped the session")
+        XCTAssertEqual(s.currentPhase, .protecting)
+    }
 }
