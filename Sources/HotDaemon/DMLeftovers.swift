@@ -266,7 +266,7 @@ extension DMLeftovers {
         var out: [String] = []
         for l in all(runDir: runDir, linear: false) {
             var said: [String] = []
-            let left = l.clean(say: { said.append($0) })
+            let left = l.clean(keepLog: true, say: { said.append($0) })
             out += said + left
         }
         return out
@@ -274,10 +274,14 @@ extension DMLeftovers {
 
     /// Removes this name's leftovers; returns what is left (empty: all
     /// gone), each with what to do about it. `say` reports each action.
-    public func clean(say: (String) -> Void) -> [String] {
+    public func clean(say: (String) -> Void) -> [String] { clean(keepLog: false, say: say) }
+
+    /// `keepLog`: leave RUN/NAME/daemon.log (a daemon starting under this
+    /// name may already be writing it).
+    func clean(keepLog: Bool, say: (String) -> Void) -> [String] {
         var left: [String] = []
         for s in sessions { left += cleanSession(s, say: say) }
-        if left.isEmpty, let r = runDirectory { left += cleanRunDirectory(r, say: say) }
+        if left.isEmpty, let r = runDirectory { left += cleanRunDirectory(r, keepLog: keepLog, say: say) }
         if left.isEmpty, let a = linear { left += cleanLinear(a, say: say) }
         return left
     }
@@ -333,7 +337,7 @@ extension DMLeftovers {
 
     /// The recorded loops and hb files, then the records and the directory.
     /// Holds the lock meanwhile, so a daemon starting under the same name waits.
-    func cleanRunDirectory(_ r: RunDirectory, say: (String) -> Void) -> [String] {
+    func cleanRunDirectory(_ r: RunDirectory, keepLog: Bool, say: (String) -> Void) -> [String] {
         let fd = open(r.dir + "/lock", O_RDWR | O_CLOEXEC)
         if fd < 0 { return [] }
         defer { close(fd) }
@@ -347,6 +351,7 @@ extension DMLeftovers {
             if unlink(lf.file) == 0 { say("  deleted \(lf.file)") }
         }
         for f in DMLeftovers.runRecords { unlink(r.dir + "/" + f) }
+        if !keepLog { unlink(r.dir + "/daemon.log") }
         rmdir(r.dir)
         return []
     }

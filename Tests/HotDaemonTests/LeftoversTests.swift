@@ -175,7 +175,7 @@ private final class FakeRun {
         try FileManager.default.createDirectory(atPath: hb, withIntermediateDirectories: true)
         try "x".write(toFile: hb + "/hb_00.tmp", atomically: false, encoding: .utf8)
         for (f, t) in [("pid", "4242\n"), ("via", "dm\n"), ("device", "/dev/mapper/vg-lv\n"), ("lock", ""), ("control.sock", ""),
-                       ("loops", "/dev/loop250 \(hb)/hb_00.tmp\n/dev/loop251 \(hb)/hb_01.tmp\n")] {
+                       ("loops", "/dev/loop250 \(hb)/hb_00.tmp\n/dev/loop251 \(hb)/hb_01.tmp\n"), ("daemon.log", "log\n")] {
             try run.write("vg-lv", f, t)
         }
         // A HotCore daemon's cleaner does not take a dm daemon's directory.
@@ -220,10 +220,12 @@ private final class FakeRun {
         for n in ["x", "y"] {
             for (f, t) in [("pid", "1\n"), ("via", "dm\n"), ("lock", "")] { try run.write(n, f, t) }
         }
+        try run.write("y", "daemon.log", "a new daemon's log\n")   // kept: it may be writing it
         try run.write("core", "pid", "1\n")   // a HotCore daemon's: not the dm cleaner's
         let out = DMLeftovers.clean(runDir: run.root)
         #expect(out == ["removing the run directory of the dead dm daemon 'x'", "removing the run directory of the dead dm daemon 'y'"])
         #expect(!FileManager.default.fileExists(atPath: run.dir("x")))
         #expect(FileManager.default.fileExists(atPath: run.dir("core") + "/pid"))
+        #expect(run.files("y") == ["daemon.log"])
     }
 }
