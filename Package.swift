@@ -95,5 +95,6 @@ let package = Package(
         .testTarget(name: "QCow2Tests", dependencies: ["QCow2"], exclude: ["Corpus"], swiftSettings: swift5),
         .testTarget(name: "HotImagerTests", dependencies: ["HotImager"], swiftSettings: swift5),
         .testTarget(name: "HotWritersTests", dependencies: ["HotWriters"], swiftSettings: swift5),
+        .testTarget(name: "HotDaemonTests", dependencies: ["HotDaemon", "HotControl", "HotOS"], swiftSettings: swift5),
     ]
 )

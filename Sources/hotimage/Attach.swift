@@ -201,8 +201,13 @@ struct Detach: ParsableCommand {
 
         After the daemon was killed, it removes what the daemon left: the loop \
         device over its nbdfuse file, the FUSE mount, a leftover nbdfuse \
-        process, /dev/hotimage/NAME and the run directory ('hotimage status' \
-        lists them). What it cannot remove it names, with the command to remove \
+        process, /dev/nbdN, /dev/hotimage/NAME and the run directory; for a \
+        dm-snapshot daemon (attach --via dm, or the one 'backup' starts for a \
+        device-mapper volume, named after it) the snapshot, COW and REAL \
+        devices, the loops over hb files and the files, and it gives the \
+        origin its own table back, then removes the linear device of 'attach \
+        --via dm' once nothing has it mounted ('hotimage status' lists all of \
+        these). What it cannot remove it names, with the command to remove \
         it; it then exits 1 and can be run again.
         """)
 
@@ -217,20 +222,23 @@ struct Detach: ParsableCommand {
     func run() throws {
         guard let dir = daemonDir(name, runDir: paths.runDir) else {
             // A dead daemon's leftovers without its control socket.
-            if !name.contains("/"), HotCoreLeftovers.inspect(dir: paths.runDir + "/" + name) != nil {
-                return try cleanUpAfterDeadDaemon(paths.runDir + "/" + name)
+            if !name.contains("/"), let l = Leftovers.find(name: name, runDir: paths.runDir) {
+                return try cleanUpAfterDeadDaemon(l)
             }
-            if try detachOrphanDM(name, runDir: paths.runDir) { return }
             throw CLIExit.fail("no HotCore daemon '\(name)' in \(paths.runDir)")
         }
         let pid = (try? String(contentsOfFile: dir + "/pid", encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
         let c: ControlClient
         do { c = try ControlClient(path: dir + "/control.sock") } catch {
             // The daemon holds RUN/NAME/lock while it lives.
-            if HotCoreLeftovers.daemonAlive(dir: dir) {
+            if Leftovers.daemonAlive(dir: dir) {
                 throw CLIExit.fail("the daemon\(pid.map { " (pid \($0))" } ?? "") does not answer on \(dir)/control.sock: \(error)")
             }
-            try cleanUpAfterDeadDaemon(dir)
+            let runDir = (dir as NSString).deletingLastPathComponent
+            guard let l = Leftovers.find(name: (dir as NSString).lastPathComponent, runDir: runDir) else {
+                throw CLIExit.fail("nothing of '\(name)' is left in \(dir)")
+            }
+            try cleanUpAfterDeadDaemon(l)
             return
         }
         var req = ControlRequest(op: .detach)
@@ -248,13 +256,10 @@ struct Detach: ParsableCommand {
         print("detached \(name)")
     }
 
-    /// The daemon was killed: remove what it left, by its own records only
-    /// (HotCoreLeftovers). Goes to the end, or says what is left and how to
-    /// remove it, exits non-zero and keeps the records for another run.
-    func cleanUpAfterDeadDaemon(_ dir: String) throws {
-        guard let l = HotCoreLeftovers.inspect(dir: dir) else {
-            throw CLIExit.fail("nothing of '\(name)' is left in \(dir)")
-        }
+    /// The daemon was killed: Leftovers removes what it left (by its own
+    /// records and hotimage's own devices only), going to the end or saying
+    /// what is left; here only the printing and the exit code.
+    func cleanUpAfterDeadDaemon(_ l: Leftovers) throws {
         for line in l.lines { writeStderr("hotimage: left by the dead daemon of '\(l.name)': \(line)\n") }
         // What it did is its output (stdout); what it found and what is left, stderr.
         let left = l.clean { print($0) }

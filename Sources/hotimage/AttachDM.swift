@@ -72,19 +72,3 @@ struct CLISessionLauncher: TransientSessionLauncher {
         return dir
     }
 }
-
-/// `detach NAME` when no daemon answers: a linear device that `attach --via
-/// dm` made and whose daemon died is removed (if nothing has it open).
-/// Returns false when there is no such device.
-func detachOrphanDM(_ name: String, runDir: String) throws -> Bool {
-    guard getuid() == 0, DeviceMapper.available else { return false }
-    for line in DMLeftovers.clean(runDir: runDir) { writeStderr("hotimage: \(line)\n") }
-    let dmName = DMOwner.deviceName(name, .attach)
-    guard let info = try DeviceMapper.info(name: dmName), info.uuid == DMOwner(role: .attach, name: name).uuid else { return false }
-    let path = DeviceMapper.nodePath(dmName)
-    if let m = Mounts.of(device: path).first { throw CLIExit.fail("detach refused: \(path) is mounted on \(m.mountPoint); unmount it first") }
-    if info.openCount > 0 { throw CLIExit.fail("detach refused: \(path) is open by another program") }
-    do { try DeviceMapper.remove(name: dmName) } catch { throw CLIExit.fail("\(error)") }
-    print("detached \(name) (removed \(dmName), whose daemon had died)")
-    return true
-}

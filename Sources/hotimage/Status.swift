@@ -17,14 +17,13 @@ struct Status: ParsableCommand {
         the snapshot device and its state, COW bytes used of the store's size, \
         and its hb files. --json prints one JSON object per daemon per line.
 
-        A HotCore daemon that was killed is listed with what it left behind (its \
-        run directory, the loop device over its FUSE file, the FUSE mount, an \
-        nbdfuse process) and the command that removes them, 'hotimage detach \
-        NAME'; listing them changes nothing.
-
-        It also cleans up what killed dm-snapshot daemons left behind (only \
-        hotimage's own devices, found by name and owner; each action is \
-        printed on stderr).
+        A daemon that was killed is listed with what it left behind (its run \
+        directory, the loop device over its FUSE file, the FUSE mount, an \
+        nbdfuse process, /dev/nbdN; for a dm-snapshot daemon its snapshot, COW \
+        and REAL devices, the origin that still maps through them, the loops \
+        over hb files and the files, the linear device of 'attach --via dm') \
+        and the command that removes them, 'hotimage detach NAME'. Listing them \
+        changes nothing.
 
         \(ExitCodes.help(ExitCodes.status))
         """)
@@ -38,32 +37,35 @@ struct Status: ParsableCommand {
     @OptionGroup var paths: RunDirOptions
 
     func run() throws {
-        // Leftovers of killed dm-snapshot daemons (only hotimage's own devices, by name and owner).
-        for line in DMLeftovers.clean(runDir: paths.runDir) { writeStderr("hotimage: \(line)\n") }
-        var dirs: [String]
+        // (dir, what its dead daemon left); listing changes nothing.
+        var entries: [(dir: String, dead: Leftovers?)]
         if let name {
             if let d = daemonDir(name, runDir: paths.runDir) {
-                dirs = [d]
-            } else if !name.contains("/"), HotCoreLeftovers.inspect(dir: paths.runDir + "/" + name) != nil {
-                dirs = [paths.runDir + "/" + name]
+                entries = [(d, Leftovers.find(name: (d as NSString).lastPathComponent, runDir: (d as NSString).deletingLastPathComponent))]
+            } else if !name.contains("/"), let l = Leftovers.find(name: name, runDir: paths.runDir) {
+                entries = [(paths.runDir + "/" + name, l)]
             } else {
                 throw CLIExit.fail("no HotCore daemon '\(name)' in \(paths.runDir)")
             }
         } else {
+            let dead = Leftovers.all(runDir: paths.runDir)
+            let deadNames = Set(dead.map(\.name))
             let names = (try? FileManager.default.contentsOfDirectory(atPath: paths.runDir)) ?? []
-            dirs = names.sorted().map { paths.runDir + "/" + $0 }.filter {
-                FileManager.default.fileExists(atPath: $0 + "/control.sock") || HotCoreLeftovers.inspect(dir: $0) != nil
-            }
-            if dirs.isEmpty && !json { print("no HotCore daemons in \(paths.runDir)") }
+            entries = names.filter {
+                !deadNames.contains($0) && FileManager.default.fileExists(atPath: paths.runDir + "/" + $0 + "/control.sock")
+            }.map { (paths.runDir + "/" + $0, nil) }
+            entries += dead.map { (paths.runDir + "/" + $0.name, $0) }
+            entries.sort { $0.dir < $1.dir }
+            if entries.isEmpty && !json { print("no HotCore daemons in \(paths.runDir)") }
         }
         var failed = false
-        for d in dirs {
+        for (d, dead) in entries {
             // A killed daemon: show what it left and how to remove it (read only).
-            if let l = HotCoreLeftovers.inspect(dir: d) {
+            if let l = dead {
                 if json {
                     let enc = JSONEncoder()
                     enc.outputFormatting = [.sortedKeys]
-                    print(String(decoding: try enc.encode(DeadDaemon(deadDaemon: l, hint: "hotimage detach \(l.name)")), as: UTF8.self))
+                    print(String(decoding: try enc.encode(DeadDaemon(deadDaemon: l, hint: l.hint)), as: UTF8.self))
                 } else {
                     print(renderLeftovers(l))
                 }
@@ -90,14 +92,14 @@ struct Status: ParsableCommand {
     }
 
     struct DeadDaemon: Encodable {
-        var deadDaemon: HotCoreLeftovers
+        var deadDaemon: Leftovers
         var hint: String
     }
 
-    func renderLeftovers(_ l: HotCoreLeftovers) -> String {
+    func renderLeftovers(_ l: Leftovers) -> String {
         var lines = ["\(l.name): daemon dead\(l.pid.map { " (was pid \($0))" } ?? ""); left behind:"]
         lines += l.lines.map { "  " + $0 }
-        lines.append("  remove with: hotimage detach \(l.name)" + (l.mountedOn.isEmpty ? "" : " (after 'umount \(l.mountedOn.joined(separator: " "))')"))
+        lines.append("  remove with: \(l.hint)" + (l.mountedOn.isEmpty ? "" : " (after 'umount \(l.mountedOn.joined(separator: " "))')"))
         return lines.joined(separator: "\n")
     }
 

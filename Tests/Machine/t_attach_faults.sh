@@ -9,7 +9,9 @@
 #     without hb in the new mount the held descriptor keeps the hb files
 #     off the volume and the snapshot and backup complete;
 #  c. kill -9 of the daemon under a mounted ext4 with a writer: what the
-#     filesystem sees (recorded), status lists the leftovers, detach refuses
+#     filesystem sees (recorded), status lists the leftovers and changes
+#     nothing (loops, mounts, run directory, nbdfuse, link compared before
+#     and after), detach refuses
 #     while mounted and says what to do, after umount it removes everything
 #     (loop, FUSE mount, run directory, link); re-attach + e2fsck recovers;
 #     and kill -9 with nbdfuse stopped (left alive) or killed too.
@@ -195,6 +197,21 @@ gone_checks() {  # name
   H status | grep -q "$n" && fail "$n: status still lists it"
   return 0
 }
+# What `status` must not change for NAME: loops, mounts, the run directory,
+# nbdfuse processes, the link.
+kernel_state() {  # name
+  losetup -a | sort; cat /proc/self/mounts; ls -A "$RUN/$1" 2>&1
+  pgrep -f "$RUN/$1/fuse/disk"; readlink "/dev/hotimage/$1"
+}
+# status_leaves_alone NAME LABEL [status args]: prints status's output.
+status_leaves_alone() {
+  local n=$1 label=$2 st; shift 2
+  kernel_state "$n" > "$W/state.before"
+  st=$(H status "$@" 2>&1) || fail "$label: status failed: $st"
+  kernel_state "$n" > "$W/state.after"
+  cmp -s "$W/state.before" "$W/state.after" || fail "$label: status changed kernel state: $(diff "$W/state.before" "$W/state.after" | tr '\n' ' ')"
+  echo "$st"
+}
 if part c; then
 attach_new hit-kill 128M
 mkfs.ext4 -q -F "$DEV" || fail "mkfs $DEV"
@@ -212,7 +229,7 @@ wait $FW; log "c. writer after kill -9: exit $?, $(tail -1 "$W/kill.fw")"
 sleep 1
 log "c. kernel: $(dmesg 2>/dev/null | grep -oE "I/O error, dev [a-z0-9]+|Buffer I/O error on dev(ice)? [a-z0-9]+|Aborting journal|Detected aborted journal|Remounting filesystem read-only|I/O error while writing superblock" | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
 log "c. touch: $(touch "$W/kill/new" 2>&1); ls works: $(ls "$W/kill" | wc -l) entries"
-st=$(H status 2>&1) || fail "c: status failed: $st"
+st=$(status_leaves_alone hit-kill c) || exit 1
 echo "$st" | grep -q "hit-kill: daemon dead" || fail "c: status does not list the dead daemon: $st"
 echo "$st" | grep -q "loop device $DEV over $RUN/hit-kill/fuse/disk, mounted on $W/kill" || fail "c: status does not show the loop: $st"
 echo "$st" | grep -q "hotimage detach hit-kill" || fail "c: status gives no hint: $st"
@@ -242,7 +259,7 @@ part c2 && for n in hit-kill2 hit-kill3; do
   if [ $n = hit-kill2 ]; then kill -STOP $nf; kill -9 "$(cat "$RUN/$n/pid")"
   else kill -9 "$(cat "$RUN/$n/pid")" $nf; fi
   sleep 0.5
-  st=$(H status $n 2>&1) || fail "$n: status $n failed: $st"
+  st=$(status_leaves_alone $n $n $n) || exit 1
   echo "$st" | grep -q "daemon dead" || fail "$n: status: $st"
   [ $n = hit-kill2 ] && { echo "$st" | grep -q "nbdfuse process $nf" || fail "$n: status does not show nbdfuse: $st"; }
   out=$(H detach $n 2>&1) || fail "$n: detach failed: $out"

@@ -1,8 +1,8 @@
 # Helpers for the dm-snapshot tests in the VM (sourced by v_dm_*.sh after
 # Tests/Machine/lib.sh). Test devices are named hitdm-*; dmsetup is only a
 # test oracle here (hotimage never runs it). dm_cleanup (chained before the
-# suite's cleanup) kills this test's daemons, lets `hotimage status` clean
-# their leftovers, and removes by name whatever dm devices the test made.
+# suite's cleanup) kills this test's daemons, lets `hotimage detach NAME`
+# clean their leftovers, and removes by name whatever dm devices the test made.
 source "$(dirname "${BASH_SOURCE[0]}")/../Machine/lib.sh"
 [ -n "${HOTIMAGE_IN_VM:-}" ] || skip "runs inside Scripts/vm-test only"
 [ -c /dev/mapper/control ] || skip "no device-mapper in this kernel"
@@ -14,7 +14,9 @@ dm_cleanup() {
   grep " $W" /proc/self/mounts | awk '{print $2}' | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
   for d in "$RUN"/*/; do [ -f "$d/pid" ] && kill -9 "$(cat "$d/pid")" 2>/dev/null; done
   sleep 0.2
-  "$HOTIMAGE" status --run-dir "$RUN" >/dev/null 2>&1
+  for n in $( (ls "$RUN" 2>/dev/null; dmsetup ls 2>/dev/null | awk '{print $1}' | sed -nE 's/^hotimage-(.*)-(snap|cow|real)$/\1/p') | sort -u); do
+    "$HOTIMAGE" detach "$n" --run-dir "$RUN" >/dev/null 2>&1
+  done
   for n in $(dmsetup ls 2>/dev/null | awk '{print $1}' | grep -E '^(hotimage-)?hitdm-' | sort -r); do
     dmsetup remove --force "$n" >/dev/null 2>&1
   done

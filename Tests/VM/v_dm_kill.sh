@@ -12,9 +12,16 @@
 #    the session fails after 2 s and the snapshot is removed while the
 #    client is still connected.
 # 4. kill -9 of the session daemon mid-backup: the backup fails; the stack
-#    stays (the kernel keeps it); `hotimage status` removes it, restores the
-#    origin and deletes the files; `detach` then removes the orphaned linear
-#    device once unmounted. The live volume checks clean throughout.
+#    stays (the kernel keeps it); `hotimage status` lists it and changes
+#    nothing (dm devices and tables, loops, hb files, run directory, mounts
+#    compared before and after); `detach` while the linear device is mounted
+#    removes the stack, restores the origin and deletes the files, then
+#    refuses (exit 1) to remove the mounted linear device; after umount it
+#    removes that too. The live volume checks clean throughout.
+# 6. kill -9 of a transient session daemon (an existing dm device) mid-backup:
+#    `status` lists and changes nothing; `detach NAME` (NAME: the dm device's
+#    name) restores the origin's table and removes snapshot, COW, REAL, the
+#    loops, the hb files and the run directory.
 source "$(dirname "$0")/dm-lib.sh"
 
 # start_backup SOURCE NAME [opts]: a slow backup in the background; waits
@@ -31,6 +38,28 @@ start_backup() {
 
 fill() {  # MNT: some data, so the backup takes a while at 1 MB/s
   head -c 24M /dev/urandom > "$1/data.bin"; sync
+}
+
+# What `status` must not change: dm devices and tables, loops, hb files,
+# run directories, mounts.
+kernel_state() {
+  dmsetup ls | sort; dmsetup table | sort; losetup -a | sort
+  ls -A "$@" "$RUN"/* 2>&1; grep -F " $W" /proc/self/mounts
+}
+# status_leaves_alone NAME LABEL HBDIR: status lists NAME's leftovers and changes nothing.
+status_leaves_alone() {
+  local n=$1 label=$2 hbdir=$3
+  kernel_state "$hbdir" > "$W/state.before"
+  H status > "$W/status.out" 2> "$W/status.err" || { cat "$W/status.err"; fail "$label: status failed"; }
+  kernel_state "$hbdir" > "$W/state.after"
+  cmp -s "$W/state.before" "$W/state.after" || fail "$label: status changed kernel state: $(diff "$W/state.before" "$W/state.after" | tr '\n' ' ')"
+  grep -q "^$n: daemon dead" "$W/status.out" || fail "$label: status does not list the dead daemon: $(cat "$W/status.out")"
+  grep -q "hotimage-$n-snap" "$W/status.out" || fail "$label: status does not list the snapshot device: $(cat "$W/status.out")"
+  grep -q "loop device .* over .*hb_00.tmp" "$W/status.out" || fail "$label: status does not list the loop over hb_00.tmp: $(cat "$W/status.out")"
+  grep -q "remove with: hotimage detach $n" "$W/status.out" || fail "$label: status gives no hint: $(cat "$W/status.out")"
+  H status $n | grep -q "^$n: daemon dead" || fail "$label: status $n does not list the dead daemon"
+  dm_session_gone $n "$hbdir" && fail "$label: the leftovers are gone after status"
+  return 0
 }
 
 # 1. kill -9 of the backup process
@@ -92,6 +121,24 @@ wait_until 10 sh -c "! kill -0 $dpid 2>/dev/null" || fail "2: the transient daem
 log "2: kill -9 of a backup of an existing dm device: cleaned up and the daemon gone in $(( ($(date +%s%N) - t0) / 1000000 )) ms"
 [ "$(dm_table hitdm-lv)" = "$lvlinear" ] || fail "2: lv table not restored"
 umount "$W/m1"; e2fsck -fn /dev/mapper/hitdm-lv >/dev/null 2>&1 || fail "2: e2fsck lv"
+
+# 6. kill -9 of a transient session daemon: status lists, detach NAME cleans
+mount /dev/mapper/hitdm-lv "$W/m1" || fail "6: mount lv"
+start_backup "$W/m1" hitdm-lv --buffer-dir "$W/hb-lv" --hb-file-size 8M
+kill -9 "$(cat "$RUN/hitdm-lv/pid")"
+wait $BPID; rc=$?
+[ $rc = 3 ] || [ $rc = 1 ] || fail "6: the backup exited $rc after its daemon was killed"
+dm_table hitdm-lv | grep -q snapshot-origin || fail "6: the origin is not snapshot-origin after the kill (the test proves nothing)"
+status_leaves_alone hitdm-lv 6 "$W/hb-lv"
+grep -q "hitdm-lv maps through hotimage-hitdm-lv-real" "$W/status.out" || fail "6: status does not list the origin: $(cat "$W/status.out")"
+H detach hitdm-lv > "$W/detach6.out" 2>&1 || { cat "$W/detach6.out"; fail "6: detach hitdm-lv after its daemon died"; }
+dm_session_gone hitdm-lv "$W/hb-lv" || fail "6: detach did not clean up: $(dm_leftovers "$W/hb-lv")"
+[ "$(dm_table hitdm-lv)" = "$lvlinear" ] || fail "6: lv table not restored: $(dm_table hitdm-lv)"
+[ -e "$RUN/hitdm-lv" ] && fail "6: the run directory is left: $(ls -A "$RUN/hitdm-lv")"
+H status | grep -q hitdm-lv && fail "6: status still lists hitdm-lv"
+dd if=/dev/urandom of="$W/m1/after.bin" bs=1M count=2 conv=fsync status=none || fail "6: the live volume is not writable"
+umount "$W/m1"; e2fsck -fn /dev/mapper/hitdm-lv >/dev/null 2>&1 || fail "6: e2fsck lv"
+log "6: kill -9 of a transient daemon: status left it alone; detach: $(grep -v 'left by' "$W/detach6.out" | tr '\n' ';')"
 dmsetup remove hitdm-lv
 
 # 4. kill -9 of the session daemon
@@ -108,17 +155,19 @@ log "4: backup exited $rc after kill -9 of the daemon: $(grep -m1 'backup failed
 dmsetup ls | grep -q "hotimage-$name-snap" || fail "4: no leftovers after killing the daemon (the test proves nothing)"
 dm_table "$DEV" | grep -q snapshot-origin || fail "4: the origin is not snapshot-origin after the kill"
 dd if=/dev/urandom of="$W/m1/after.bin" bs=1M count=2 conv=fsync status=none || fail "4: the live volume is not writable"
-H status > "$W/status.out" 2> "$W/status.err"
-cat "$W/status.err"
-dm_session_gone $name "$HB" || fail "4: hotimage status did not clean up: $(dm_leftovers "$HB")"
+status_leaves_alone $name 4 "$HB"
+dm_table "$DEV" | grep -q snapshot-origin || fail "4: status restored the origin"
+log "4: status lists and leaves alone: $(tail -n +2 "$W/status.out" | tr -s ' ' | tr '\n' ';')"
+H detach $name > "$W/detach.out" 2>&1 && fail "4: detach of the orphan succeeded while mounted"
+grep -q "/dev/mapper/hotimage-$name is mounted on $W/m1" "$W/detach.out" || fail "4: detach does not say the linear device is mounted: $(cat "$W/detach.out")"
+dm_session_gone $name "$HB" || fail "4: detach did not clean up the session: $(dm_leftovers "$HB")"
 [ "$(dm_table "$DEV")" = "$linear" ] || fail "4: origin table not restored: $(dm_table "$DEV")"
 [ -d "$RUN/$name" ] && [ -S "$RUN/$name/control.sock" ] && fail "4: the dead daemon's run directory is still there"
-H detach $name > "$W/detach.out" 2>&1 && fail "4: detach of the orphan succeeded while mounted"
 umount "$W/m1"
 e2fsck -fn "$DEV" > "$W/fsck" 2>&1 || { cat "$W/fsck"; fail "4: e2fsck of the live volume"; }
 H detach $name > "$W/detach.out" 2>&1 || { cat "$W/detach.out"; fail "4: detach of the orphaned linear device"; }
 dmsetup ls | grep -q "hotimage-$name" && fail "4: detach left $(dmsetup ls)"
-log "4: hotimage status cleaned the dead daemon's stack; detach removed the orphaned device"
+log "4: detach cleaned the dead daemon's stack, then (unmounted) removed the orphaned device"
 
 # 5. the snapshot deadline
 name=hitdm-k5
