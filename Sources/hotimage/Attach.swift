@@ -66,6 +66,8 @@ struct Attach: ParsableCommand {
 
         Example:
           hotimage attach /dev/vdb1 --name data --buffer-dir /var/tmp/hb
+
+        \(ExitCodes.help(ExitCodes.attach))
         """)
 
     @Argument(help: "The block device to protect (or a regular file, for tests).")
@@ -209,6 +211,8 @@ struct Detach: ParsableCommand {
         --via dm' once nothing has it mounted ('hotimage status' lists all of \
         these). What it cannot remove it names, with the command to remove \
         it; it then exits 1 and can be run again.
+
+        \(ExitCodes.help(ExitCodes.detach))
         """)
 
     @Argument(help: "Attachment name (or protected device path).")

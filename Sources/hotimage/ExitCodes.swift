@@ -103,6 +103,21 @@ enum ExitCodes {
         Line(.usage, "usage error"),
     ]
 
+    static let attach: [Line] = [
+        Line(nil, "attached: the protected device is the last line of the output"),
+        Line(.failed, "DEVICE is mounted, held or too small, a daemon of that name is",
+             "attached, or the daemon could not start (the message says why)"),
+        Line(.usage, "usage error, or refused: not root, no nbd or device-mapper in the",
+             "kernel, a buffer directory on DEVICE or on anything stacked on it"),
+    ]
+
+    static let detach: [Line] = [
+        Line(nil, "detached, or what a dead daemon left was removed"),
+        Line(.failed, "no such daemon, detach refused (mounted, a session running, open),",
+             "or a leftover could not be removed (it is named; run detach again)"),
+        Line(.usage, "usage error"),
+    ]
+
     static let vm: [Line] = [
         Line(nil, "done for every domain"),
         Line(.failed, "some domain could not be stopped or resumed (the others were; the",
@@ -116,6 +131,7 @@ enum ExitCodes {
     static let byCommand: [(command: String, lines: [Line])] = [
         ("hotimage", overview), ("backup", backup), ("restore", restore), ("info", info),
         ("verify", verify), ("writers", writers), ("status", status), ("vm", vm),
+        ("attach", attach), ("detach", detach),
     ]
 }
 
