@@ -78,7 +78,6 @@ extension SessionDaemon {
                                          bufferLimitBytes: o.bufferLimitBytes, transient: o.transient)
         let lockFD = try lockRunDirectory(config)
         unlink(config.dir + "/loops")
-        var dirFD: Int32 = -1
         var created: String?
         do {
             let originName: String
@@ -98,12 +97,7 @@ extension SessionDaemon {
                 throw DaemonError.usage("no device given")
             }
             let size = try DMTable.sectors(try DeviceMapper.table(name: originName)) * 512
-            dirFD = try openBufferDirectory(config.bufferDir)
-            let originPath = DeviceMapper.nodePath(originName)
-            if let why = bufferDirectoryRefusal(path: config.bufferDir, fd: dirFD, name: o.name,
-                                                devices: [originPath] + (o.baseDevice.map { [$0] } ?? [])) {
-                throw DaemonError.usage(why)
-            }
+            let dirFD = try openCheckedBufferDirectory(config, devices: [DeviceMapper.nodePath(originName)] + (o.baseDevice.map { [$0] } ?? []))
             var d = KernelCOWDeadlines(snapshotNanos: o.snapshotDeadlineNanos, heartbeatNanos: o.heartbeatTimeoutNanos)
             if o.transient { d.idleExitNanos = o.idleExitNanos }
             let backend = DMBackend(options: o, originName: originName, sizeBytes: size,
@@ -111,7 +105,6 @@ extension SessionDaemon {
             return SessionDaemon(config: config, backend: backend, lockFD: lockFD, bufferDirFD: dirFD, clock: clock, logger: logger)
         } catch {
             if let created { try? DeviceMapper.remove(name: created) }
-            if dirFD >= 0 { close(dirFD) }
             close(lockFD)
             throw error
         }

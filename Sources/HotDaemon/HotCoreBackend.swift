@@ -61,20 +61,15 @@ extension SessionDaemon {
         let config = SessionDaemonConfig(name: o.name, runDir: o.runDir, bufferDir: o.resolvedBufferDir,
                                          bufferLimitBytes: o.bufferLimitBytes)
         let lockFD = try lockRunDirectory(config)
-        var dirFD: Int32 = -1
         do {
             let device = try BlockDevice(path: o.device, exclusive: true)
             guard device.size >= UInt64(o.engine.blockSize) else {
                 throw DaemonError.failed("\(o.device) is too small (\(device.size) bytes)")
             }
-            dirFD = try openBufferDirectory(config.bufferDir)
-            if let why = bufferDirectoryRefusal(path: config.bufferDir, fd: dirFD, name: o.name, devices: [o.device]) {
-                throw DaemonError.usage(why)
-            }
+            let dirFD = try openCheckedBufferDirectory(config, devices: [o.device])
             let backend = HotCoreBackend(options: o, device: device, bufferDirFD: dirFD, logger: logger)
             return SessionDaemon(config: config, backend: backend, lockFD: lockFD, bufferDirFD: dirFD, logger: logger)
         } catch {
-            if dirFD >= 0 { close(dirFD) }
             close(lockFD)
             throw error
         }

@@ -33,6 +33,17 @@ extension SessionDaemon {
         return fd
     }
 
+    /// Opens the buffer directory of a daemon guarding `devices` and refuses
+    /// it if it lies on them or on anything stacked on them (closed then).
+    static func openCheckedBufferDirectory(_ c: SessionDaemonConfig, devices: [String]) throws -> Int32 {
+        let fd = try openBufferDirectory(c.bufferDir)
+        if let why = bufferDirectoryRefusal(path: c.bufferDir, fd: fd, name: c.name, devices: devices) {
+            close(fd)
+            throw DaemonError.usage(why)
+        }
+        return fd
+    }
+
     /// Why `path` (held open as `fd`) may not be the buffer directory of
     /// attachment `name` over `devices` (block device paths; others ignored).
     static func bufferDirectoryRefusal(path: String, fd: Int32, name: String, devices: [String],
