@@ -38,8 +38,17 @@ ensure_packages() {
   fi
 }
 
-# Builds the release binaries once; sets HOTIMAGE and STAMP.
+# Builds the release binaries once; sets HOTIMAGE and STAMP. HOTIMAGE_BIN=PATH
+# skips the build and uses that binary (STAMP: hotimage-stamp beside it), as
+# `Scripts/bench ab` does for the base commit's build and for the new one.
 build_release() {
+  if [ -n "${HOTIMAGE_BIN:-}" ]; then
+    [ -x "$HOTIMAGE_BIN" ] || die "HOTIMAGE_BIN=$HOTIMAGE_BIN is not an executable"
+    HOTIMAGE=$HOTIMAGE_BIN
+    STAMP="$(dirname "$HOTIMAGE_BIN")/hotimage-stamp"
+    export HOTIMAGE STAMP
+    return 0
+  fi
   (cd "$ROOT" && swift build -c release 2>&1 | grep -E 'error|warning: unre|Compiling|Build complete' | tail -3) || true
   HOTIMAGE="$ROOT/.build/release/hotimage"
   STAMP="$ROOT/.build/release/hotimage-stamp"
