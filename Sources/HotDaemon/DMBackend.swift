@@ -198,6 +198,8 @@ final class DMBackend: SessionBackend, @unchecked Sendable {
         return (dmName, true)
     }
 
+    func prepare() throws {}
+
     func start() throws -> String { originPath }
 
     func stop() {

@@ -40,7 +40,9 @@ public enum DaemonLauncher {
     /// Starts `arguments` (this executable's command line, without the
     /// program) as a background daemon whose run directory is `dir`; waits
     /// up to `within` seconds for its answer.
-    public static func launch(arguments: [String], dir: String, within seconds: Double) throws -> Ready {
+    /// `executable`: this one unless a test gives another.
+    public static func launch(arguments: [String], dir: String, within seconds: Double,
+                              executable: String? = nil) throws -> Ready {
         mkdir((dir as NSString).deletingLastPathComponent, 0o700)
         mkdir(dir, 0o700)
         let logPath = dir + "/daemon.log"
@@ -49,7 +51,7 @@ public enum DaemonLauncher {
             throw Failure(refused: false, description: "cannot open \(logPath): \(String(cString: strerror(errno)))")
         }
         defer { close(logFD) }
-        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let exe = executable ?? (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         let child: (pid: pid_t, stdin: Int32, stdout: Int32, stderr: Int32)
         do {
             child = try ProcessControl.spawnPiped([exe] + arguments, environment: [environmentKey: "1"], stderrFD: logFD)

@@ -86,6 +86,7 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
     let frontend: Frontend
     private let m = Monitor()
     private var stopping = false
+    private var presented = false
 
     init(options: AttachOptions, device: BlockDevice, bufferDirFD: Int32, logger: Logger) {
         self.options = options
@@ -122,18 +123,20 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
 
     func refusal(of consistency: Consistency) -> String? { nil }
 
-    func start() throws -> String {
+    /// The NBD server, and the process settings the data path needs: an I/O
+    /// flusher (its writes are memory reclaim's) and large buffers kept in
+    /// the heap (mlockall then locks them once, not on every allocation).
+    func prepare() throws {
         try nbd.start()
         do { try ProcessControl.setIOFlusher() } catch { logger.warning("\(error) (continuing without PR_SET_IO_FLUSHER)") }
         ProcessControl.keepLargeAllocationsInHeap()
+    }
+
+    func start() throws -> String {
         for i in 0..<2 { Threads.start(name: "mover-\(i)") { [self] in moverLoop() } }
-        let dev: String
-        do { dev = try frontend.start(server: nbd, size: realDevice.size, sectorSize: realDevice.sectorSize) } catch {
-            frontend.stop()
-            stopServing()
-            throw error
-        }
+        let dev = try frontend.start(server: nbd, size: realDevice.size, sectorSize: realDevice.sectorSize)
         HotCoreBackend.linkStableName(options.name, to: dev)
+        m.withLock { presented = true }
         return dev
     }
 
@@ -143,7 +146,8 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
         stopServing()
         hb.removeAll()
         hb.collectGarbage()
-        unlink(options.dir + "/nbdfuse.log")
+        // After a failed start nbdfuse's log says why; it stays.
+        if m.withLock({ presented }) { unlink(options.dir + "/nbdfuse.log") }
     }
 
     private func stopServing() {

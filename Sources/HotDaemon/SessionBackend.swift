@@ -74,7 +74,10 @@ public protocol SessionBackend: AnyObject, Sendable {
     /// HotCore: the snapshot export, for `hello`.
     var snapshotURI: String? { get }
 
-    /// Starts serving and presents the protected device; returns its path.
+    /// Starts serving and sets the process up (before the daemon locks its
+    /// memory); nothing is presented yet.
+    func prepare() throws
+    /// Presents the protected device; returns its path.
     func start() throws -> String
     /// Undoes `start`; the session has been ended.
     func stop()

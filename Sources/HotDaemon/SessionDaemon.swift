@@ -112,13 +112,20 @@ public final class SessionDaemon: @unchecked Sendable {
         control.handler = { [unowned self] id, req in handle(id, req) }
         control.onClose = { [unowned self] id in connectionClosed(id) }
         try control.start()
-        do { try ProcessControl.lockMemory() } catch { logger.warning("\(error) (continuing without locked memory)") }
-        let dev: String
-        do { dev = try backend.start() } catch {
+        do { try backend.prepare() } catch {
+            backend.stop()
             control.stop()
             throw error
         }
+        do { try ProcessControl.lockMemory() } catch { logger.warning("\(error) (continuing without locked memory)") }
         Threads.start(name: "ticker") { [self] in tickLoop() }
+        let dev: String
+        do { dev = try backend.start() } catch {
+            m.withLock { stopping = true }
+            backend.stop()
+            control.stop()
+            throw error
+        }
         m.withLock { protectedDevice = dev }
         writeFileAtomically(config.dir + "/pid", "\(getpid())\n")
         writeFileAtomically(config.dir + "/via", backend.via.rawValue + "\n")
