@@ -236,7 +236,7 @@ public final class BackupJob: @unchecked Sendable {
         }
         if s.freezeSeconds != nil || s.daemonPeakRSSBytes != nil {
             lines.append("summary: " + [s.freezeSeconds.map { String(format: "filesystem frozen %.3f s", $0) },
-                                        s.daemonPeakRSSBytes.map { "HotCore daemon peak RSS \(formatBytes($0))"
+                                        s.daemonPeakRSSBytes.map { "session daemon peak RSS \(formatBytes($0))"
                                             + (s.daemonFileRSSBytes.map { " (\(formatBytes($0)) of it its program and libraries)" } ?? "") }]
                 .compactMap { $0 }.joined(separator: ", "))
         }

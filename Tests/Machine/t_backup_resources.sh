@@ -150,7 +150,7 @@ for i in 1 2 3; do head -c 4M /dev/urandom > "$MNT/f$i"; done
 sync
 H backup $name -o "$W/$name.qcow2" --json > "$W/$name.events" 2> "$W/$name.err" || { tail -5 "$W/$name.err"; fail "$name: backup"; }
 grep "summary:" "$W/$name.err" | sed 's/^/    /'
-grep -q "HotCore daemon peak RSS" "$W/$name.err" || fail "$name: the summary does not print the daemon's peak RSS"
+grep -q "session daemon peak RSS" "$W/$name.err" || fail "$name: the summary does not print the daemon's peak RSS"
 grep -q "filesystem frozen" "$W/$name.err" || fail "$name: the summary does not print the freeze"
 grep '"event":"summary"' "$W/$name.events" | python3 -c '
 import json,sys; s=json.load(sys.stdin)["summary"]

@@ -31,7 +31,12 @@ start_backup() {
   # Not through H (a function: $! would be a subshell, not hotimage).
   "$HOTIMAGE" backup "$src" --run-dir "$RUN" -o "$W/$name.qcow2" --max-rate 1M --workers 1 "$@" > "$W/$name.out" 2> "$W/$name.err" &
   BPID=$!
-  wait_until 30 test -b "/dev/mapper/hotimage-$name-snap" || { cat "$W/$name.err"; fail "$name: the snapshot device never appeared"; }
+  wait_until 30 test -b "/dev/mapper/hotimage-$name-snap" || {
+    # What the backup and its children are doing; a crashed one's backtrace
+    # takes a while under TCG, so give it time to be written in full.
+    ps -eo pid,ppid,stat,etime,args | grep -E "[h]otimage" >&2
+    wait_until 90 sh -c "! kill -0 $BPID 2>/dev/null" || true
+    cat "$W/$name.err"; fail "$name: the snapshot device never appeared"; }
   sleep 0.5
   losetup -a | grep -q "hb_00.tmp" || fail "$name: no loop over hb_00.tmp during the session (the test proves nothing)"
 }
