@@ -52,7 +52,6 @@ public struct KernelCOWFacts: Sendable, Equatable {
     public var armedAtNanos: UInt64?
     public var secondsSinceBegin: Double?
     public var secondsSinceHeartbeat: Double?
-    public var sessionsBegun: Int
     public var sessionsFailed: UInt64
 }
 
@@ -173,7 +172,7 @@ public final class KernelCOWSession: @unchecked Sendable {
                                   armedAtNanos: phase.copiesOnWrite ? armedAt : nil,
                                   secondsSinceBegin: active ? Double(max(now, beganAt) - beganAt) / 1e9 : nil,
                                   secondsSinceHeartbeat: active ? Double(max(now, lastHeartbeat) - lastHeartbeat) / 1e9 : nil,
-                                  sessionsBegun: sessionsBegun, sessionsFailed: sessionsFailed)
+                                  sessionsFailed: sessionsFailed)
         }
     }
 }

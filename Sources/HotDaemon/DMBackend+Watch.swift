@@ -74,33 +74,30 @@ extension DMBackend {
 
     // MARK: status
 
-    func sessionStatus(bufferLimitBytes: UInt64) -> SessionStatus {
+    func status(bufferLimitBytes: UInt64) -> (SessionStatus, BackendDetail) {
         // Read the snapshot's state now: a reader that just got EIO asks
         // why, and must hear "overflowed" even between two ticks.
         if let s = m.withLock({ stack }), session.currentPhase.copiesOnWrite {
             if let why = watchCOW(s) { logger.error("session failed: \(why)") }
         }
         let f = session.facts
-        let (used, peak) = m.withLock { (cowUsed, cowPeak) }
-        return SessionStatus(phase: f.phase, failure: f.failure, lastFailure: f.lastFailure, consistency: f.consistency,
-                             blockSize: 4096, deviceBytes: sizeBytes, usedBlocks: f.usedBlocks, armedAtNanos: f.armedAtNanos,
-                             secondsSinceBegin: f.secondsSinceBegin, secondsSinceHeartbeat: f.secondsSinceHeartbeat,
-                             bufferedBytes: f.phase.copiesOnWrite ? used : 0, peakBufferedBytes: peak,
-                             bufferLimitBytes: bufferLimitBytes, sessionsFailed: f.sessionsFailed,
-                             snapshotDeadlineSeconds: Double(options.snapshotDeadlineNanos) / 1e9,
-                             heartbeatTimeoutSeconds: Double(options.heartbeatTimeoutNanos) / 1e9)
-    }
-
-    func fillStatus(_ st: inout DaemonStatus) {
         let (used, total, peak, ss, g, s, hbs, loops) = m.withLock {
             (cowUsed, cowTotal, cowPeak, snapState, growths, stack, hbPaths, loopPaths)
         }
-        st.dm = DMSessionStatus(
+        let dm = DMSessionStatus(
             origin: originName,
             originTable: s?.originTable.map(\.description) ?? ((try? DeviceMapper.table(name: originName)) ?? []).map(\.description),
             transient: options.transient, snapshotDevice: s?.snapshotDevice, snapshotState: ss,
             cowUsedBytes: used, cowTotalBytes: s == nil ? 0 : total, cowLimitBytes: options.bufferLimitBytes, cowPeakBytes: peak,
             hbFileBytes: options.hbFileBytes, hbFiles: s == nil ? [] : hbs, loops: s == nil ? [] : loops,
             growths: g, persistent: false, chunkBytes: 4096)
+        let shared = SessionStatus(phase: f.phase, failure: f.failure, lastFailure: f.lastFailure, consistency: f.consistency,
+                             blockSize: 4096, deviceBytes: sizeBytes, usedBlocks: f.usedBlocks, armedAtNanos: f.armedAtNanos,
+                             secondsSinceBegin: f.secondsSinceBegin, secondsSinceHeartbeat: f.secondsSinceHeartbeat,
+                             bufferedBytes: f.phase.copiesOnWrite ? used : 0, peakBufferedBytes: peak,
+                             bufferLimitBytes: bufferLimitBytes, sessionsFailed: f.sessionsFailed,
+                             snapshotDeadlineSeconds: Double(options.snapshotDeadlineNanos) / 1e9,
+                             heartbeatTimeoutSeconds: Double(options.heartbeatTimeoutNanos) / 1e9)
+        return (shared, .dm(dm))
     }
 }

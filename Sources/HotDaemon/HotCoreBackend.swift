@@ -143,17 +143,14 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
     func stop() {
         frontend.stop()
         HotCoreBackend.unlinkStableName(options.name)
-        stopServing()
+        m.withLock { stopping = true }
+        nbd.stop()
         hb.removeAll()
         hb.collectGarbage()
         // After a failed start nbdfuse's log says why; it stays.
         if m.withLock({ presented }) { unlink(options.dir + "/nbdfuse.log") }
     }
 
-    private func stopServing() {
-        m.withLock { stopping = true }
-        nbd.stop()
-    }
 
     func detachRefusal() -> String? { nil }
 
@@ -239,15 +236,10 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
         }
     }
 
-    func sessionStatus(bufferLimitBytes: UInt64) -> SessionStatus {
-        SessionStatus(engine: engine.status(), lastFailure: nil, bufferLimitBytes: bufferLimitBytes)
-    }
-
-    func fillStatus(_ s: inout DaemonStatus) {
-        s.engine = engine.status()
-        s.nbdSocket = nbd.socketPath
-        s.snapshotURI = snapshotURI
-        s.connections = nbd.connectionCount
-        s.reads = nbd.pipes.counters
+    func status(bufferLimitBytes: UInt64) -> (SessionStatus, BackendDetail) {
+        let e = engine.status()
+        return (SessionStatus(engine: e, lastFailure: nil, bufferLimitBytes: bufferLimitBytes),
+                .hotCore(engine: e, nbdSocket: nbd.socketPath, snapshotURI: snapshotURI ?? "",
+                         connections: nbd.connectionCount, reads: nbd.pipes.counters))
     }
 }

@@ -40,7 +40,6 @@ public struct BeginOutcome: Sendable {
 public struct BeginRefusal: Error, CustomStringConvertible {
     public var description: String
     public var keepsOwner: Bool
-    public var retry: Bool = false
 }
 
 /// What the used map did.
@@ -96,7 +95,13 @@ public protocol SessionBackend: AnyObject, Sendable {
     /// How soon the ticker should call again, in microseconds.
     var tickInterval: UInt32 { get }
 
-    func sessionStatus(bufferLimitBytes: UInt64) -> SessionStatus
-    /// The backend's own part of `status` (engine and NBD fields, or dm).
-    func fillStatus(_ s: inout DaemonStatus)
+    /// The session in shared terms and the backend's own part of `status`,
+    /// read once.
+    func status(bufferLimitBytes: UInt64) -> (SessionStatus, BackendDetail)
+}
+
+/// What `status` says of one backend beyond the session.
+public enum BackendDetail: Sendable {
+    case hotCore(engine: EngineStatus, nbdSocket: String, snapshotURI: String, connections: Int, reads: ReadCounters)
+    case dm(DMSessionStatus)
 }

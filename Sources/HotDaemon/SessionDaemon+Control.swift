@@ -41,13 +41,22 @@ extension SessionDaemon {
     }
 
     func daemonStatus() -> DaemonStatus {
+        let (session, detail) = backend.status(bufferLimitBytes: config.bufferLimitBytes)
         var s = DaemonStatus(name: config.name, device: backend.device, protectedDevice: currentProtectedDevice,
                              via: backend.via, pid: getpid(), bufferDir: config.bufferDir, frozen: frozenMountPoint,
-                             bufferLimitBytes: config.bufferLimitBytes,
-                             session: backend.sessionStatus(bufferLimitBytes: config.bufferLimitBytes),
+                             bufferLimitBytes: config.bufferLimitBytes, session: session,
                              lastFreezeSeconds: lastFreezeSeconds, peakRSSBytes: procStatusBytes("VmHWM"),
                              fileRSSBytes: procStatusBytes("RssFile"))
-        backend.fillStatus(&s)
+        switch detail {
+        case .hotCore(let engine, let socket, let uri, let connections, let reads):
+            s.engine = engine
+            s.nbdSocket = socket
+            s.snapshotURI = uri
+            s.connections = connections
+            s.reads = reads
+        case .dm(let dm):
+            s.dm = dm
+        }
         return s
     }
 
@@ -82,7 +91,7 @@ extension SessionDaemon {
             beginDone(id, keepOwner: refusal.keepsOwner)
             thawIfFrozen()
             logger.error("session: \(refusal.description)")
-            return .failure(refusal.description, retry: refusal.retry ? true : nil)
+            return .failure(refusal.description)
         case .success(let b):
             beginDone(id, keepOwner: true)
             logger.info("session: armed at \(b.armedAtNanos) ns\(b.frozen ? " (frozen)" : "")")
