@@ -47,6 +47,9 @@ public struct ImageMetadata: Codable, Sendable {
     /// What each writer's component went through (nil: no writers ran).
     public var components: [ComponentRecord]?
     public var writerErrors: [String]?
+    /// A member of a coherent set (`backup SRC SRC… -o DIR`): every image of
+    /// the set records the whole set and which member it is.
+    public var set: SetRecord?
 
     public func encoded() -> [UInt8] {
         let e = JSONEncoder()
@@ -57,6 +60,38 @@ public struct ImageMetadata: Codable, Sendable {
     public static func decode(_ bytes: [UInt8]) -> ImageMetadata? {
         try? JSONDecoder().decode(ImageMetadata.self, from: Data(bytes))
     }
+}
+
+/// The set an image belongs to: the same in every member's image except
+/// `member`. `snapshotTime` of each member's metadata is `cutTime`.
+public struct SetRecord: Codable, Sendable, Equatable {
+    public struct Member: Codable, Sendable, Equatable {
+        /// Unique in the set; the image is DIR/NAME.qcow2.
+        public var name: String
+        /// What was given on the command line.
+        public var source: String
+        /// The device read (protected device, dm volume, device).
+        public var device: String
+        public var deviceBytes: UInt64
+        public var filesystemUUID: String?
+        public init(name: String, source: String, device: String, deviceBytes: UInt64, filesystemUUID: String?) {
+            self.name = name; self.source = source; self.device = device; self.deviceBytes = deviceBytes; self.filesystemUUID = filesystemUUID
+        }
+    }
+    /// A random UUID, one per set backup.
+    public var id: String
+    /// The one cut (ISO 8601, UTC): every member was armed with nothing in
+    /// flight on any of them.
+    public var cutTime: String
+    /// Every member, in command-line order.
+    public var members: [Member]
+    /// Which member this image is.
+    public var member: String
+    public init(id: String, cutTime: String, members: [Member], member: String) {
+        self.id = id; self.cutTime = cutTime; self.members = members; self.member = member
+    }
+    /// The image file of a member in the set's directory.
+    public static func imageName(_ member: String) -> String { member + ".qcow2" }
 }
 
 public func iso8601(_ d: Date) -> String {
