@@ -10,14 +10,16 @@
 //   op          fields                           reply fields / effect
 //   hello       -                                version, device, protectedDevice, size, blockSize, phase
 //   begin       consistency (freeze|wip|raw),    armedAtNanos, frozen; the daemon waits for a write-
-//               mountPoint (freeze), pauseMs     inactivity pause, freezes (freeze), arms COW for all blocks
+//               mountPoint (freeze), pauseMs,    inactivity pause, freezes (freeze), arms COW for all blocks;
+//               hold                             hold: new writes wait until map (a set cut, HotCore)
 //   map         used [[start,end)...] bytes,     result "protecting", usedBlocks; or ok:false with
 //               excluded [[start,end)...]        retry:true (wip: writes during the map read). Thaws.
 //   archived    ranges [[start,end)...]          released (blocks leave protection, copies freed)
 //   buffered    limit                            ranges: buffered originals (emergency mode archives them first)
 //   heartbeat   -                                -
 //   status      -                                status: a DaemonStatus (ControlStatus.swift)
-//   end         -                                the session ends; back to passthrough
+//   end         again                            the session ends; back to passthrough (a transient
+//                                                daemon exits, unless again: a set cut begins anew)
 //   detach      force                            refuses while a filesystem is mounted on the
 //                                                protected device or a session runs; else the daemon exits
 //
@@ -41,11 +43,15 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     public var ranges: [[UInt64]]?
     public var limit: Int?
     public var force: Bool?
+    /// begin: hold new writes from arm until map (every member of a set armed).
+    public var hold: Bool?
+    /// end: the client begins again on this connection (a transient daemon stays).
+    public var again: Bool?
 
     public init(op: ControlOp) { self.op = op }
 
     enum CodingKeys: String, CodingKey {
-        case op, consistency, mountPoint, pauseMs, used, excluded, ranges, limit, force
+        case op, consistency, mountPoint, pauseMs, used, excluded, ranges, limit, force, hold, again
     }
 
     /// An op this side does not know is `ControlProtocolError.unknownOp`
@@ -63,6 +69,8 @@ public struct ControlRequest: Codable, Sendable, Equatable {
         ranges = try c.decodeIfPresent([[UInt64]].self, forKey: .ranges)
         limit = try c.decodeIfPresent(Int.self, forKey: .limit)
         force = try c.decodeIfPresent(Bool.self, forKey: .force)
+        hold = try c.decodeIfPresent(Bool.self, forKey: .hold)
+        again = try c.decodeIfPresent(Bool.self, forKey: .again)
     }
 }
 

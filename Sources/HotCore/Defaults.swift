@@ -23,6 +23,8 @@ public enum Defaults {
     public static let heartbeatTimeoutNanos: UInt64 = 10_000_000_000
     /// The write-inactivity pause that marks a consistent point.
     public static let pauseNanos: UInt64 = 200_000_000
+    /// Longest a set cut may hold a member's writes (arm to map).
+    public static let holdDeadlineNanos: UInt64 = 5_000_000_000
     /// The imager enters emergency mode when the hb files hold this much.
     public static let emergencyBytes: UInt64 = 256 << 20
 

@@ -63,6 +63,9 @@ public struct EngineConfig: Sendable, Equatable {
     /// Longest a live write waits for room in the memory buffer before the
     /// session is failed and the write goes ahead.
     public var maxWriteWaitNanos: UInt64 = 1_000_000_000
+    /// A set cut holds new writes from arm to map; past this the hold is
+    /// released and the session failed (fail open: no write waits longer).
+    public var holdDeadlineNanos: UInt64 = Defaults.holdDeadlineNanos
 
     public init() {}
 }

@@ -54,7 +54,7 @@ extension SnapshotEngine {
     /// snapshot deadline passes). With `arm`, arms copy-on-write at that
     /// instant, atomically with the check. Without, only reports the pause
     /// (the caller freezes, then calls `arm(pauseNanos: 0)`).
-    public func waitForPause(pauseNanos: UInt64, arm: Bool, maxWaitNanos: UInt64? = nil) -> ArmResult {
+    public func waitForPause(pauseNanos: UInt64, arm: Bool, maxWaitNanos: UInt64? = nil, hold: Bool = false) -> ArmResult {
         m.lock()
         defer { m.unlock() }
         waitersForPause += 1
@@ -69,7 +69,7 @@ extension SnapshotEngine {
                 return .timedOut
             }
             if writesInFlight == 0 && now &- lastWriteEnd >= pauseNanos {
-                if arm { armLocked(now) }
+                if arm { armLocked(now); holding = hold }
                 return .armed(at: now)
             }
             let quiet = writesInFlight == 0 ? now &- lastWriteEnd : 0
@@ -79,8 +79,17 @@ extension SnapshotEngine {
     }
 
     /// Arms with the wait-for-pause rules (pause 0: only no write in flight).
-    public func arm(pauseNanos: UInt64 = 0) -> ArmResult {
-        waitForPause(pauseNanos: pauseNanos, arm: true)
+    /// With `hold`, new writes wait from here until `narrow` (a set cut;
+    /// see `holding`).
+    public func arm(pauseNanos: UInt64 = 0, hold: Bool = false) -> ArmResult {
+        waitForPause(pauseNanos: pauseNanos, arm: true, hold: hold)
+    }
+
+    /// Lets held writes go (lock held).
+    func releaseHoldLocked() {
+        guard holding else { return }
+        holding = false
+        m.broadcast()
     }
 
     func armLocked(_ now: UInt64) {
@@ -97,6 +106,9 @@ extension SnapshotEngine {
     /// blocks they cover wholly).
     public func narrow(used usedRanges: [Range<UInt64>], excluded: [Range<UInt64>] = []) throws -> NarrowResult {
         try m.withLock {
+            // Whatever the outcome, held writes go on (into the protection, or
+            // past a disarmed engine on a retry or failure).
+            defer { releaseHoldLocked() }
             guard phase == .armed else {
                 if phase == .failed { throw EngineError.sessionFailed(failure ?? "") }
                 throw EngineError.wrongPhase(expected: "armed", actual: phase)
@@ -214,6 +226,7 @@ extension SnapshotEngine {
         for b in drop { freeEntryLocked(b) }
         fifo.removeAll(keepingCapacity: true)
         writesSinceArm = 0
+        releaseHoldLocked()
     }
 
     func resetLocked() {
@@ -241,6 +254,11 @@ extension SnapshotEngine {
                     stats.sessionsFailed += 1
                     m.broadcast()
                     return [.dropped(reason)]
+                }
+                if holding && now &- armedAt > config.holdDeadlineNanos {
+                    let reason = "writes were held \(config.holdDeadlineNanos / 1_000_000_000) s for a set cut and the map never came; writes go on and the session failed"
+                    failLocked(reason)
+                    return [.failed(reason)]
                 }
                 if phase != .protecting && now &- beganAt > config.snapshotDeadlineNanos {
                     let reason = "the snapshot was not complete within \(config.snapshotDeadlineNanos / 1_000_000_000) s"

@@ -33,10 +33,20 @@ extension SnapshotEngine {
 
     func mutate(offset: UInt64, length: UInt64, _ body: () throws -> Void) throws {
         m.lock()
+        var counted = false
+        if holding && phase == .armed {
+            // A set cut: this write follows the cut; it waits until every
+            // member is armed (the map releases it). It counts as a write
+            // since arm (a wip map read is not trusted past it).
+            writesSinceArm += 1
+            stats.heldWrites += 1
+            counted = true
+            while holding && phase == .armed { m.wait() }
+        }
         writesInFlight += 1
         if phase.copiesOnWrite {
             stats.writesDuringSession += 1
-            if phase == .armed { writesSinceArm += 1 }
+            if phase == .armed && !counted { writesSinceArm += 1 }
             copyBeforeWriteLocked(blocks(offset: offset, length: length))
         }
         m.unlock()

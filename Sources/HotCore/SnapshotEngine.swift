@@ -56,6 +56,11 @@ public final class SnapshotEngine: @unchecked Sendable {
     /// failed or dropped); nil before the first session.
     var passthroughSince: UInt64?
     var writesSinceArm: UInt64 = 0
+    /// Armed for a set cut: new writes wait until the map narrows the
+    /// protection (every member of the set is armed by then), so no write
+    /// that follows the cut on this volume can complete before another
+    /// member's cut. Cleared by narrow, end, failure and the hold deadline.
+    var holding = false
 
     // Write activity (guarded by m).
     var writesInFlight = 0
@@ -187,5 +192,6 @@ public struct EngineCounters: Sendable, Codable, Equatable {
     public var peakSpillBytes: UInt64 = 0
     public var writeWaits: UInt64 = 0        // writes that waited for buffer room
     public var sessionsFailed: UInt64 = 0
+    public var heldWrites: UInt64 = 0        // writes held by a set cut (arm to map)
     public init() {}
 }

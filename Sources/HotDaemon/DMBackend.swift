@@ -223,6 +223,9 @@ final class DMBackend: SessionBackend, @unchecked Sendable {
     // MARK: the session
 
     func begin(_ req: BeginRequest, freeze: (String) throws -> Void) -> Result<BeginOutcome, BeginRefusal> {
+        if req.hold && req.mountPoint == nil {
+            return .failure(BeginRefusal(description: "dm-snapshot cannot hold writes for a set cut without freezing a mounted filesystem; mount it, or back this volume up on its own", keepsOwner: false))
+        }
         if let why = session.begin(consistency: req.consistency) {
             return .failure(BeginRefusal(description: why, keepsOwner: false))
         }

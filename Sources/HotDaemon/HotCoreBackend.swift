@@ -201,7 +201,7 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
             }
             frozenNow = true
         }
-        let r = engine.arm(pauseNanos: frozenNow ? 0 : pause)
+        let r = engine.arm(pauseNanos: frozenNow ? 0 : pause, hold: req.hold)
         guard case .armed(let at) = r else {
             return .failure(BeginRefusal(description: engine.failureReason ?? "could not arm: \(r)", keepsOwner: true))
         }

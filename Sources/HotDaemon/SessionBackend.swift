@@ -23,6 +23,9 @@ public struct BeginRequest: Sendable {
     public var mountPoint: String?
     /// The write-inactivity pause the client asked for (HotCore).
     public var pauseNanos: UInt64?
+    /// A set cut: writes wait from arm until map (HotCore); a backend that
+    /// cannot hold refuses unless the freeze does it.
+    public var hold = false
 }
 
 /// A session that is armed: the cut is taken.

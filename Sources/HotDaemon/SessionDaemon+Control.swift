@@ -83,8 +83,8 @@ extension SessionDaemon {
         }
         if let other = claimOwner(id) { return .failure(other) }
         let pause = req.pauseMs.map { UInt64(max(0, $0) * 1e6) }
-        logger.info("session: begin (\(consistency.rawValue)\(mountPoint.map { " " + $0 } ?? ""))")
-        let result = backend.begin(BeginRequest(consistency: consistency, mountPoint: mountPoint, pauseNanos: pause),
+        logger.info("session: begin (\(consistency.rawValue)\(mountPoint.map { " " + $0 } ?? "")\(req.hold == true ? ", holding writes for a set cut" : ""))")
+        let result = backend.begin(BeginRequest(consistency: consistency, mountPoint: mountPoint, pauseNanos: pause, hold: req.hold ?? false),
                                    freeze: { [self] mp in try freeze(mp) })
         switch result {
         case .failure(let refusal):
@@ -140,7 +140,7 @@ extension SessionDaemon {
             thawIfFrozen()
             releaseOwner(id)
             logger.info("session: ended")
-            if config.transient { requestStop() }
+            if config.transient && req.again != true { requestStop() }
             return ControlReply(ok: true)
         case .hello, .begin, .status, .detach:
             return .failure("\(req.op.rawValue) is not a session op")

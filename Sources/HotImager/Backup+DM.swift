@@ -119,7 +119,8 @@ extension BackupJob {
         let vol: AttachedVolume
         do { vol = try SessionClient.locate(runDir: dir) } catch { throw BackupFailure(kind: .failed, description: "\(error)") }
         r.log("\(device) is a device-mapper volume: dm-snapshot session daemon started (log \(dir)/daemon.log)")
-        return Plan(daemon: dir, volume: vol, readDevice: vol.protectedDevice, realDevice: nil, mount: mount, online: true, size: vol.size)
+        return Plan(daemon: dir, volume: vol, readDevice: vol.protectedDevice, realDevice: nil, mount: mount, online: true, size: vol.size,
+                    transient: true)
     }
 
     /// Starts a transient dm-snapshot daemon through the injected launcher.

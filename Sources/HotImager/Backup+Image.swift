@@ -33,10 +33,11 @@ extension BackupJob {
             let source: BlockSource = plan.online ? try snapshotSource(plan, cut.snap, cut.session)
                                                   : try DeviceSource(path: plan.readDevice, exclusive: plan.mount == nil)
             let im = Imager(source: source, ranges: cut.snap.protected, writer: writer, compression: o.compression,
-                            clusterSize: 1 << o.clusterBits, config: o.imager, session: cut.session, log: { self.r.log($0) })
-            m.withLock { imager = im }
+                            clusterSize: 1 << o.clusterBits, config: imagerConfigOverride ?? o.imager, session: cut.session, log: { self.r.log($0) })
+            let pending = m.withLock { () -> String? in imager = im; return cancelled }
             defer { out.episodes = im.recordedEpisodes }
             if m.withLock({ interrupted }) { im.cancel("interrupted") }
+            if let why = pending { im.cancel(why) }
             out.result = try im.run { p in
                 TestStall.at("imaging", interrupted: { self.isInterrupted })
                 if p.emergency { TestStall.at("emergency", interrupted: { self.isInterrupted }) }

@@ -101,7 +101,7 @@ extension BackupJob {
     /// Writers: freeze the components whose files are on the volume
     /// (online only).
     func freezeWriters(_ plan: Plan, image: BackupImage, ctx: HookContext) throws(BackupStop) {
-        guard plan.online, let fail = freezeComponents(plan) else { return }
+        guard plan.online, let fail = freezeComponents(volumes: plan.mount.map { [$0.mountPoint] } ?? []) else { return }
         image.writer.abandon()
         throw afterFailedSnapshot(.writerFreezeFailed, fail, ctx: ctx)
     }
@@ -109,9 +109,8 @@ extension BackupJob {
     /// Lists the writers' components and freezes those on the volume. Nil
     /// when the backup may go on (everything frozen, or --allow-unfrozen);
     /// otherwise the reason, with everything already thawed.
-    private func freezeComponents(_ plan: Plan) -> String? {
+    func freezeComponents(volumes: [String]) -> String? {
         guard o.writers.selection != .none else { return nil }
-        let volumes = plan.mount.map { [$0.mountPoint] } ?? []
         let t0 = monotonicNanos()
         let w = FreezeSession(config: o.writers, volumes: volumes, log: { self.r.log($0) })
         writers = w

@@ -148,6 +148,10 @@ public final class BackupJob: @unchecked Sendable {
     var writers: FreezeSession?
     /// The session while `take` runs: an interrupt drops its connection.
     var taking: SessionClient?
+    /// A member of a set: its share of the set's workers and emergency threshold.
+    var imagerConfigOverride: ImagerConfig?
+    /// A member of a set cancelled by another member's failure.
+    var cancelled: String?
     var isInterrupted: Bool { m.withLock { interrupted } }
 
     public init(options: BackupOptions, reporter: Reporter) {
@@ -156,6 +160,13 @@ public final class BackupJob: @unchecked Sendable {
     }
 
     /// Called from a signal thread: stop, clean up, exit 130.
+    /// Stops the imager (now, or as soon as it starts): a set whose other
+    /// member failed.
+    func cancelImager(_ why: String) {
+        let im = m.withLock { () -> Imager? in cancelled = why; return imager }
+        im?.cancel(why)
+    }
+
     public func interrupt(_ why: String) {
         let s = m.withLock { () -> SessionClient? in interrupted = true; return taking }
         s?.abort()
@@ -170,6 +181,8 @@ public final class BackupJob: @unchecked Sendable {
         var mount: MountEntry?
         var online: Bool
         var size: UInt64
+        /// A dm-snapshot daemon started for this backup (it exits with the session).
+        var transient = false
     }
 
     /// The HotBackup routine (this file's header); the steps are in

@@ -75,6 +75,55 @@ public final class SessionClient: @unchecked Sendable {
                               via: st?.via ?? .fuse)
     }
 
+    /// The daemon's answer to begin: armed (the cut is taken on this volume).
+    public struct Armed: Sendable {
+        public var atNanos: UInt64
+        public var wallTime: Date
+        public var frozen: Bool
+        public var snapshotDevice: String?
+    }
+
+    /// The daemon's answer to map.
+    public enum MapAnswer: Sendable, Equatable {
+        case protecting
+        /// wip: writes landed during the map read; begin again.
+        case retry(String)
+    }
+
+    /// begin: the daemon waits for a pause (pauseMs; nil: its own), freezes
+    /// (freeze), arms; with `hold`, new writes wait until `map` (a set cut).
+    public func begin(consistency: Consistency, mountPoint: String?, pauseMs: Double?, hold: Bool = false) throws -> Armed {
+        var req = ControlRequest(op: .begin)
+        req.consistency = consistency.rawValue
+        req.mountPoint = mountPoint
+        req.pauseMs = pauseMs
+        if hold { req.hold = true }
+        let b = try client.call(req)
+        guard b.ok, let at = b.armedAtNanos else { throw SessionError(b.error ?? "no reply to begin") }
+        return Armed(atNanos: at, wallTime: Date(), frozen: b.frozen ?? false, snapshotDevice: b.snapshotDevice)
+    }
+
+    /// map: narrows the protection to the used map (and thaws, releases a hold).
+    public func sendMap(used: [Range<UInt64>], excluded: [Range<UInt64>]) throws -> MapAnswer {
+        var mreq = ControlRequest(op: .map)
+        mreq.used = used.map { [$0.lowerBound, $0.upperBound] }
+        mreq.excluded = excluded.map { [$0.lowerBound, $0.upperBound] }
+        let r = try client.call(mreq)
+        if r.ok { return .protecting }
+        if r.retry == true { return .retry(r.error ?? "writes during the map read") }
+        throw SessionError(r.error ?? "no reply to map")
+    }
+
+    /// The snapshot as taken, from begin's answer and the map sent.
+    static func taken(_ a: Armed, attempts: Int, used: [Range<UInt64>], excluded: [Range<UInt64>]) -> TakenSnapshot {
+        let u = RangeSet.normalize(used)
+        let prot = RangeSet.subtract(u, RangeSet.normalize(excluded))
+        let usedBytes = RangeSet.total(u)
+        return TakenSnapshot(armedAtNanos: a.atNanos, wallTime: a.wallTime, frozen: a.frozen, attempts: attempts,
+                             protected: prot, usedBytes: usedBytes, excludedBytes: usedBytes - RangeSet.total(prot),
+                             snapshotDevice: a.snapshotDevice)
+    }
+
     /// Takes the snapshot. `readMap` runs inside the consistent window (the
     /// filesystem is frozen, or the pause holds) and returns the used and
     /// excluded byte ranges. Under wip a write during the map read means a
@@ -85,13 +134,7 @@ public final class SessionClient: @unchecked Sendable {
         var attempt = 0
         while true {
             attempt += 1
-            var req = ControlRequest(op: .begin)
-            req.consistency = consistency.rawValue
-            req.mountPoint = mountPoint
-            req.pauseMs = pauseMs
-            let b = try client.call(req)
-            guard b.ok, let at = b.armedAtNanos else { throw SessionError(b.error ?? "no reply to begin") }
-            let wall = Date()
+            let a = try begin(consistency: consistency, mountPoint: mountPoint, pauseMs: pauseMs)
             let used: [Range<UInt64>], excluded: [Range<UInt64>]
             do {
                 (used, excluded) = try readMap()
@@ -99,24 +142,19 @@ public final class SessionClient: @unchecked Sendable {
                 _ = try? client.call(.end)
                 throw SessionError("reading the used-block map: \(error)")
             }
-            var mreq = ControlRequest(op: .map)
-            mreq.used = used.map { [$0.lowerBound, $0.upperBound] }
-            mreq.excluded = excluded.map { [$0.lowerBound, $0.upperBound] }
-            let r = try client.call(mreq)
-            if r.ok {
-                let prot = RangeSet.subtract(RangeSet.normalize(used), RangeSet.normalize(excluded))
-                let usedBytes = RangeSet.total(RangeSet.normalize(used))
-                let protBytes = RangeSet.total(prot)
-                return TakenSnapshot(armedAtNanos: at, wallTime: wall, frozen: b.frozen ?? false, attempts: attempt,
-                                     protected: prot, usedBytes: usedBytes, excludedBytes: usedBytes - protBytes,
-                                     snapshotDevice: b.snapshotDevice)
+            let answer: MapAnswer
+            do { answer = try sendMap(used: used, excluded: excluded) } catch {
+                _ = try? client.call(.end)
+                throw error
             }
-            if r.retry == true && attempt < retries {
-                onRetry(r.error ?? "writes during the map read")
-                continue
+            switch answer {
+            case .protecting:
+                return Self.taken(a, attempts: attempt, used: used, excluded: excluded)
+            case .retry(let why):
+                if attempt < retries { onRetry(why); continue }
+                _ = try? client.call(.end)
+                throw SessionError(why)
             }
-            _ = try? client.call(.end)
-            throw SessionError(r.error ?? "no reply to map")
         }
     }
 
@@ -175,6 +213,14 @@ public final class SessionClient: @unchecked Sendable {
         let r = try client.call(.status)
         guard r.ok, let s = r.status else { throw SessionError("status: \(r.error ?? "no status")") }
         return s
+    }
+
+    /// Ends the session so that this connection begins again (a set cut
+    /// that starts over: a transient daemon stays).
+    public func endForAnotherTry() {
+        var req = ControlRequest(op: .end)
+        req.again = true
+        _ = try? client.call(req)
     }
 
     /// Ends the session (back to passthrough) and stops heart-beating.

@@ -130,10 +130,10 @@ struct BackupCommand: ParsableCommand {
               --backend dm-snapshot --buffer-dir /var/tmp/hb
         """)
 
-    @Argument(help: "Attachment name, protected or real device, mount point, or (offline) a quiet device.")
-    var source: String
+    @Argument(help: ArgumentHelp("Attachment name, protected or real device, mount point, or (offline) a quiet device; two or more: a coherent set.", valueName: "source"))
+    var sources: [String]
 
-    @Option(name: [.customShort("o"), .long], help: ArgumentHelp("The qcow2 image to write.", valueName: "image"))
+    @Option(name: [.customShort("o"), .long], help: ArgumentHelp("The qcow2 image to write; for a set, the directory of the images.", valueName: "image|dir"))
     var output: String
 
     @Option(help: "online, auto or offline.")
@@ -223,6 +223,13 @@ struct BackupCommand: ParsableCommand {
     @OptionGroup var paths: RunDirOptions
 
     func validate() throws {
+        if sources.isEmpty { throw ValidationError("give the volume to back up (SOURCE), or two or more for a set") }
+        if sources.count > 1 {
+            if force { throw ValidationError("--force does not apply to a set: its directory must hold no images") }
+            if let bad = exclude.first(where: { !$0.hasPrefix("/") }) {
+                throw ValidationError("--exclude \(bad): in a set, give absolute paths (each is left out of the member mounted there)")
+            }
+        }
         if let b = backend, BackupBackend(rawValue: b) == nil { throw ValidationError("--backend must be hotcore or dm-snapshot") }
         for (flag, v) in [("--hb-file-size", hbFileSize), ("--buffer-limit", bufferLimit)] {
             guard let n = parseSize(v), n >= 1 << 20, n % 4096 == 0 else { throw ValidationError("\(flag) '\(v)' is not a size of at least 1M in 4K units") }
@@ -249,7 +256,7 @@ struct BackupCommand: ParsableCommand {
         do {
             cfg = try HotimageConfig.load(path: config ?? HotimageConfig.defaultPath, required: config != nil)
         } catch { throw CLIExit.fail(.usage, "\(error)") }
-        var o = BackupOptions(source: source, output: output, exitCode: { ExitCodes.code($0) })
+        var o = BackupOptions(source: sources[0], output: output, exitCode: { ExitCodes.code($0) })
         o.mode = BackupMode(rawValue: mode)!
         // --consistency asks for online; the configuration file's is a default
         // for online backups and does not apply offline.
@@ -287,6 +294,18 @@ struct BackupCommand: ParsableCommand {
         o.allowUnfrozen = allowUnfrozen || cfg.allowUnfrozen
         o.writers.quietUnavailable = !verbose
         let reporter: Reporter = json ? JSONReporter() : TerminalReporter()
+        if sources.count > 1 {
+            let job = SetBackupJob(sources: sources, options: o, reporter: reporter)
+            let signals = SignalWaiter()
+            Threads.start(name: "signals") {
+                while true {
+                    if let s = signals.wait(timeoutSeconds: 1) { job.interrupt("interrupted by signal \(s)") }
+                }
+            }
+            let (outcome, _) = job.run()
+            if outcome != nil { throw CLIExit.status(outcome) }
+            return
+        }
         let job = BackupJob(options: o, reporter: reporter)
         let signals = SignalWaiter()
         Threads.start(name: "signals") {
