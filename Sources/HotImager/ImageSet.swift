@@ -192,7 +192,7 @@ public struct ImageSet: Encodable, Sendable {
 
     public var text: String {
         var s = ""
-        func line(_ k: String, _ v: String) { s += k.padding(toLength: 18, withPad: " ", startingAt: 0) + v + "\n" }
+        func line(_ k: String, _ v: String) { s += k.padding(toLength: 20, withPad: " ", startingAt: 0) + v + "\n" }
         line("set directory:", directory)
         if let id { line("set id:", id) }
         if let cutTime { line("cut time:", cutTime) }
@@ -205,7 +205,7 @@ public struct ImageSet: Encodable, Sendable {
             line("  size:", "\(formatBytes(m.deviceBytes)) (\(m.deviceBytes) bytes)")
             line("  filesystem UUID:", m.filesystemUUID ?? "none")
             line("  image:", m.image + (m.imageBytes.map { ", \(formatBytes($0))" } ?? ""))
-            line("  complete:", m.complete.map { $0 ? "yes" : "NO" } ?? "no image")
+            line("  complete:", m.complete.map { $0 ? "yes" : "NO (a partial image kept by --keep-partial)" } ?? "no image")
         }
         s += "\n"
         line("whole:", whole ? "yes" : "NO")

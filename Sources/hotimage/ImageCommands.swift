@@ -6,7 +6,7 @@ import HotImager
 struct RestoreCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "restore",
-        abstract: "Write an image, or the members of a set directory, back to block devices or files.",
+        abstract: "Write an image, or a set directory's members, back to devices or files.",
         discussion: """
         Verifies IMAGE (every checksum) and refuses a damaged one before touching \
         TARGET; then writes every allocated cluster of IMAGE to TARGET, discards (or zeroes) \
@@ -31,6 +31,7 @@ struct RestoreCommand: ParsableCommand {
           positional TARGET). Without --only every member needs a --to; with
           --only NAME (repeatable) just those members are restored, each
           with its --to.
+
         Nothing is written unless all of these hold: the set is whole ('hotimage \
         verify DIR' says why not), every NAME is a member, no two members go to one \
         target and no target is an image of the directory, every target passes the \
@@ -128,7 +129,7 @@ struct RestoreCommand: ParsableCommand {
 struct InfoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "info",
-        abstract: "Show what an image, or a set directory, holds: size, compression, source, filesystem, snapshot.",
+        abstract: "Show what an image or a set directory holds: source, filesystem, snapshot.",
         discussion: """
         Given an image, shows its qcow2 layout and what hotimage recorded: the \
         source, filesystem, snapshot time and consistency, what was left out, the \
@@ -169,7 +170,7 @@ struct InfoCommand: ParsableCommand {
 struct VerifyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "verify",
-        abstract: "Check every stored byte of an image, or of every image of a set directory, against its checksums.",
+        abstract: "Check every stored byte of an image or a set directory against checksums.",
         discussion: """
         Checks the qcow2 structures (header, L1/L2 tables, refcounts, as qemu-img \
         check does) and hotimage's checksums of the metadata and of every cluster \
