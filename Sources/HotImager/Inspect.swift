@@ -43,6 +43,10 @@ public struct ImageInfo: Codable, Sendable {
         line("filesystem:", [m.filesystem.type, m.filesystem.uuid.map { "UUID \($0)" }, m.filesystem.label.map { "label '\($0)'" }]
             .compactMap { $0 }.joined(separator: ", ").ifEmpty("unknown"))
         line("snapshot time:", m.snapshotTime)
+        if let set = m.set {
+            line("set:", "\(set.id), cut \(set.cutTime)")
+            line("set member:", "'\(set.member)' of \(set.members.map { "'\($0.name)'" }.joined(separator: ", ")) (its image is \(SetRecord.imageName(set.member)))")
+        }
         line("mode:", "\(m.mode), consistency \(m.consistency), map \(m.mapMethod)")
         line("compression:", m.compression)
         line("block size:", "\(m.blockSize)")

@@ -75,20 +75,22 @@ enum ExitCodes {
     ]
 
     static let restore: [Line] = [
-        Line(nil, "restored"),
-        Line(.failed, "reading the image or writing the target failed"),
-        Line(.refused, "refused (see above) or usage error"),
+        Line(nil, "restored (of a set directory: every member asked for)"),
+        Line(.failed, "reading an image or writing a target failed (of a set: the members",
+             "before it are restored, the rest are not; the output says which)"),
+        Line(.refused, "refused (see above) or usage error; nothing was written"),
     ]
 
     static let info: [Line] = [
-        Line(nil, "shown"),
-        Line(.failed, "the file is not a readable qcow2 image"),
+        Line(nil, "shown (a set directory's problems are shown, not failed on)"),
+        Line(.failed, "the file is not a readable qcow2 image, or the directory cannot be read"),
     ]
 
     static let verify: [Line] = [
-        Line(nil, "the image is intact"),
+        Line(nil, "the image is intact (a set directory: whole, and every member intact)"),
         Line(.failed, "problems were found (listed), or the image is incomplete"),
-        Line(.refused, "the file cannot be opened as a qcow2 image, or usage error"),
+        Line(.refused, "the file cannot be opened as a qcow2 image, the directory cannot be",
+             "read, or usage error"),
     ]
 
     static let writers: [Line] = [
