@@ -12,7 +12,9 @@
 # starts (another port) by crash recovery, pg_amcheck finds no corruption
 # and the pgbench invariants hold: sum(abalance) = sum(bbalance) =
 # sum(tbalance) = sum(delta). With the writer, recovery starts at the
-# writer's checkpoint (the label's START WAL LOCATION).
+# writer's checkpoint (the label's START WAL LOCATION), and restore removed
+# the postmaster.pid and postmaster.opts the writer marked (the copy without
+# the writer keeps its postmaster.pid: the control).
 # (c) The writer's psql session killed between freeze and thaw: exit 6, the
 # failed thaw recorded with the server's reason.
 # Controls that could fail: a balance changed by one in the restored copy
@@ -175,9 +177,6 @@ restore_to() {
   [ -z "${2:-}" ] || target=(--onto "$2" --force)
   backup_roundtrip "$W/$1.qcow2" "${target[@]}" --fs ext4 --mount "$W/r-$1" --rw
   RTARGET=$RESTORED RDATA=$W/r-$1/pg/data
-  # The live postmaster's pid is in the copy, and alive on this host:
-  # PostgreSQL would refuse to start over it.
-  rm -f "$RDATA/postmaster.pid"
 }
 
 # check_restored NAME: starts a server on the restored copy, checks it.
@@ -198,8 +197,18 @@ check_restored() {
 
 stop_restored() { asp "$PGBIN/pg_ctl" -D "$RDATA" -m fast -w stop > /dev/null || fail "stop the restored server"; umount "$W/r-$1" || fail "umount"; }
 
-# (a) with the writer.
+# (a) with the writer: it marked the live postmaster's postmaster.pid and
+# postmaster.opts for restore to leave out (the pid is alive on this host:
+# PostgreSQL would refuse to start over it), and restore removed them.
 restore_to a
+for f in postmaster.pid postmaster.opts; do
+  [ -e "$RDATA/$f" ] && fail "(a): restore left $f in the restored data directory: $(cat "$W/a.restore")"
+  grep -q "postgresql '$PORT:$DATA': removed /pg/data/$f from the restored filesystem" "$W/a.restore" \
+    || fail "(a): restore did not say it removed $f: $(cat "$W/a.restore")"
+done
+HI info "$W/a.qcow2" | grep -q "restore leaves out $DATA/postmaster.pid, $DATA/postmaster.opts" \
+  || fail "(a): info does not show the files restore leaves out: $(HI info "$W/a.qcow2" | grep component:)"
+log "a: restore removed postmaster.pid and postmaster.opts (marked by the writer)"
 check_restored a
 [ "$REDO_START" = "$LABEL_START" ] || fail "(a): recovery started at $REDO_START, not at the writer's checkpoint $LABEL_START"
 log "a: recovery started at the writer's checkpoint (label START WAL LOCATION $LABEL_START)"
@@ -225,9 +234,12 @@ grep -q "WAL ends before end of online backup" "$PGLOG/r-a-label.log" || { tail 
 log "control: with the label as backup_label the server refuses: $(grep -o 'FATAL: .*' "$PGLOG/r-a-label.log" | head -1)"
 umount "$W/r-a" || fail "umount"
 
-# (b) without a writer: the filesystem freeze alone.
+# (b) without a writer: the filesystem freeze alone. Nothing marked the
+# live postmaster's pid file: it is in the copy (control), removed by hand.
 restore_to b
 [ -e "$RDATA/backup_label.hotimage" ] && fail "(b): a label without the writer"
+[ -f "$RDATA/postmaster.pid" ] || fail "(b): no postmaster.pid in the copy without a writer (the check of (a) proves nothing)"
+rm -f "$RDATA/postmaster.pid"
 check_restored b
 stop_restored b
 
