@@ -14,7 +14,9 @@
 # sum(tbalance) = sum(delta). With the writer, recovery starts at the
 # writer's checkpoint (the label's START WAL LOCATION), and restore removed
 # the postmaster.pid and postmaster.opts the writer marked (the copy without
-# the writer keeps its postmaster.pid: the control).
+# the writer keeps its postmaster.pid: the control). The filesystem freeze
+# follows the writer's freeze without waiting for a write pause: the cut
+# comes < 2 s after it under pgbench.
 # (c) The writer's psql session killed between freeze and thaw: exit 6, the
 # failed thaw recorded with the server's reason.
 # Controls that could fail: a balance changed by one in the restored copy
@@ -122,6 +124,27 @@ backup() {
 backup b none
 sleep 2
 backup a postgresql
+# The writer froze the cluster (its checkpoint) and the filesystem freeze
+# follows: backup does not wait for a write-inactivity pause then (none
+# comes under pgbench; waiting up to 5 s only piled up WAL to replay on
+# restore). The snapshot's seconds after the writers froze, less the thaw
+# (pg_backup_stop), stay short. PG_GAP_CHECK=0 only logs them (to measure
+# a build without this).
+GAP=($(python3 - "$W/a.events" <<'PY'
+import json, sys
+ev = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+snap = [e for e in ev if e["event"] == "snapshot"][0]["seconds"]
+thawed = [e for e in ev if e["event"] == "writers" and e.get("phase") == "thawed"][0]
+thaw = max(c.get("thawSeconds") or 0 for c in thawed["components"])
+print("%.3f %.3f %.3f" % (snap - thaw, snap, thaw))
+PY
+)) || fail "(a): no snapshot or thawed writers event: $(cat "$W/a.events")"
+log "a: snapshot $(printf %s "${GAP[1]}") s after the writers froze, of which the thaw ${GAP[2]} s: the cut within ${GAP[0]} s of the writer's checkpoint; $(grep -o 'no write-inactivity pause[^(]*' "$W/a.err" || echo 'waited for a write pause')"
+if [ "${PG_GAP_CHECK:-1}" = 1 ]; then
+  grep -q "no write-inactivity pause before the freeze: the writers froze 1 component" "$W/a.err" \
+    || fail "(a): backup did not say it skips the write pause: $(grep -v progress "$W/a.err" | tail -20)"
+  awk -v g="${GAP[0]}" 'BEGIN { exit !(g < 2) }' || fail "(a): the cut came ${GAP[0]} s after the writers froze (want < 2 s under pgbench)"
+fi
 # (c) The writer's session dies while frozen (its backend terminated as
 # soon as pg_backup_start has returned): the thaw fails with the reason,
 # the backup exits 6 with a complete image, and the server's own words say
@@ -132,8 +155,12 @@ backup a postgresql
     sleep 0.1
   done; exit 1 ) &
 KILLER=$!
-H backup hit-pg -o "$W/c.qcow2" --writers postgresql > "$W/c.out" 2>&1; rc=$?
+# An explicit --pause-ms wins over skipping the pause: the daemon waits
+# for one (none comes under pgbench: up to 5 s), which gives the killer its
+# window between freeze and thaw.
+H backup hit-pg -o "$W/c.qcow2" --writers postgresql --pause-ms 200 > "$W/c.out" 2>&1; rc=$?
 wait $KILLER || fail "(c): the writer's session was never seen between freeze and thaw: $(tail -5 "$W/c.out")"
+grep -q "no write-inactivity pause before the freeze" "$W/c.out" && fail "(c): --pause-ms 200 given, yet the pause was skipped"
 [ $rc = 6 ] || fail "(c): backup exited $rc (want 6): $(tail -5 "$W/c.out")"
 HI verify "$W/c.qcow2" > /dev/null || fail "(c): verify"
 HI info --json "$W/c.qcow2" | python3 -c '
