@@ -160,7 +160,17 @@ extension BackupJob {
         if plan.mount == nil { r.log("\(vol.protectedDevice) is not mounted: every block is imaged (raw map)") }
         var mapMethod = "raw"
         var excludedList: [ImageMetadata.Excluded] = []
-        let snap = try s.take(consistency: mode, mountPoint: plan.mount?.mountPoint, pauseMs: o.pauseMs, readMap: {
+        // Writers froze their components on the volume and the filesystem
+        // is about to be frozen: a write-inactivity pause gains nothing, and
+        // under steady load none comes (the daemon waits up to 5 s while a
+        // database's WAL grows past its backup checkpoint). --pause-ms wins.
+        var pauseMs = o.pauseMs
+        let frozenComponents = writers?.records.filter(\.frozen).count ?? 0
+        if pauseMs == nil, mode == .freeze, frozenComponents > 0 {
+            pauseMs = 0
+            r.log("no write-inactivity pause before the freeze: the writers froze \(frozenComponents) component(s) on the volume (--pause-ms to wait for one)")
+        }
+        let snap = try s.take(consistency: mode, mountPoint: plan.mount?.mountPoint, pauseMs: pauseMs, readMap: {
             TestStall.at("frozen", interrupted: { self.isInterrupted })
             let (used, method) = try usedMap(plan)
             mapMethod = method

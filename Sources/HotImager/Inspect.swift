@@ -66,6 +66,7 @@ public struct ImageInfo: Codable, Sendable {
             if let f = c.freezeMessage, !c.frozen { what += ": \(f)" }
             if let t = c.thawed { what += t ? ", thawed" : ", THAW FAILED: \(c.thawMessage ?? "no reason given")" }
             if let a = c.artifacts, !a.isEmpty { what += "; keeps " + a.map(\.path).joined(separator: ", ") }
+            if let o = c.restoreOmit, !o.isEmpty { what += "; restore leaves out " + o.joined(separator: ", ") }
             line("component:", what)
         }
         for e in m.writerErrors ?? [] { line("writer error:", e) }

@@ -11,8 +11,9 @@
 // flushes. A new regular file is created with the volume's size, mode 0600
 // whatever the umask (it holds every file of the volume).
 // Then the files that writers handed over at thaw time and the image keeps
-// (a PostgreSQL backup_label) are written into the restored filesystem
-// (Restore+Artifacts.swift); --no-writer-files skips that.
+// (a PostgreSQL backup_label) are written into the restored filesystem, and
+// the files they mark to leave out (postmaster.pid) are removed from it
+// (Restore+Artifacts.swift); --no-writer-files skips both.
 import Foundation
 import HotCore
 import HotErrors
@@ -49,6 +50,9 @@ public struct RestoreSummary: Codable, Sendable {
     public var discarded: Bool
     /// Paths (inside the restored filesystem) of the writers' files written.
     public var writerFiles: [String] = []
+    /// Paths (inside the restored filesystem) of the files the writers
+    /// leave out (PostgreSQL's postmaster.pid), removed.
+    public var removedFiles: [String] = []
 }
 
 public enum RestoreJob {
@@ -56,7 +60,7 @@ public enum RestoreJob {
         var s = try restoreBlocks(o, reporter: r)
         // Files the writers handed over at thaw time (PostgreSQL's backup_label).
         if o.writerFiles, let meta = try? QCow2Reader(path: o.image).hotimage.flatMap({ ImageMetadata.decode($0.metadata) }) {
-            s.writerFiles = try placeArtifacts(meta, target: o.target, reporter: r)
+            (s.writerFiles, s.removedFiles) = try placeArtifacts(meta, target: o.target, reporter: r)
         }
         return s
     }

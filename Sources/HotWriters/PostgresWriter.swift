@@ -31,6 +31,11 @@
 // (start LSN, checkpoint, time, timeline), and, for a site that does keep a
 // WAL archive, the file to rename to `backup_label` (with recovery.signal
 // and restore_command) to roll the image forward to a later point in time.
+//
+// Each component also names postmaster.pid and postmaster.opts as files
+// `restore` removes (restoreOmit): the copy would otherwise name the live
+// postmaster, and PostgreSQL refuses to start over a pid file whose process
+// lives on the same host.
 import Foundation
 import HotOS
 
@@ -74,9 +79,21 @@ public final class PostgresWriter: BuiltinWriter {
             return WriterComponent(
                 id: c.id, description: "PostgreSQL \(c.version ?? "?")\(name) on port \(c.pidFile.port)",
                 state: "\(c.pidFile.status ?? "running"), pid \(c.pid)",
-                files: PostgresDiscovery.files(of: c), details: details)
+                files: PostgresDiscovery.files(of: c), details: details,
+                restoreOmit: Self.restoreOmit.map { c.dataDirectory + "/" + $0 })
         }
     }
+
+    /// What restore removes from the data directory: the live postmaster's
+    /// own files, as pg_basebackup leaves them out. postmaster.pid names the
+    /// live postmaster, and a copy on the same host refuses to start over it
+    /// while that process lives; postmaster.opts is its command line. The
+    /// rest of pg_basebackup's exclusions (pg_stat_tmp, pg_dynshmem,
+    /// pgsql_tmp, pg_internal.init, unlogged relations…) stay: the restored
+    /// cluster starts by crash recovery, which clears or rebuilds them just
+    /// as after a crash of the original, and backup_label / tablespace_map
+    /// are never there (non-exclusive backups).
+    static let restoreOmit = ["postmaster.pid", "postmaster.opts"]
 
     public func freeze(_ ids: [String], request: FreezeRequest) -> [ComponentResult] {
         let all = clusters()

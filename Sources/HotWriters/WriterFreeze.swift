@@ -23,6 +23,9 @@ public struct ComponentRecord: Codable, Sendable {
     public var thawMessage: String?
     public var thawSeconds: Double?
     public var artifacts: [Artifact]?
+    /// Files `restore` removes from the restored filesystem (absolute
+    /// paths at backup time; the writer's `restoreOmit`).
+    public var restoreOmit: [String]?
 
     public var frozen: Bool { action == "frozen" }
 }
@@ -57,7 +60,8 @@ public final class FreezeSession: @unchecked Sendable {
                 case .none: action = "not-covered"
                 }
                 records.append(ComponentRecord(writer: l.writer.name, id: c.id, description: c.description, state: c.state,
-                                               coverage: cov, files: c.files, details: c.details, action: action))
+                                               coverage: cov, files: c.files, details: c.details, action: action,
+                                               restoreOmit: c.restoreOmit))
             }
         }
         for e in writerErrors { log(e) }

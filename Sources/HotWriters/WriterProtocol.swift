@@ -21,6 +21,11 @@
 //                         {"path":"/etc/myapp.conf","role":"config","counts":false}]}]}
 //     exit 0. A file with "counts": false is listed but does not decide
 //     coverage (a configuration file backed up by other means, a CD image).
+//     A component may add "restoreOmit":["/srv/data/myapp/myapp.pid"]:
+//     files that belong to the running application only (a pid file) and
+//     that `restore` removes from the restored filesystem (absolute paths
+//     as seen now; only regular files on the imaged volume; a missing one
+//     is fine). hotimage stores them in the image.
 //
 //   WRITER freeze
 //     stdin, first line:  {"protocol":1,"components":["main"],"volumes":[...],"timeoutSeconds":60}
@@ -66,9 +71,14 @@ public struct WriterComponent: Codable, Sendable, Equatable {
     public var files: [ComponentFile]
     /// Extra facts a writer wants shown and recorded (libvirt: persistent, agent…).
     public var details: [String: String]?
+    /// Files (absolute paths, as seen at backup time) that `restore`
+    /// removes from the restored filesystem: the running application's own
+    /// (PostgreSQL's postmaster.pid), wrong in any copy.
+    public var restoreOmit: [String]?
     public init(id: String, description: String? = nil, state: String? = nil, files: [ComponentFile] = [],
-                details: [String: String]? = nil) {
+                details: [String: String]? = nil, restoreOmit: [String]? = nil) {
         self.id = id; self.description = description; self.state = state; self.files = files; self.details = details
+        self.restoreOmit = restoreOmit
     }
 }
 

@@ -181,7 +181,7 @@ struct BackupCommand: ParsableCommand {
     @Flag(help: "One JSON event per line on stdout.")
     var json = false
 
-    @Option(help: "Write-inactivity pause in ms (default: the daemon's).")
+    @Option(help: "Write-inactivity pause in ms (default: the daemon's; none when writers froze components and the filesystem is frozen).")
     var pauseMs: Double?
 
     @Option(help: "Imager threads (reading and compressing).")

@@ -19,10 +19,12 @@ struct RestoreCommand: ParsableCommand {
 
         Files that writers handed over when they thawed (PostgreSQL's backup label, \
         as backup_label.hotimage in the data directory) are kept in \
-        the image; once the volume is written, TARGET is mounted in a private \
-        directory (through a loop device if it is a file), they are written at their \
-        place, owned like their directory, mode 0600, and TARGET is unmounted \
-        (--no-writer-files skips this; 'hotimage info --json' shows them).
+        the image, and so are the files writers mark to leave out (PostgreSQL's \
+        postmaster.pid and postmaster.opts); once the volume is written, TARGET is \
+        mounted in a private directory (through a loop device if it is a file), the \
+        former are written at their place, owned like their directory, mode 0600, the \
+        latter removed (regular files on the imaged volume only), and TARGET is \
+        unmounted (--no-writer-files skips this; 'hotimage info' shows them).
 
         SET DIRECTORIES
           A directory written by 'backup SRC SRC… -o DIR' holds one image per
@@ -57,7 +59,7 @@ struct RestoreCommand: ParsableCommand {
     @Flag(help: "Overwrite a target that holds a filesystem.") var force = false
     @Flag(help: "Leave unused space as it is (faster on a target known to read as zeros).") var noDiscard = false
     @Flag(help: "Skip verifying the image before writing (faster; a damaged image is then noticed only where decompression fails).") var noVerify = false
-    @Flag(help: "Do not write the writers' files (e.g. PostgreSQL's backup_label) into the restored filesystem.") var noWriterFiles = false
+    @Flag(help: "Do not write the writers' files (e.g. PostgreSQL's backup_label) into the restored filesystem, nor remove the files they leave out (postmaster.pid).") var noWriterFiles = false
     @Flag(help: "Print the summary as JSON on stdout.") var json = false
 
     func validate() throws {

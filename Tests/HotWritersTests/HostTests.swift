@@ -67,6 +67,19 @@ import Testing
         #expect(s.records.allSatisfy { $0.action == "frozen" && $0.method == "pause" && $0.thawed == true })
     }
 
+    /// An external writer's restoreOmit reaches the record the image keeps.
+    @Test func filesToLeaveOutAreRecorded() throws {
+        let lab = try Lab()
+        try lab.writer("pidful", components: #"{"writer":"pidful","components":[{"id":"main","files":[{"path":"\#(lab.vol)/app"}],"restoreOmit":["\#(lab.vol)/app/app.pid"]}]}"#)
+        try lab.writer("plain")
+        let s = FreezeSession(config: lab.config(["pidful", "plain"]), volumes: [lab.vol], log: { _ in })
+        #expect(s.records.first { $0.writer == "pidful" }?.restoreOmit == [lab.vol + "/app/app.pid"])
+        #expect(s.records.first { $0.writer == "plain" }?.restoreOmit == nil)
+        #expect(s.freeze(log: { _ in }).isEmpty)
+        s.thaw(log: { _ in })
+        #expect(jsonLine(s.records.first { $0.writer == "pidful" }!).contains(#""restoreOmit":[""#))
+    }
+
     @Test func componentsNotOnTheVolumeAreNotFrozen() throws {
         let lab = try Lab()
         try lab.writer("away", components: #"{"writer":"away","components":[{"id":"main","files":[{"path":"/proc/self/status"}]}]}"#)

@@ -12,7 +12,11 @@
 # starts (another port) by crash recovery, pg_amcheck finds no corruption
 # and the pgbench invariants hold: sum(abalance) = sum(bbalance) =
 # sum(tbalance) = sum(delta). With the writer, recovery starts at the
-# writer's checkpoint (the label's START WAL LOCATION).
+# writer's checkpoint (the label's START WAL LOCATION), and restore removed
+# the postmaster.pid and postmaster.opts the writer marked (the copy without
+# the writer keeps its postmaster.pid: the control). The filesystem freeze
+# follows the writer's freeze without waiting for a write pause: the cut
+# comes < 2 s after it under pgbench.
 # (c) The writer's psql session killed between freeze and thaw: exit 6, the
 # failed thaw recorded with the server's reason.
 # Controls that could fail: a balance changed by one in the restored copy
@@ -120,6 +124,27 @@ backup() {
 backup b none
 sleep 2
 backup a postgresql
+# The writer froze the cluster (its checkpoint) and the filesystem freeze
+# follows: backup does not wait for a write-inactivity pause then (none
+# comes under pgbench; waiting up to 5 s only piled up WAL to replay on
+# restore). The snapshot's seconds after the writers froze, less the thaw
+# (pg_backup_stop), stay short. PG_GAP_CHECK=0 only logs them (to measure
+# a build without this).
+GAP=($(python3 - "$W/a.events" <<'PY'
+import json, sys
+ev = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+snap = [e for e in ev if e["event"] == "snapshot"][0]["seconds"]
+thawed = [e for e in ev if e["event"] == "writers" and e.get("phase") == "thawed"][0]
+thaw = max(c.get("thawSeconds") or 0 for c in thawed["components"])
+print("%.3f %.3f %.3f" % (snap - thaw, snap, thaw))
+PY
+)) || fail "(a): no snapshot or thawed writers event: $(cat "$W/a.events")"
+log "a: snapshot $(printf %s "${GAP[1]}") s after the writers froze, of which the thaw ${GAP[2]} s: the cut within ${GAP[0]} s of the writer's checkpoint; $(grep -o 'no write-inactivity pause[^(]*' "$W/a.err" || echo 'waited for a write pause')"
+if [ "${PG_GAP_CHECK:-1}" = 1 ]; then
+  grep -q "no write-inactivity pause before the freeze: the writers froze 1 component" "$W/a.err" \
+    || fail "(a): backup did not say it skips the write pause: $(grep -v progress "$W/a.err" | tail -20)"
+  awk -v g="${GAP[0]}" 'BEGIN { exit !(g < 2) }' || fail "(a): the cut came ${GAP[0]} s after the writers froze (want < 2 s under pgbench)"
+fi
 # (c) The writer's session dies while frozen (its backend terminated as
 # soon as pg_backup_start has returned): the thaw fails with the reason,
 # the backup exits 6 with a complete image, and the server's own words say
@@ -130,8 +155,12 @@ backup a postgresql
     sleep 0.1
   done; exit 1 ) &
 KILLER=$!
-H backup hit-pg -o "$W/c.qcow2" --writers postgresql > "$W/c.out" 2>&1; rc=$?
+# An explicit --pause-ms wins over skipping the pause: the daemon waits
+# for one (none comes under pgbench: up to 5 s), which gives the killer its
+# window between freeze and thaw.
+H backup hit-pg -o "$W/c.qcow2" --writers postgresql --pause-ms 200 > "$W/c.out" 2>&1; rc=$?
 wait $KILLER || fail "(c): the writer's session was never seen between freeze and thaw: $(tail -5 "$W/c.out")"
+grep -q "no write-inactivity pause before the freeze" "$W/c.out" && fail "(c): --pause-ms 200 given, yet the pause was skipped"
 [ $rc = 6 ] || fail "(c): backup exited $rc (want 6): $(tail -5 "$W/c.out")"
 HI verify "$W/c.qcow2" > /dev/null || fail "(c): verify"
 HI info --json "$W/c.qcow2" | python3 -c '
@@ -175,9 +204,6 @@ restore_to() {
   [ -z "${2:-}" ] || target=(--onto "$2" --force)
   backup_roundtrip "$W/$1.qcow2" "${target[@]}" --fs ext4 --mount "$W/r-$1" --rw
   RTARGET=$RESTORED RDATA=$W/r-$1/pg/data
-  # The live postmaster's pid is in the copy, and alive on this host:
-  # PostgreSQL would refuse to start over it.
-  rm -f "$RDATA/postmaster.pid"
 }
 
 # check_restored NAME: starts a server on the restored copy, checks it.
@@ -198,8 +224,18 @@ check_restored() {
 
 stop_restored() { asp "$PGBIN/pg_ctl" -D "$RDATA" -m fast -w stop > /dev/null || fail "stop the restored server"; umount "$W/r-$1" || fail "umount"; }
 
-# (a) with the writer.
+# (a) with the writer: it marked the live postmaster's postmaster.pid and
+# postmaster.opts for restore to leave out (the pid is alive on this host:
+# PostgreSQL would refuse to start over it), and restore removed them.
 restore_to a
+for f in postmaster.pid postmaster.opts; do
+  [ -e "$RDATA/$f" ] && fail "(a): restore left $f in the restored data directory: $(cat "$W/a.restore")"
+  grep -q "postgresql '$PORT:$DATA': removed /pg/data/$f from the restored filesystem" "$W/a.restore" \
+    || fail "(a): restore did not say it removed $f: $(cat "$W/a.restore")"
+done
+HI info "$W/a.qcow2" | grep -q "restore leaves out $DATA/postmaster.pid, $DATA/postmaster.opts" \
+  || fail "(a): info does not show the files restore leaves out: $(HI info "$W/a.qcow2" | grep component:)"
+log "a: restore removed postmaster.pid and postmaster.opts (marked by the writer)"
 check_restored a
 [ "$REDO_START" = "$LABEL_START" ] || fail "(a): recovery started at $REDO_START, not at the writer's checkpoint $LABEL_START"
 log "a: recovery started at the writer's checkpoint (label START WAL LOCATION $LABEL_START)"
@@ -225,9 +261,12 @@ grep -q "WAL ends before end of online backup" "$PGLOG/r-a-label.log" || { tail 
 log "control: with the label as backup_label the server refuses: $(grep -o 'FATAL: .*' "$PGLOG/r-a-label.log" | head -1)"
 umount "$W/r-a" || fail "umount"
 
-# (b) without a writer: the filesystem freeze alone.
+# (b) without a writer: the filesystem freeze alone. Nothing marked the
+# live postmaster's pid file: it is in the copy (control), removed by hand.
 restore_to b
 [ -e "$RDATA/backup_label.hotimage" ] && fail "(b): a label without the writer"
+[ -f "$RDATA/postmaster.pid" ] || fail "(b): no postmaster.pid in the copy without a writer (the check of (a) proves nothing)"
+rm -f "$RDATA/postmaster.pid"
 check_restored b
 stop_restored b
 
