@@ -60,6 +60,29 @@ struct BackupCommand: ParsableCommand {
                        stops heart-beating, the snapshot and its files are removed
                        within 10 s. --consistency wip is HotCore's only.
 
+        COHERENT SETS (two or more SOURCEs, -o DIR)
+          One point in time for several volumes, whatever backend each is
+          behind (HotCore fuse or nbd, dm-snapshot; a quiet volume offline).
+          DIR is created if missing and must hold no images; each volume
+          becomes DIR/NAME.qcow2 (NAME: the attachment name, else the device's
+          name; a clash gets -2, -3…), and every image records the set: its id,
+          the members (name, source, device, size, filesystem UUID) and the
+          one cut time ('hotimage info DIR', 'verify DIR', 'restore DIR').
+          Hooks run once (HOTIMAGE_VOLUMES lists every member, HOTIMAGE_IMAGE
+          is DIR); writers are asked once with every member's mount point, so
+          a component spread over the set is covered whole and frozen once.
+          The cut: a write-inactivity pause common to all members (a write to
+          any restarts the wait; skipped when writers froze components and
+          every member is frozen), then every filesystem frozen and every
+          member armed (HotCore holds a member's new writes until all are
+          armed), the maps read, all thawed. The 60 s snapshot deadline covers
+          the set. All or nothing: a member that fails, before or after the
+          cut, fails the set (exit \(ExitCodes.code(.sessionFailed))), every member released and every image
+          removed; --keep-partial keeps them all, the failed marked incomplete.
+          The imagers run side by side and share --workers. A dm-snapshot
+          member must hold a mounted filesystem (its freeze holds the cut).
+          --exclude takes absolute paths in a set.
+
         WHAT IS IMAGED
           Mounted ext4/XFS (and any filesystem with FS_IOC_GETFSMAP): the used blocks.
           Unmounted ext2/3/4: the used blocks from libext2fs. Anything else:
@@ -126,6 +149,7 @@ struct BackupCommand: ParsableCommand {
           hotimage backup /srv/db -o /backup/db.qcow2 \\
               --before-snapshot 'psql -c checkpoint'
           hotimage backup /dev/sdc1 --mode offline -o /backup/sdc1.qcow2
+          hotimage backup vmdisks /srv/vmconf -o /backup/vm-2026-12-06
           hotimage backup /dev/vg0/home -o /backup/home.qcow2 \\
               --backend dm-snapshot --buffer-dir /var/tmp/hb
         """)
