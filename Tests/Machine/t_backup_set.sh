@@ -10,8 +10,10 @@
 #      followed a member's arm were held until every member was armed).
 #  (c) a member whose COW buffer overflows: exit 3, no image left, nothing
 #      frozen or in a session on any member, every live write landed.
-#  Refusals: a directory that holds images, the same volume twice, an
-#  unmounted dm... (VM), a relative --exclude.
+#  snapshot of the set: one export per volume (HOTIMAGE_SNAPSHOT_URIS), the
+#  copies keep the ordered writer's invariant.
+#  Refusals: a directory that holds images, the same volume twice, a
+#  relative --exclude.
 source "$(dirname "$0")/lib.sh"
 WRITER=$ROOT/Scripts/set-writer.py
 
@@ -35,6 +37,10 @@ mv "$W/set.err" "$W/set.events"
 # The negative control: the same load, each volume on its own, one after the other.
 expect_exit 0 "image complete" -- H backup hit-sa -o "$W/single-a.qcow2"
 expect_exit 0 "image complete" -- H backup hit-sb -o "$W/single-b.qcow2"
+# snapshot of the set: one export per volume, the copies at one cut.
+expect_exit 0 "" --out "$W/snapset.out" -- H snapshot hit-sa hit-sb -- sh -c '
+  for kv in $HOTIMAGE_SNAPSHOT_URIS; do nbdcopy "${kv#*=}" "'$W'/snap-${kv%%=*}.raw" || exit 1; done
+  [ -n "$HOTIMAGE_SNAPSHOT_URI_HIT_SA" ] && [ "$HOTIMAGE_VOLUMES" = "hit-sa hit-sb" ]'
 touch "$W/stop"; wait $wpid || fail "the ordered writer failed"
 log "ordered writer: $(cat "$W/writer.out") records"
 [ -f "$W/set/hit-sa.qcow2" ] && [ -f "$W/set/hit-sb.qcow2" ] || fail "the set's images are not DIR/NAME.qcow2: $(ls "$W/set")"
@@ -67,6 +73,11 @@ log "(a) set: last record $ra on the first volume, $rb on the second"
 read -r sa sb <<< "$(records "$W/single-a.qcow2" "$W/single-b.qcow2")"
 log "(a) negative control, two single backups: $sa and $sb"
 [ "$sb" = "$sa" ] || [ "$sb" = $((sa - 1)) ] && fail "(a) negative control: two single backups kept the invariant ($sa, $sb): the test cannot tell"
+na=$(debugfs -R "cat /log" "$W/snap-hit-sa.raw" 2>/dev/null | tail -1)
+nb=$(debugfs -R "cat /log" "$W/snap-hit-sb.raw" 2>/dev/null | tail -1)
+log "(a) snapshot of the set: last record $na and $nb"
+[ "${na:-0}" -gt 0 ] || fail "(a) snapshot: no record in the first copy"
+[ "$nb" = "$na" ] || [ "$nb" = $((na - 1)) ] || fail "(a) snapshot of the set is not one point in time ($na, $nb)"
 umount "$W/m-hit-sa" "$W/m-hit-sb"
 
 # --- refusals
