@@ -139,5 +139,16 @@ for n in hit-so1 hit-so2; do
   [ "$frozen" = None ] || fail "(c) $n is still frozen ($frozen)"
 done
 touch "$W/m-hit-so1/after" "$W/m-hit-so2/after" && sync || fail "(c) the volumes are not writable after the failed set"
+# --keep-partial: every image kept, the failed member's marked incomplete; the set is not whole.
+rm -f "$W/ow.stop"
+( while [ ! -e "$W/ow.stop" ]; do dd if="$W/src" of="$W/m-hit-so2/big" bs=1M conv=notrunc,fsync status=none; done ) &
+ow=$!
+expect_exit 3 "every image is kept" -- H backup hit-so1 hit-so2 -o "$W/keep" --max-rate 10M --keep-partial
+touch "$W/ow.stop"; wait $ow
+HI info "$W/keep/hit-so2.qcow2" | grep -q "^complete: *NO" || fail "(c) --keep-partial: the failed member is not marked incomplete"
+HI info "$W/keep/hit-so1.qcow2" | grep -q "^complete: *yes" || fail "(c) --keep-partial: the sound member is not complete"
+expect_exit 1 "hit-so2.*incomplete" -- HI verify "$W/keep"
+expect_exit 2 "" -- HI restore "$W/keep" --to hit-so1="$W/k1.raw" --to hit-so2="$W/k2.raw"
+[ ! -e "$W/k1.raw" ] || fail "(c) restore of a partial set wrote a member"
 log "(c) overflow: $(grep -m1 "set's\|hit-so2: backup failed" "$W/over.out" | cut -c1-240)"
 log "PASS"
