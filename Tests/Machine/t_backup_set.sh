@@ -150,5 +150,21 @@ HI info "$W/keep/hit-so1.qcow2" | grep -q "^complete: *yes" || fail "(c) --keep-
 expect_exit 1 "hit-so2.*incomplete" -- HI verify "$W/keep"
 expect_exit 2 "" -- HI restore "$W/keep" --to hit-so1="$W/k1.raw" --to hit-so2="$W/k2.raw"
 [ ! -e "$W/k1.raw" ] || fail "(c) restore of a partial set wrote a member"
+# --- (d) the client interrupted, then killed, while imaging: every member released
+phases_idle() { local n ph; for n in "$@"; do ph=$(status_json "$n" | json_get "['session']['phase']"); case $ph in idle|failed) ;; *) return 1;; esac; done; }
+"$HOTIMAGE" backup hit-so1 hit-so2 -o "$W/intr" --max-rate 5M --run-dir "$RUN" > "$W/intr.out" 2>&1 &
+bp=$!
+wait_until 20 grep -q "set cut at" "$W/intr.out" || fail "(d) the set cut was not taken: $(tail -5 "$W/intr.out")"
+sleep 1; kill -TERM $bp; wait $bp; rc=$?
+[ $rc = 130 ] || fail "(d) an interrupted set exited $rc, not 130: $(tail -5 "$W/intr.out")"
+[ -z "$(ls "$W/intr")" ] || fail "(d) an interrupted set left images: $(ls -a "$W/intr")"
+phases_idle hit-so1 hit-so2 || fail "(d) a member is still in a session after the interrupt"
+"$HOTIMAGE" backup hit-so1 hit-so2 -o "$W/killed" --max-rate 5M --run-dir "$RUN" > "$W/killed.out" 2>&1 &
+bp=$!
+wait_until 20 grep -q "set cut at" "$W/killed.out" || fail "(d) the set cut was not taken: $(tail -5 "$W/killed.out")"
+sleep 1; kill -9 $bp; wait $bp 2>/dev/null
+t0=$(date +%s)
+wait_until 15 phases_idle hit-so1 hit-so2 || fail "(d) after the client was killed a member stayed in its session over 15 s"
+log "(d) interrupted: exit 130, nothing left; client killed: both members back to passthrough in $(( $(date +%s) - t0 )) s"
 log "(c) overflow: $(grep -m1 "set's\|hit-so2: backup failed" "$W/over.out" | cut -c1-240)"
 log "PASS"
