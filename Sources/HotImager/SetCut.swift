@@ -9,13 +9,15 @@
 //      member frozen, no pause within the freeze-pause wait (5 s) means
 //      freezing anyway, as for one volume; otherwise the set waits up to the
 //      snapshot deadline.
-//   2. begin on every member, the frozen ones first, all with `hold`: a
-//      frozen member is frozen, then armed; an unfrozen HotCore member is
-//      armed with its new writes held. So from the first arm on, no write
+//   2. begin on every member, the frozen ones first: a frozen member is
+//      frozen, then armed; a raw member (no filesystem) is armed with its
+//      new writes held (`hold`); a wip member writes on, but any write
+//      between its arm and its map makes it answer retry (3). So no write
 //      that follows a member's cut completes before every member is armed:
 //      the cut is the moment the last member is armed, with nothing in
-//      flight on any. Each member reads its used-block map in the window
-//      (frozen, or held).
+//      flight on any. Each member reads its used-block map in the window.
+//      (A wip member is not held: its map read may need the device, and a
+//      held write can stall the NBD connection that read would use.)
 //   3. map on every member: protection narrowed, filesystems thawed, held
 //      writes released. A wip member whose filesystem wrote during the map
 //      read answers retry: every member ends (the transient daemons stay)
@@ -138,7 +140,7 @@ public enum SetCut {
                     let mb = members[i]
                     var a: SessionClient.Armed?
                     if let s = mb.session {
-                        do { a = try s.begin(consistency: mb.consistency, mountPoint: mb.mountPoint, pauseMs: 0, hold: true) } catch {
+                        do { a = try s.begin(consistency: mb.consistency, mountPoint: mb.mountPoint, pauseMs: 0, hold: mb.consistency == .raw) } catch {
                             return .failure(SetCutError(member: mb.name, description: "\(mb.name): the snapshot failed: \(error)", kind: .sessionFailed))
                         }
                     }

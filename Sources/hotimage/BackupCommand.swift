@@ -74,7 +74,7 @@ struct BackupCommand: ParsableCommand {
           The cut: a write-inactivity pause common to all members (a write to
           any restarts the wait; skipped when writers froze components and
           every member is frozen), then every filesystem frozen and every
-          member armed (HotCore holds a member's new writes until all are
+          member armed (HotCore holds an unmounted member's new writes until all are
           armed), the maps read, all thawed. The 60 s snapshot deadline covers
           the set. All or nothing: a member that fails, before or after the
           cut, fails the set (exit \(ExitCodes.code(.sessionFailed))), every member released and every image

@@ -42,7 +42,7 @@ struct Snapshot: ParsableCommand {
 
         A SET (two or more TARGETs) is taken at one point in time, as 'backup' \
         takes a set: a write-inactivity pause common to all, every filesystem \
-        frozen and every volume armed (HotCore holds new writes until all are), \
+        frozen and every volume armed (HotCore holds an unmounted volume's writes until all are), \
         the maps read, all thawed; if any fails, every one is released. Then, per \
         volume NAME (its attachment name, upper-cased, other characters as _):
 
