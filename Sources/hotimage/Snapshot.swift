@@ -54,7 +54,7 @@ struct Snapshot: ParsableCommand {
           HOTIMAGE_VOLUMES               the names, space-separated
           HOTIMAGE_ARMED_NS              the set's cut (every volume armed)
 
-          hotimage snapshot vmdisks vmconf -- sh -c \
+          hotimage snapshot vmdisks vmconf -- sh -c \\
               'for kv in $HOTIMAGE_SNAPSHOT_URIS; do
                  nbdcopy "${kv#*=}" "/backup/${kv%%=*}.raw"; done'
 
