@@ -338,15 +338,16 @@ public final class SetBackupJob: @unchecked Sendable {
 
     // MARK: imaging
 
-    /// Every member's imager at once, the workers shared; a failure cancels
-    /// the others unless --keep-partial.
+    /// Every member's imager at once, the workers shared (each member's
+    /// session has its own buffer, so each enters emergency mode at
+    /// --emergency-at of its own); a failure cancels the others unless
+    /// --keep-partial.
     func runImagers() {
         let share = max(1, o.imager.workers / max(1, members.count))
         let progress = SetProgress(reporter: r, names: members.map(\.name))
         _ = SetCut.parallel(members.map { mb in { () -> Void in
             var cfg = mb.job.o.imager
             cfg.workers = share
-            cfg.emergencyBytes = max(1 << 20, self.o.imager.emergencyBytes / UInt64(self.members.count))
             mb.job.imagerConfigOverride = cfg
             (mb.job.r as? MemberReporter)?.progressSink = { p in progress.update(mb.name, p) }
             mb.out = mb.job.runImager(mb.plan, mb.cut!, into: mb.image!.writer)
