@@ -77,6 +77,42 @@ drop_loops_under() {
   done
 }
 
+# fill_mixed DIR BYTES: fills the mounted filesystem at DIR with about BYTES
+# of the benches' mixed data, three equal shares: text (words of a fixed
+# vocabulary, in lines), binaries (libraries and programs of this system,
+# copied until the share is reached) and random data.
+fill_mixed() {
+  local dir=$1 target=$2 third n src left i c
+  [ -n "$dir" ] && [ -d "$dir" ] && [ "$target" -gt 0 ] || die "fill_mixed: no directory or no size"
+  third=$(( target / 3 ))
+  python3 - "$dir/text" "$third" <<'PY'
+import os, random, sys
+d, want = sys.argv[1], int(sys.argv[2])
+os.makedirs(d)
+r = random.Random(5)
+vocab = ["".join(r.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(r.randint(2, 11))) for _ in range(20000)]
+done, i = 0, 0
+while done < want:
+    lines = [" ".join(r.choices(vocab, k=r.randint(4, 16))) for _ in range(20000)]
+    b = ("\n".join(lines) + "\n").encode()
+    open(os.path.join(d, "t%05d.txt" % i), "wb").write(b)
+    done += len(b); i += 1
+PY
+  mkdir -p "$dir/bin"
+  n=0
+  for src in /usr/lib/x86_64-linux-gnu /usr/bin /usr/lib /opt/swift/usr/lib /usr/libexec /usr/share; do
+    [ "$(du -sb "$dir/bin" | cut -f1)" -ge "$third" ] && break
+    n=$((n + 1)); cp -a "$src" "$dir/bin/$n" 2>/dev/null
+  done
+  mkdir -p "$dir/random"
+  left=$(( target - $(du -sb "$dir" | cut -f1) ))
+  i=0
+  while [ $left -gt 0 ]; do
+    c=$(( left > 268435456 ? 256 : (left + 1048575) / 1048576 ))
+    head -c "${c}M" /dev/urandom > "$dir/random/r$i"; left=$(( left - c * 1048576 )); i=$((i + 1))
+  done
+}
+
 # lib_fail MESSAGE...: the test's fail (Tests/Machine/lib.sh: the daemon logs,
 # exit 1) where one is defined, die otherwise.
 lib_fail() { if declare -F fail >/dev/null; then fail "$@"; else die "$@"; fi; }
