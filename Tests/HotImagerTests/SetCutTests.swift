@@ -124,9 +124,9 @@ func seconds(since t0: UInt64) -> Double { Double(monotonicNanos() - t0) / 1e9 }
 @Suite("SetCut")
 struct SetCutTests {
 
-    @Test("Order: frozen members begin first, all with hold and pause 0; no map before every member began and read its map")
+    @Test("Order: frozen members begin first, all with pause 0, only raw ones with hold; no map before every member began and read its map")
     func order() throws {
-        let f = SetCutFixture([("a", .wip), ("b", .freeze), ("c", .wip), ("d", .freeze), ("q", nil)])
+        let f = SetCutFixture([("a", .wip), ("b", .freeze), ("c", .raw), ("d", .freeze), ("q", nil)])
         let r = try f.take()
         let ev = f.log.events
         #expect(r.attempts == 1)
@@ -138,11 +138,13 @@ struct SetCutTests {
         #expect(lastFrozen < firstUnfrozen, "\(ev)")
         // Each frozen member read its map before the unfrozen began.
         #expect(max(f.log.index("read b")!, f.log.index("read d")!) < firstUnfrozen, "\(ev)")
-        // Every begin asks for hold, pause 0, the member's own consistency.
+        // Every begin asks for pause 0 and the member's own consistency;
+        // hold only for the raw member (no map read from the device).
         for s in f.sessions {
             #expect(s.begins.count == 1)
-            #expect(s.begins.allSatisfy { $0.hold && $0.pauseMs == 0 }, "\(s.name): \(s.begins)")
+            #expect(s.begins.allSatisfy { $0.hold == ($0.consistency == .raw) && $0.pauseMs == 0 }, "\(s.name): \(s.begins)")
         }
+        #expect(f.session("c").begins.first?.hold == true)
         #expect(f.session("b").begins.first?.consistency == .freeze)
         #expect(f.session("a").begins.first?.consistency == .wip)
         // No map before every begin and every read (the offline member's too).
