@@ -24,6 +24,11 @@
 #     image records it (and their definitions);
 #   - from both images, a guest restored from the restored save file and
 #     disk goes on from the saved point (its memory and its disk agree).
+#   - a guest with a disk on each of two attached volumes, backed up as a
+#     set (backup VOL1 VOL2 -o DIR --writers libvirt): either volume alone
+#     covers it partially; the set asks the writer once with both, so it is
+#     fully covered and managed-saved once; both images record that one
+#     component; restored from the set it goes on from the saved point.
 #
 # libvirtd runs as a child of this test in a private mount namespace: its
 # configuration, sockets and logs are directories of the test bound over
@@ -292,4 +297,96 @@ guest_from "$W/r1" "$W/r2" mixed
 agree && fail "negative control: memory of one image with the disk of the other agreed ('$FIRST' after '$DISK')"
 log "negative control: the stopped image's memory on the live image's disk disagrees ('$FIRST' after '$DISK')"
 log "both images restore: stopped = the files of the stop; from each, the guest resumes from its saved memory on its disk"
+
+# 11. A guest on two volumes, backed up as a set: d's system disk (and its
+#     managed save) on the first volume, its /data disk on a second attached
+#     volume. Either volume alone covers d partially; the set asks the
+#     libvirt writer once with both, so d is fully covered and managed-saved
+#     once for the one cut; both images record that one component; the
+#     guest restored from the set (save file and disk from one member, /data
+#     from the other) goes on from the saved point and writes on /data.
+attach_new hit-vm2 128M
+mkfs.ext4 -q -F "$DEV" && mkdir -p "$W/vol2" && mount "$DEV" "$W/vol2" || fail "11: second volume"
+VOL2=$W/vol2
+qemu-img create -q -f qcow2 "$VOL/images/d.qcow2" 16M
+truncate -s 8M "$VOL2/d-data.ext4" && mkfs.ext4 -q -F "$VOL2/d-data.ext4"
+LV_EXTRA="<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='$VOL2/d-data.ext4'/><target dev='vdb' bus='virtio'/></disk>" \
+  lv_define hit-vm-d "$VOL/images/d.qcow2" qcow2
+V start hit-vm-d >/dev/null || fail "11: start d: $(tail -3 "$LV/log/qemu/hit-vm-d.log")"
+wait_until 60 beating hit-vm-d || fail "11: d does not beat: $(tail -3 "$W/console-hit-vm-d.log")"
+grep -q "guest: /data mounted" "$W/console-hit-vm-d.log" || fail "11: d has no /data: $(cat "$W/console-hit-vm-d.log")"
+ID_D=$(beat_id hit-vm-d)
+layout "$VOL"
+[ "$(cov hit-vm-d "['coverage']")" = partially ] || fail "11: the first volume alone covers d $(cov hit-vm-d "['coverage']")"
+layout "$VOL2"
+[ "$(cov hit-vm-d "['coverage']")" = partially ] || fail "11: the second volume alone covers d $(cov hit-vm-d "['coverage']")"
+layout "$VOL" "$VOL2"
+[ "$(cov hit-vm-d "['coverage']")" = fully ] || fail "11: both volumes do not cover d fully: $(cat "$W/layout.json")"
+H backup hit-vm hit-vm2 -o "$W/vmset" --writers libvirt --json > "$W/set.events" 2> "$W/set.err" \
+  || fail "11: set backup with the libvirt writer: exit $?: $(tail -20 "$W/set.err")"
+grep -q "set complete" "$W/set.err" || fail "11: no set complete: $(tail -5 "$W/set.err")"
+[ "$(V domstate hit-vm-d --reason)" = "running (restored)" ] || fail "11: d after the set: $(V domstate hit-vm-d --reason)"
+[ "$(beat_id hit-vm-d)" = "$ID_D" ] || fail "11: d booted again during the set backup"
+for n in hit-vm hit-vm2; do HI info "$W/vmset/$n.qcow2" --json > "$W/vmset-$n.info" || fail "11: info $n"; done
+python3 - "$W/set.events" "$W/vmset-hit-vm.info" "$W/vmset-hit-vm2.info" <<'PY' || fail "11: the set's record of d: $(grep '"writers"' "$W/set.events")"
+import json, sys
+ev = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+frozen = [e for e in ev if e.get("event") == "writers" and e.get("phase") == "frozen"]
+assert len(frozen) == 1, "writers asked %d times" % len(frozen)
+d = [c for c in frozen[0]["components"] if c["id"] == "hit-vm-d"]
+assert len(d) == 1, d
+d = d[0]
+assert d["writer"] == "libvirt" and d["coverage"] == "fully" and d["action"] == "frozen", d
+assert d["method"] == "managed-save", d
+thawed = [e for e in ev if e.get("event") == "writers" and e.get("phase") == "thawed"]
+assert len(thawed) == 1, "writers thawed %d times" % len(thawed)
+t = [c for c in thawed[0]["components"] if c["id"] == "hit-vm-d"]
+assert len(t) == 1 and t[0]["thawed"] is True and t[0]["freezeSeconds"] == d["freezeSeconds"], t
+d = t[0]
+snaps = [e for e in ev if e.get("event") == "snapshot" and "members" in e]
+assert len(snaps) == 1, "%d set cuts" % len(snaps)
+for p in sys.argv[2:]:
+    m = json.load(open(p))["metadata"]
+    rec = [c for c in m["components"] if c["id"] == "hit-vm-d"]
+    assert len(rec) == 1, (p, rec)
+    r = rec[0]
+    assert r["coverage"] == "fully" and r["action"] == "frozen" and r["method"] == "managed-save" and r["thawed"] is True, r
+    assert r["freezeSeconds"] == d["freezeSeconds"] and r["thawSeconds"] == d["thawSeconds"], (r, d)
+    assert m["set"]["member"] in ("hit-vm", "hit-vm2"), m["set"]
+print("d: frozen once (%.2f s), fully covered, recorded in both images" % d["freezeSeconds"])
+PY
+log "11: $(python3 -c '
+import json,sys
+for l in open(sys.argv[1]):
+    if l.startswith("{") and "\"writers\"" in l:
+        e=json.loads(l)
+        if e.get("phase")=="frozen": print("; ".join("%s %s %s" % (c["id"], c["coverage"], c["action"]) for c in e["components"]))' "$W/set.events")"
+S1=$(make_loop "$W/s1.img" 768M) S2=$(make_loop "$W/s2.img" 128M)
+HI restore "$W/vmset" --to hit-vm="$S1" --to hit-vm2="$S2" > "$W/set.restore" 2>&1 || fail "11: restore of the set: $(cat "$W/set.restore")"
+mkdir -p "$W/s1" "$W/s2" && mount "$S1" "$W/s1" && mount "$S2" "$W/s2" || fail "11: mount the restored set"
+SAVE_D=$W/s1/qemu/save/hit-vm-d.save
+[ -s "$SAVE_D" ] || fail "11: no save file of d in the first member: $(ls "$W/s1/qemu/save")"
+qemu-img check -q "$W/s1/images/d.qcow2" || fail "11: qemu-img check of d's restored disk"
+V save-image-dumpxml "$SAVE_D" > "$W/d-set.xml" || fail "11: libvirt cannot read the restored save file"
+qemu-img dd -f qcow2 -O raw bs=512 count=1 if="$W/s1/images/d.qcow2" of="$W/d-sector0" || fail "11: read d's restored disk"
+DISK=$(sed -n 's/.*id=\([0-9a-f]*\) seq=\([0-9]*\).*/\1 \2/p' "$W/d-sector0")
+sed -i -e "s|$VOL/images/|$W/s1/images/|g" -e "s|$VOL2/|$W/s2/|g" -e "s|console-hit-vm-d.log|console-hit-vm-dset.log|" "$W/d-set.xml"
+grep -q "$W/s2/d-data.ext4" "$W/d-set.xml" || fail "11: the saved definition does not name d's /data disk"
+V destroy hit-vm-d >/dev/null; V undefine hit-vm-d >/dev/null || fail "11: undefine d"
+V restore "$SAVE_D" --xml "$W/d-set.xml" > "$W/d-set.out" 2>&1 || fail "11: virsh restore from the restored set: $(cat "$W/d-set.out")"
+wait_until 20 beating hit-vm-dset || fail "11: the guest restored from the set does not beat"
+FIRST=$(grep -m1 "guest: beat" "$W/console-hit-vm-dset.log" | sed 's/.*id=\([0-9a-f]*\) seq=\([0-9]*\).*/\1 \2/')
+grep -q "guest: boot" "$W/console-hit-vm-dset.log" && fail "11: the guest restored from the set booted"
+ID_A=$ID_D agree || fail "11: the guest restored from the set goes on at '$FIRST' but its disk says '$DISK'"
+# ext4 commits every 5 s: after 25 beats its /data writes since the restore are on the restored disk.
+wait_until 60 beats_after hit-vm-dset 25 || fail "11: the restored guest stopped beating"
+V destroy hit-vm-d >/dev/null
+DL=$(make_loop "$W/s2/d-data.ext4" 8M)
+mkdir -p "$W/d-data" && mount "$DL" "$W/d-data" || fail "11: mount d's restored /data after the run"
+read -r bid bseq <<< "$(sed 's/id=\([0-9a-f]*\) seq=\([0-9]*\)/\1 \2/' "$W/d-data/beat")"
+umount "$W/d-data"
+e2fsck -fn "$DL" > "$W/d-data.fsck" 2>&1 || fail "11: d's /data after the restored run: $(tail -5 "$W/d-data.fsck")"
+losetup -d "$DL"
+[ "$bid" = "$ID_D" ] && [ "$bseq" -gt "${FIRST#* }" ] || fail "11: d's /data holds '$bid $bseq', not a beat after the restore (first $FIRST)"
+log "11: the guest restored from the set goes on at seq ${FIRST#* } after disk seq ${DISK#* }, and wrote beat $bseq to its /data from the other member (clean)"
 log "ok"
