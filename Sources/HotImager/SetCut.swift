@@ -22,7 +22,8 @@
 //      writes released. A wip member whose filesystem wrote during the map
 //      read answers retry: every member ends (the transient daemons stay)
 //      and the set starts again at 1.
-// Any member that fails before the cut releases every member (ended,
+// An offline member (a quiet volume) has no session: its map is read once,
+// before the window. Any member that fails before the cut releases every member (ended,
 // thawed, nothing held) and fails the set: all or nothing. The snapshot
 // deadline (60 s) covers the whole set.
 import Foundation
@@ -108,6 +109,15 @@ public enum SetCut {
         var waited: Double = 0
         var found = false
         var attempt = 0
+        // An offline member is quiet: its map is read once, before the
+        // window, so it never lengthens the others' freeze.
+        var offlineMaps = [Int: (used: [Range<UInt64>], excluded: [Range<UInt64>])]()
+        for i in members.indices where members[i].session == nil {
+            do { offlineMaps[i] = try members[i].readMap() } catch {
+                throw SetCutError(member: members[i].name, description: "\(members[i].name): reading the used-block map: \(error)",
+                                  kind: (error as? CodedError)?.kind ?? .failed)
+            }
+        }
         while true {
             attempt += 1
             if interrupted() { throw SetCutError(member: nil, description: "interrupted", kind: .interrupted) }
@@ -131,11 +141,12 @@ public enum SetCut {
             }
             // 2. Arm every member (the frozen first), each reading its map in the window.
             let frozenFirst = members.indices.filter { members[$0].session != nil && members[$0].consistency == .freeze }
-            let then = members.indices.filter { !frozenFirst.contains($0) }
+            let then = members.indices.filter { members[$0].session != nil && !frozenFirst.contains($0) }
             var armed = [SessionClient.Armed?](repeating: nil, count: members.count)
             var maps = [(used: [Range<UInt64>], excluded: [Range<UInt64>])?](repeating: nil, count: members.count)
+            for (i, m) in offlineMaps { maps[i] = m }
             var failure: SetCutError?
-            for group in [frozenFirst, then] where failure == nil {
+            for group in [frozenFirst, then] where failure == nil && !group.isEmpty {
                 let results = parallel(group.map { i in { () -> Result<(SessionClient.Armed?, ([Range<UInt64>], [Range<UInt64>])), SetCutError> in
                     let mb = members[i]
                     var a: SessionClient.Armed?
