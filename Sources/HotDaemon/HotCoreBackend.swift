@@ -87,6 +87,8 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
     private let m = Monitor()
     private var stopping = false
     private var presented = false
+    /// The current failed session was logged (tick).
+    private var failureReported = false
 
     init(options: AttachOptions, device: BlockDevice, bufferDirFD: Int32, logger: Logger) {
         self.options = options
@@ -228,12 +230,24 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
     func end() { engine.end() }
 
     func tick() -> [BackendEvent] {
-        engine.tick().map {
+        var events: [BackendEvent] = engine.tick().map {
             switch $0 {
             case .failed(let r): return .failed(r)
             case .dropped(let r): return .dropped(r)
             }
         }
+        // A failure outside the deadlines (a mover that could not spill, a
+        // write that waited too long) is reported once, as the deadlines are.
+        let failed = engine.currentPhase == .failed
+        m.withLock {
+            if !failed { failureReported = false; return }
+            if failureReported { return }
+            failureReported = true
+            if !events.contains(where: { if case .failed = $0 { return true } else { return false } }) {
+                events.append(.failed(engine.failureReason ?? "unknown reason"))
+            }
+        }
+        return events
     }
 
     func status(bufferLimitBytes: UInt64) -> (SessionStatus, BackendDetail) {

@@ -69,12 +69,15 @@ extension BackupJob {
         }
     }
 
-    /// What the imager reads during an online backup. A snapshot device
-    /// that cannot be opened because the session failed meanwhile (a COW
-    /// store that overflowed at once) is a session failure, said as such.
+    /// What the imager reads during an online backup. A snapshot that
+    /// cannot be opened because the session failed meanwhile (a buffer that
+    /// overflowed at once: HotCore no longer offers the export, dm removed
+    /// the device) is a session failure, said as such.
     func snapshotSource(_ plan: Plan, _ snap: TakenSnapshot, _ session: SessionClient?) throws -> BlockSource {
-        guard let dev = snap.snapshotDevice else { return try NBDSource(uri: plan.volume!.snapshotURI) }
-        do { return try DeviceSource(path: dev, exclusive: false) } catch {
+        do {
+            guard let dev = snap.snapshotDevice else { return try NBDSource(uri: plan.volume!.snapshotURI) }
+            return try DeviceSource(path: dev, exclusive: false)
+        } catch {
             if let st = try? session?.status(), st.session.phase == .failed {
                 throw ImagerError(description: "the session failed: \(st.session.failure ?? "unknown reason")", kind: .sessionFailed)
             }
