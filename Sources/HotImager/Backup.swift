@@ -167,6 +167,9 @@ public final class BackupJob: @unchecked Sendable {
         im?.cancel(why)
     }
 
+    /// Whether cancelImager stopped this job (another member failed).
+    var wasCancelled: Bool { m.withLock { cancelled != nil } }
+
     public func interrupt(_ why: String) {
         let s = m.withLock { () -> SessionClient? in interrupted = true; return taking }
         s?.abort()

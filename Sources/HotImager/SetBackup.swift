@@ -114,8 +114,7 @@ public final class SetBackupJob: @unchecked Sendable {
             let after = HookRunner.run(o.hooks, .afterSnapshot, error: 0, context: ctx, stopOnFailure: false, log: { self.r.log($0) })
             lead.hookResults += after
             runImagers()
-            let kind = finish(cut, since: t0)
-            var out = ImagingOutcome(kind: kind, errorText: members.compactMap { mb in mb.out.errorText.map { "\(mb.name): \($0)" } }.first)
+            var out = finish(cut, since: t0)
             lead.runAfterBackupHooks(&out, ctx: ctx, afterSnapshot: after, thawFailures: thawFailures)
             let s = summarize(cut, out, snapshotSeconds: snapSeconds, since: t0)
             return (out.kind, s)
@@ -130,7 +129,6 @@ public final class SetBackupJob: @unchecked Sendable {
     /// Resolves every member, names them, checks DIR.
     func prepare() throws(BackupStop) {
         func refuse(_ kind: FailureKind, _ msg: String) -> BackupStop {
-            releaseTransients()
             r.log(msg)
             r.event("error", ["message": .string(msg), "exitCode": .int(Int64(o.exitCode(kind)))])
             return BackupStop(kind: kind)
@@ -204,7 +202,8 @@ public final class SetBackupJob: @unchecked Sendable {
         return n
     }
 
-    /// Stops the transient dm daemons started while resolving.
+    /// Stops the transient dm daemons started while resolving (a set that
+    /// ended before imaging: run()'s one cleanup).
     func releaseTransients() {
         for mb in m.withLock({ members }) where mb.plan.transient {
             mb.session?.end(); mb.session?.close(); mb.session = nil
@@ -238,7 +237,6 @@ public final class SetBackupJob: @unchecked Sendable {
             mb.probe = (try? probeFilesystem(path: mb.plan.readDevice)) ?? nil
             do { mb.image = try mb.job.createImage(mb.plan, ctx: ctx) } catch {
                 for x in members { x.image?.writer.abandon(); x.image?.partial.release(); x.image = nil }
-                releaseTransients()
                 throw BackupStop(kind: error.kind)
             }
         }
@@ -253,7 +251,6 @@ public final class SetBackupJob: @unchecked Sendable {
         let volumes = members.compactMap { $0.plan.online ? $0.plan.mount?.mountPoint : nil }
         guard let fail = lead.freezeComponents(volumes: volumes) else { return }
         abandonAll()
-        releaseTransients()
         throw lead.afterFailedSnapshot(.writerFreezeFailed, fail, ctx: ctx)
     }
 
@@ -281,7 +278,7 @@ public final class SetBackupJob: @unchecked Sendable {
             }
         } catch {
             for mb in members { mb.session?.close() }
-            abandonAll(); releaseTransients()
+            abandonAll()
             throw lead.afterFailedSnapshot(.sessionFailed, "snapshot failed: \(error)", ctx: ctx)
         }
         var so = SetCutOptions()
@@ -299,7 +296,7 @@ public final class SetBackupJob: @unchecked Sendable {
             return c
         } catch {
             for mb in members { mb.session?.close() }
-            abandonAll(); releaseTransients()
+            abandonAll()
             let kind: FailureKind = isInterrupted ? .interrupted : error.kind
             throw lead.afterFailedSnapshot(kind, isInterrupted ? "interrupted during the snapshot; nothing was imaged"
                                                                : "the set's snapshot failed: \(error.description); every member was released", ctx: ctx)
@@ -351,7 +348,9 @@ public final class SetBackupJob: @unchecked Sendable {
             mb.job.imagerConfigOverride = cfg
             (mb.job.r as? MemberReporter)?.progressSink = { p in progress.update(mb.name, p) }
             mb.out = mb.job.runImager(mb.plan, mb.cut!, into: mb.image!.writer)
-            if mb.out.kind != nil && !self.o.keepPartial {
+            // A member stopped for another's failure passes nothing on (the
+            // failure that started it keeps its name as the set's cause).
+            if mb.out.kind != nil && !mb.job.wasCancelled && !self.o.keepPartial {
                 let why = "another member of the set failed (\(mb.name))"
                 for other in self.members where other !== mb { other.job.cancelImager(why) }
             }
@@ -362,10 +361,11 @@ public final class SetBackupJob: @unchecked Sendable {
     // MARK: finishing
 
     /// Finishes every image with the set record (or removes them all); ends
-    /// the sessions. The set's outcome.
-    func finish(_ c: SetCutResult, since t0: UInt64) -> FailureKind? {
+    /// the sessions. The set's outcome: the first member that failed of
+    /// itself (not cancelled for another's failure, not interrupted).
+    func finish(_ c: SetCutResult, since t0: UInt64) -> ImagingOutcome {
         let failed = members.filter { $0.out.kind != nil }
-        let first = failed.first(where: { $0.out.kind != .interrupted && !($0.out.errorText ?? "").hasPrefix("another member") }) ?? failed.first
+        let first = failed.first(where: { $0.out.kind != .interrupted && !$0.job.wasCancelled }) ?? failed.first
         let record = SetRecord(id: setId, cutTime: iso8601(c.cutWall), members: members.map {
             SetRecord.Member(name: $0.name, source: $0.source, device: $0.plan.readDevice, deviceBytes: $0.plan.size,
                              filesystemUUID: $0.probe?.uuid)
@@ -391,7 +391,7 @@ public final class SetBackupJob: @unchecked Sendable {
             mb.summary = mb.job.summarize(mb.plan, cut, mb.out, consistency: mb.consistencyName, partialKept: kept, daemon: daemon, since: t0)
         }
         if kind != nil && o.keepPartial { r.log("the set failed; every image is kept (--keep-partial), the failed members' marked incomplete") }
-        return kind
+        return ImagingOutcome(kind: kind, errorText: first.flatMap { f in f.out.errorText.map { "\(f.name): \($0)" } })
     }
 
     /// The components with a file on this member's volume (all when unknown).

@@ -99,10 +99,7 @@ struct Snapshot: ParsableCommand {
         let session = try SessionClient(volume: vol)
         let snap: TakenSnapshot
         do {
-            snap = try session.take(consistency: mode, mountPoint: mount?.mountPoint, pauseMs: pauseMs, retries: retries, readMap: {
-                guard let m = mount else { return ([0..<vol.size], []) }
-                return (try FSMap.usedExtents(mountPoint: m.mountPoint, deviceBytes: vol.size).map { $0.offset..<($0.offset + $0.length) }, [])
-            }, onRetry: { FileHandle.standardError.write(Data("hotimage: \($0); retrying\n".utf8)) })
+            snap = try session.take(consistency: mode, mountPoint: mount?.mountPoint, pauseMs: pauseMs, retries: retries, readMap: { try Self.usedMap(vol, mount) }, onRetry: { FileHandle.standardError.write(Data("hotimage: \($0); retrying\n".utf8)) })
         } catch {
             throw CLIExit.fail(.sessionFailed, "snapshot failed: \(error)")
         }
@@ -175,10 +172,7 @@ extension Snapshot {
             sessions.append((vol.name, s))
             let mode = mount == nil ? Consistency.raw : (consistency.flatMap(Consistency.init(rawValue:)) ?? .freeze)
             members.append(SetCutMember(name: vol.name, session: s, consistency: mode, mountPoint: mount?.mountPoint,
-                                        device: vol.protectedDevice, readMap: {
-                guard let m = mount else { return ([0..<vol.size], []) }
-                return (try FSMap.usedExtents(mountPoint: m.mountPoint, deviceBytes: vol.size).map { $0.offset..<($0.offset + $0.length) }, [])
-            }))
+                                        device: vol.protectedDevice, readMap: { try Self.usedMap(vol, mount) }))
         }
         var o = SetCutOptions()
         if let p = pauseMs { o.pauseNanos = UInt64(max(0, p) * 1e6) }
@@ -206,6 +200,12 @@ extension Snapshot {
         env["HOTIMAGE_SNAPSHOT_URIS"] = uris.joined(separator: " ")
         env["HOTIMAGE_SNAPSHOT_DEVICES"] = devices.joined(separator: " ")
         try runCommand(env: env, sessions: sessions)
+    }
+
+    /// The used map (GETFSMAP of the mounted filesystem, else every block); nothing excluded.
+    static func usedMap(_ vol: AttachedVolume, _ mount: MountEntry?) throws -> (used: [Range<UInt64>], excluded: [Range<UInt64>]) {
+        guard let m = mount else { return ([0..<vol.size], []) }
+        return (try FSMap.usedExtents(mountPoint: m.mountPoint, deviceBytes: vol.size).map { $0.offset..<($0.offset + $0.length) }, [])
     }
 
     /// A volume's name as a variable suffix: upper case, anything but A-Z, 0-9 as _.
