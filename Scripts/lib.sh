@@ -8,7 +8,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PATH=/opt/swift/usr/bin:$PATH
 # postgresql, postgresql-contrib: t_pg_writer's server, pgbench and pg_amcheck (Debian starts
 # a 15/main cluster on install; the test makes its own and ignores that one).
-APT_PACKAGES="libnbd-dev libnbd-bin nbdkit libzstd-dev libext2fs-dev libdevmapper-dev qemu-utils fuse3 fio xfsprogs e2fsprogs util-linux fdisk python3 psmisc bc procps postgresql postgresql-contrib"
+APT_PACKAGES="libnbd-dev libnbd-bin nbdkit libzstd-dev libxxhash-dev libext2fs-dev libdevmapper-dev qemu-utils fuse3 fio xfsprogs e2fsprogs util-linux fdisk python3 psmisc bc procps postgresql postgresql-contrib"
 # libvirt for the libvirt writer's test (t_vm_libvirt: a daemon the test
 # starts, TCG guests), without recommends (lvm2, the xen/vbox/lxc drivers).
 APT_PACKAGES_NO_RECOMMENDS="libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 busybox-static"
