@@ -2,7 +2,7 @@
 // hotimage: online block-level imaging of live Linux filesystems.
 //
 // Layers, arrows pointing one way only:
-//   system libraries (CNBD, CZstd, CZlib, CExt2fs, CDevMapper: module maps only)
+//   system libraries (CNBD, CZstd, CZlib, CXXHash, CExt2fs, CDevMapper: module maps only)
 //   -> CHotShim (C glue: ioctl numbers and structs, no logic)
 //      HotSync (the one mutex and the one mutex+condition; Glibc only)
 //      HotErrors (failure kinds and the CodedError protocol; no dependencies)
@@ -38,6 +38,9 @@ let package = Package(
                        providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CZlib", path: "CShims/CZlib", pkgConfig: "zlib",
                        providers: [.apt(["zlib1g-dev"])]),
+        // XXH3-128 cluster digests (incremental images).
+        .systemLibrary(name: "CXXHash", path: "CShims/CXXHash", pkgConfig: "libxxhash",
+                       providers: [.apt(["libxxhash-dev"])]),
         .systemLibrary(name: "CExt2fs", path: "CShims/CExt2fs", pkgConfig: "ext2fs",
                        providers: [.apt(["libext2fs-dev"])]),
         .systemLibrary(name: "CDevMapper", path: "CShims/CDevMapper", pkgConfig: "devmapper",
@@ -53,7 +56,7 @@ let package = Package(
                 swiftSettings: swift5),
         .target(name: "NBDWire", swiftSettings: swift5),
         // qcow2 v3 writer, reader and verifier (pure Swift over libzstd/zlib).
-        .target(name: "QCow2", dependencies: ["HotSync", "HotErrors", "CZstd", "CZlib"], swiftSettings: swift5),
+        .target(name: "QCow2", dependencies: ["HotSync", "HotErrors", "CZstd", "CZlib", "CXXHash"], swiftSettings: swift5),
         .target(name: "HotCore", dependencies: [
             "HotSync", "HotErrors",
             .product(name: "DequeModule", package: "swift-collections"),

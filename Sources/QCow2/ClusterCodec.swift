@@ -18,6 +18,7 @@ import Darwin
 #endif
 import CZstd
 import CZlib
+import CXXHash
 
 /// One guest cluster, encoded on a worker thread and written later by
 /// `QCow2Writer`.
@@ -37,11 +38,32 @@ public struct EncodedCluster: Sendable {
     /// zlib CRC-32 (IEEE) of the full guest cluster (zero-padded when the
     /// disk ends inside the cluster).
     public let crc: UInt32
+    /// XXH3-128 of the same bytes (`ClusterDigest.of`); the writer records
+    /// it in the image's digest table unless the payload is `.zero`.
+    public let digest: ClusterDigest
 
-    public init(index: UInt64, payload: Payload, crc: UInt32) {
+    public init(index: UInt64, payload: Payload, crc: UInt32, digest: ClusterDigest) {
         self.index = index
         self.payload = payload
         self.crc = crc
+        self.digest = digest
+    }
+
+    /// Hand-made clusters in tests (the digest is a placeholder).
+    init(index: UInt64, payload: Payload, crc: UInt32) {
+        self.init(index: index, payload: payload, crc: crc, digest: ClusterDigest(high: 0, low: 0))
+    }
+
+    /// An explicit all-zero cluster at `index` (an L2 zero-flag entry: reads
+    /// as zeros even over a backing file; no digest is recorded).
+    public static func zero(index: UInt64, clusterSize: Int) -> EncodedCluster {
+        EncodedCluster(index: index, payload: .zero, crc: crc32OfZeros(clusterSize),
+                       digest: ClusterDigest.zeros(clusterSize: clusterSize))
+    }
+
+    public var isZero: Bool {
+        if case .zero = payload { return true }
+        return false
     }
 }
 
@@ -74,6 +96,7 @@ public final class ClusterEncoder {
     private var zstd: OpaquePointer?
     private var zs: UnsafeMutablePointer<z_stream>?
     private let zeroCRC: UInt32
+    private let zeroDigest: ClusterDigest
 
     /// `clusterSize` must be a power of two from 512 to 2 MiB (a programming
     /// error otherwise).
@@ -83,6 +106,7 @@ public final class ClusterEncoder {
         self.clusterSize = clusterSize
         out = .allocate(byteCount: clusterSize, alignment: 64)
         zeroCRC = crc32OfZeros(clusterSize)
+        zeroDigest = ClusterDigest.zeros(clusterSize: clusterSize)
         switch compression {
         case .none:
             break
@@ -127,15 +151,21 @@ public final class ClusterEncoder {
             src = UnsafeRawPointer(p)
         }
         if isAllZero(src, cs) {
-            return EncodedCluster(index: index, payload: .zero, crc: zeroCRC)
+            return EncodedCluster(index: index, payload: .zero, crc: zeroCRC, digest: zeroDigest)
         }
         let crc = crc32Update(0, src, cs)
+        let digest = ClusterDigest(XXH3_128bits_withSeed(src, cs, 0))
         if let n = compress(src) {
             let bytes = [UInt8](UnsafeRawBufferPointer(start: out, count: n))
-            return EncodedCluster(index: index, payload: .compressed(bytes), crc: crc)
+            return EncodedCluster(index: index, payload: .compressed(bytes), crc: crc, digest: digest)
         }
         let bytes = [UInt8](UnsafeRawBufferPointer(start: src, count: cs))
-        return EncodedCluster(index: index, payload: .raw(bytes), crc: crc)
+        return EncodedCluster(index: index, payload: .raw(bytes), crc: crc, digest: digest)
+    }
+
+    /// An explicit zero cluster at `index` (see `EncodedCluster.zero`).
+    public func zeroCluster(index: UInt64) -> EncodedCluster {
+        EncodedCluster(index: index, payload: .zero, crc: zeroCRC, digest: zeroDigest)
     }
 
     /// Compresses one full cluster into `out`; nil when it does not get

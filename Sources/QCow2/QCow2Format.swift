@@ -159,8 +159,11 @@ enum Q {
     static let hotiFormatVersion: UInt32 = 1
     static let hotiFlagComplete: UInt32 = 1
     static let tailMagic: [UInt8] = Array("HOTITAIL".utf8)
-    static let tailHeaderLength = 128
-    static let tailVersion: UInt32 = 1
+    /// Tail version 1: 128-byte header, no digest table. Version 2 (written
+    /// now): 160-byte header with the digest table fields.
+    static let tailHeaderLengthV1 = 128
+    static let tailHeaderLength = 160
+    static let tailVersion: UInt32 = 2
     static let maxMetadataBytes: UInt64 = 256 << 20
 }
 

@@ -1,13 +1,14 @@
 // QCow2Reader+Open.swift — the steps of opening an image, in file order:
 //
-//   fixed header        magic, version, cluster_bits, cluster 0; refuses
-//                       backing files and encryption
+//   fixed header        magic, version, cluster_bits, cluster 0, the backing
+//                       file name (bounded); refuses encryption
 //   version 3 fields    feature bits, header_length, compression type,
 //                       refcount_order
 //   L1 table            size against the virtual size and qemu's limit, read
 //   refcount table      bounds only (verify reads it)
 //   snapshots           bounds; a note (only the active state is read)
-//   header extensions   HOTI, bitmaps (a note), crypto (refused)
+//   header extensions   HOTI, backing format (bounded), bitmaps (a note),
+//                       crypto (refused)
 //   hotimage part       the HOTI extension and the tail blob it points at;
 //                       damage is recorded as a problem, never thrown
 //
@@ -39,6 +40,7 @@ struct ParsedHeader {
     var refcountOrder: UInt32 = 4
     var headerLength = Q.v2HeaderLength
     var compression = QCow2CompressionType.zlib
+    var backingFileName: String? = nil
 }
 
 /// What the header extensions hold.
@@ -47,6 +49,7 @@ struct HeaderExtensions {
     var hotiExt: Int? = nil
     var hotiLen = 0
     var hasBitmaps = false
+    var backingFormat: String? = nil
     var notes: [String] = []
     var problems: [String] = []
 }
@@ -69,7 +72,7 @@ extension QCow2Reader {
     }
 
     /// Magic, version, cluster size, cluster 0 and the fields every version
-    /// has; refuses backing files and encryption.
+    /// has, and the backing file name; refuses encryption.
     static func readFixedHeader(fd: Int32, fileLength: UInt64) throws -> ParsedHeader {
         guard fileLength >= UInt64(Q.v2HeaderLength) else {
             throw QCow2Error("file is \(fileLength) bytes long, too short for a qcow2 header (at least 72 bytes)")
@@ -96,11 +99,7 @@ extension QCow2Reader {
         var hc = [UInt8](repeating: 0, count: Int(cs))
         _ = try hc.withUnsafeMutableBytes { try preadFull(fd, $0.baseAddress!, Int(cs), 0) }
 
-        let backingOffset = hc.be64(at: 8)
-        let backingSize = hc.be32(at: 16)
-        if backingOffset != 0 {
-            throw QCow2Error("the image has a backing file (backing_file_offset \(hex(backingOffset)), \(backingSize) bytes); images with backing files are not supported")
-        }
+        let backingName = try readBackingName(hc, cs: cs, fileLength: fileLength)
         let size = hc.be64(at: 24)
         guard size <= UInt64(Int64.max) else {
             throw QCow2Error("virtual size \(size) (header offset 24) is larger than 2^63 - 1")
@@ -111,7 +110,33 @@ extension QCow2Reader {
         }
         return ParsedHeader(version: version, clusterBits: cb, cs: cs, cluster0: hc, size: size,
                             l1Size: hc.be32(at: 36), l1Offset: hc.be64(at: 40), rtOffset: hc.be64(at: 48),
-                            rtClusters: hc.be32(at: 56), nbSnapshots: hc.be32(at: 60), snapshotsOffset: hc.be64(at: 64))
+                            rtClusters: hc.be32(at: 56), nbSnapshots: hc.be32(at: 60), snapshotsOffset: hc.be64(at: 64),
+                            backingFileName: backingName)
+    }
+
+    /// The backing file name (backing_file_offset / backing_file_size,
+    /// header offsets 8 and 16): inside cluster 0, after the fixed header,
+    /// 1...1023 bytes (qemu's limit), UTF-8 without NUL. nil: none.
+    static func readBackingName(_ hc: [UInt8], cs: UInt64, fileLength: UInt64) throws -> String? {
+        let off = hc.be64(at: 8)
+        let size = UInt64(hc.be32(at: 16))
+        if off == 0 { return nil }
+        let at = "backing file name (backing_file_offset \(hex(off)), backing_file_size \(size); header offsets 8 and 16)"
+        guard size >= 1, size <= UInt64(QCow2Backing.maxNameBytes) else {
+            throw QCow2Error("\(at): the size must be 1...\(QCow2Backing.maxNameBytes) bytes")
+        }
+        guard off >= UInt64(Q.v2HeaderLength), let end = checkedAdd(off, size), end <= cs else {
+            throw QCow2Error("\(at): the name must lie inside the \(cs)-byte header cluster, after the header")
+        }
+        guard end <= fileLength else {
+            throw QCow2Error("\(at): the name is cut short by the end of the file")
+        }
+        let bytes = Array(hc[Int(off)..<Int(end)])
+        guard !bytes.contains(0) else { throw QCow2Error("\(at): the name contains a NUL byte") }
+        guard let name = String(validatingUTF8: bytes.map { CChar(bitPattern: $0) } + [0]) else {
+            throw QCow2Error("\(at): the name is not valid UTF-8")
+        }
+        return name
     }
 
     /// Version 3: feature bits, header_length, compression type and
@@ -226,6 +251,22 @@ extension QCow2Reader {
                     x.hotiExt = dataStart
                     x.hotiLen = Int(len)
                 }
+            case Q.extBackingFormat:
+                guard len >= 1, len <= UInt64(QCow2Backing.maxFormatBytes) else {
+                    throw QCow2Error("backing file format header extension at file offset \(hex(UInt64(off))) is \(len) bytes long; qemu accepts 1...\(QCow2Backing.maxFormatBytes)")
+                }
+                guard x.backingFormat == nil else {
+                    throw QCow2Error("a second backing file format header extension at file offset \(hex(UInt64(off)))")
+                }
+                var bytes = Array(hc[dataStart..<(dataStart + Int(len))])
+                // qemu NUL-terminates a format shorter than its 16-byte
+                // buffer; trailing NULs are padding, an inner NUL is not.
+                while bytes.last == 0 { bytes.removeLast() }
+                guard !bytes.isEmpty, !bytes.contains(0),
+                      let f = String(validatingUTF8: bytes.map { CChar(bitPattern: $0) } + [0]) else {
+                    throw QCow2Error("backing file format header extension at file offset \(hex(UInt64(off))) is empty, holds a NUL byte or is not UTF-8")
+                }
+                x.backingFormat = f
             case Q.extBitmaps:
                 x.notes.append("the image has persistent dirty bitmaps; refcounts are not verified")
                 x.hasBitmaps = true
@@ -305,12 +346,16 @@ extension QCow2Reader {
         guard let end = checkedAdd(offset, length), end <= fileLength else {
             throw QCow2Error("\(at) extends past the end of the file (\(fileLength) bytes; truncated?)")
         }
-        guard length >= UInt64(Q.tailHeaderLength) else { throw QCow2Error("\(at) is too short for its header") }
-        let h = try preadArray(fd, count: Q.tailHeaderLength, offset: offset, what: "hotimage tail header")
-        guard Array(h[0..<8]) == Q.tailMagic else { throw QCow2Error("\(at): bad magic (expected \"HOTITAIL\")") }
+        guard length >= UInt64(Q.tailHeaderLengthV1) else { throw QCow2Error("\(at) is too short for its header") }
+        let h1 = try preadArray(fd, count: Q.tailHeaderLengthV1, offset: offset, what: "hotimage tail header")
+        guard Array(h1[0..<8]) == Q.tailMagic else { throw QCow2Error("\(at): bad magic (expected \"HOTITAIL\")") }
         var t = TailLayout()
-        let version = h.be32(at: 8)
-        guard version == Q.tailVersion else { throw QCow2Error("\(at): unsupported tail version \(version)") }
+        let version = h1.be32(at: 8)
+        guard version == 1 || version == Q.tailVersion else { throw QCow2Error("\(at): unsupported tail version \(version)") }
+        t.version = version
+        let headerLength = version == 1 ? Q.tailHeaderLengthV1 : Q.tailHeaderLength
+        guard length >= UInt64(headerLength) else { throw QCow2Error("\(at) is too short for its version \(version) header") }
+        let h = version == 1 ? h1 : try preadArray(fd, count: headerLength, offset: offset, what: "hotimage tail header")
         guard h.be32(at: 12) == UInt32(clusterBits) else { throw QCow2Error("\(at): cluster_bits \(h.be32(at: 12)) differs from the header's \(clusterBits)") }
         guard h.be64(at: 16) == virtualSize else { throw QCow2Error("\(at): virtual size \(h.be64(at: 16)) differs from the header's \(virtualSize)") }
         t.headerCRC = h.be32(at: 24)
@@ -332,7 +377,7 @@ extension QCow2Reader {
         t.zeroClusters = h.be64(at: 120)
         guard t.l1Size == l1Size else { throw QCow2Error("\(at): l1_size \(t.l1Size) differs from the header's \(l1Size)") }
         func section(_ name: String, _ rel: UInt64, _ bytes: UInt64?) throws {
-            guard let bytes, rel >= UInt64(Q.tailHeaderLength), let e = checkedAdd(rel, bytes), e <= length else {
+            guard let bytes, rel >= UInt64(headerLength), let e = checkedAdd(rel, bytes), e <= length else {
                 throw QCow2Error("\(at): the \(name) section (offset \(rel) in the tail) lies outside the tail blob")
             }
         }
@@ -350,6 +395,17 @@ extension QCow2Reader {
             throw QCow2Error("\(at): \(t.groupCount) cluster groups but the L1 table has only \(l1Size) entries")
         }
         try section("cluster group", t.groupsOffset, checkedMul(t.groupCount, UInt64(t.groupSize)))
+        if version >= 2 {
+            t.digestsOffset = h.be64(at: 128)
+            t.digestsLength = h.be64(at: 136)
+            t.digestCount = h.be64(at: 144)
+            t.digestsCRC = h.be32(at: 152)
+            t.digestRegions = h.be32(at: 156)
+            try section("digest table", t.digestsOffset, t.digestsLength)
+            guard t.digestRegions <= l1Size else {
+                throw QCow2Error("\(at): \(t.digestRegions) digest table regions but the L1 table has only \(l1Size) entries")
+            }
+        }
         let meta = try preadArray(fd, count: Int(t.metadataLength), offset: offset + t.metadataOffset, what: "hotimage metadata")
         return (t, meta)
     }

@@ -102,6 +102,14 @@ public struct AllocatedClusters: RandomAccessCollection, Sendable {
 
 /// The parsed tail blob header (see QCow2Writer.swift for the layout).
 struct TailLayout {
+    var version: UInt32 = 1
+    /// Version 2: the digest section (offset from the tail start; 0 length
+    /// when the table is empty), its CRC and counts.
+    var digestsOffset: UInt64 = 0
+    var digestsLength: UInt64 = 0
+    var digestCount: UInt64 = 0
+    var digestsCRC: UInt32 = 0
+    var digestRegions: UInt32 = 0
     var headerCRC: UInt32 = 0
     var l1CRC: UInt32 = 0
     var l1Offset: UInt64 = 0
@@ -154,6 +162,11 @@ public final class QCow2Reader: @unchecked Sendable {
     public let hotimageProblems: [String]
     /// Informational notes from opening (bitmaps, snapshots, ...).
     public let notes: [String]
+    /// The backing file name as stored (relative names are relative to the
+    /// directory of this image), or nil; at most 1023 bytes, no NUL.
+    public let backingFileName: String?
+    /// The backing file format extension ("qcow2", "raw", ...), or nil.
+    public let backingFormat: String?
 
     let fd: Int32
     let cs: UInt64
@@ -218,6 +231,8 @@ public final class QCow2Reader: @unchecked Sendable {
             self.refcountTableClusters = h.rtClusters
             self.snapshotCount = h.nbSnapshots
             self.notes = snapshotNotes + x.notes
+            self.backingFileName = h.backingFileName
+            self.backingFormat = h.backingFileName == nil ? nil : x.backingFormat
             self.refcountsComparable = h.nbSnapshots == 0 && !x.hasBitmaps
             self.hotiExtOffset = hoti.hotiExt
             self.hotimage = hoti.info
@@ -350,6 +365,27 @@ public final class QCow2Reader: @unchecked Sendable {
     }
 
     // MARK: - Public reading API
+
+    /// The image's per-cluster digest table (see `ClusterDigestTable`), or
+    /// nil when the image has none (images from before tail version 2, or
+    /// not written by hotimage). Throws when the table is damaged (its CRC
+    /// or structure), naming the tail's file offset. Reads the section once.
+    public func digests() throws -> ClusterDigestTable? {
+        guard let t = tail, t.version >= 2, let info = hotimage else { return nil }
+        let at = info.tailOffset &+ t.digestsOffset
+        do {
+            // readTail checked that the section lies inside the tail, and
+            // the tail inside the file.
+            let b = try preadArray(fd, count: Int(t.digestsLength), offset: at, what: "hotimage digest table")
+            guard crc32Of(b) == t.digestsCRC else {
+                throw QCow2Error("hotimage digest table at file offset \(hex(at)) (\(b.count) bytes): checksum mismatch")
+            }
+            return try ClusterDigestTable.decode(b, regionClusters: l2Entries, regionCount: t.digestRegions,
+                                                 digestCount: t.digestCount, l1Size: l1Size, guestClusters: guestClusters)
+        } catch let e as QCow2Error {
+            throw QCow2Error(e.message.hasPrefix("hotimage digest table") ? e.message : "hotimage digest table at file offset \(hex(at)): \(e.message)", path: path)
+        }
+    }
 
     /// Where guest cluster `index` is stored.
     public func clusterState(_ index: UInt64) throws -> ClusterState {

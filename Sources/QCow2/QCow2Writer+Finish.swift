@@ -6,7 +6,8 @@
 //   L2 tables                       in L1 order, one cluster each
 //   L1 table                        padded to whole clusters
 //   refcount blocks, table          covering every cluster above
-//   tail blob                       header, metadata, block list, groups
+//   tail blob                       header, metadata, block list, groups,
+//                                   digest table
 //   header cluster                  last, after an fsync; then fsync, close
 //
 // Called under the writer's lock with no job in flight.
@@ -47,16 +48,21 @@ struct TailGeometry {
     let metaLen: UInt64
     let rbListRel: UInt64
     let groupsRel: UInt64
+    /// The digest section (8-byte aligned; its length is a multiple of 8).
+    let digestsRel: UInt64
+    let digestsLen: UInt64
     let tailLen: UInt64
     let tailOff: UInt64
 
-    init(_ g: FinishLayout, l2Entries: Int, metadataBytes: Int) {
+    init(_ g: FinishLayout, l2Entries: Int, metadataBytes: Int, digestBytes: Int) {
         groupSize = 16 + l2Entries / 8 + 4 * l2Entries
         metaOffRel = UInt64(Q.tailHeaderLength)
         metaLen = UInt64(metadataBytes)
         rbListRel = metaOffRel + alignUp(metaLen, 8)
         groupsRel = rbListRel + g.nrb * 16
-        tailLen = groupsRel + g.nL2 * UInt64(groupSize)
+        digestsRel = alignUp(groupsRel + g.nL2 * UInt64(groupSize), 8)
+        digestsLen = UInt64(digestBytes)
+        tailLen = digestsRel + digestsLen
         tailOff = g.metaEnd
     }
 }
@@ -79,11 +85,26 @@ extension QCow2Writer {
         crcs.l1 = try writeL1Table(l1, g)
         crcs.refBlocks = try writeRefcountBlocks(g)
         crcs.refTable = try writeRefcountTable(g)
-        let t = TailGeometry(g, l2Entries: l2Entries, metadataBytes: metadata.count)
+        let table = digests.snapshot()
+        let digestSection = table.encoded()
+        let t = TailGeometry(g, l2Entries: l2Entries, metadataBytes: metadata.count, digestBytes: digestSection.count)
         let hdr = headerCluster(g, t, complete: complete)
         let headerCRC = crc32Of(hdr)
-        let th = tailHeader(g, t, crcs: crcs, headerCRC: headerCRC, metadataCRC: crc32Of(metadata))
-        let tailCRC = try writeTail(th, metadata: metadata, g, t, crcs: crcs)
+        var th = tailHeader(g, t, crcs: crcs, headerCRC: headerCRC, metadataCRC: crc32Of(metadata))
+        th.putBE64(t.digestsRel, at: 128)
+        th.putBE64(t.digestsLen, at: 136)
+        th.putBE64(UInt64(table.count), at: 144)
+        th.putBE32(crc32Of(digestSection), at: 152)
+        th.putBE32(UInt32(table.order.count), at: 156)
+        var tailCRC = try writeTail(th, metadata: metadata, g, t, crcs: crcs)
+        // Padding up to the digest section, then the section.
+        let gap = Int(t.digestsRel - (t.groupsRel + g.nL2 * UInt64(t.groupSize)))
+        let rest = [UInt8](repeating: 0, count: gap) + digestSection
+        if !rest.isEmpty {
+            try rest.withUnsafeBytes { try pwriteFull(fd, $0.baseAddress!, $0.count, t.tailOff + t.digestsRel - UInt64(gap)) }
+            bytesWritten += UInt64(rest.count)
+            tailCRC = rest.withUnsafeBytes { crc32Update(tailCRC, $0.baseAddress, $0.count) }
+        }
         try writeHeaderAndClose(hdr, tailCRC: tailCRC, headerCRC: headerCRC)
         regions = []
         dataRefcounts = []
@@ -236,11 +257,25 @@ extension QCow2Writer {
         hdr.putBE32(complete ? Q.hotiFlagComplete : 0, at: ext + 4)
         hdr.putBE64(t.tailOff, at: ext + 8)
         hdr.putBE64(t.tailLen, at: ext + 16)
-        // End-of-extensions marker: 8 zero bytes at ext + 32 (already zero).
+        if let b = backing {
+            // Backing file format extension, end marker, then the name
+            // (checked to fit in init).
+            let (x, _, nameAt) = Self.backingLayout(b)
+            let fmt = Array(b.format.utf8), name = Array(b.fileName.utf8)
+            hdr.putBE32(Q.extBackingFormat, at: x)
+            hdr.putBE32(UInt32(fmt.count), at: x + 4)
+            hdr.replaceSubrange((x + 8)..<(x + 8 + fmt.count), with: fmt)
+            hdr.replaceSubrange(nameAt..<(nameAt + name.count), with: name)
+            hdr.putBE64(UInt64(nameAt), at: 8)
+            hdr.putBE32(UInt32(name.count), at: 16)
+        }
+        // End-of-extensions marker: 8 zero bytes after the last extension
+        // (already zero).
         return hdr
     }
 
-    /// Tail header (128 bytes).
+    /// Tail header (160 bytes; the digest fields at 128... are filled in
+    /// by finishLocked).
     private func tailHeader(_ g: FinishLayout, _ t: TailGeometry, crcs: StructureCRCs,
                             headerCRC: UInt32, metadataCRC: UInt32) -> [UInt8] {
         var th = [UInt8](repeating: 0, count: Q.tailHeaderLength)

@@ -124,6 +124,24 @@ import Darwin
 #endif
 import HotSync
 
+/// The backing file an incremental image names (qcow2 backing_file_offset /
+/// backing_file_size, and the backing file format header extension).
+/// `fileName` is stored exactly as given: a relative name is resolved by
+/// readers (qemu, `QCow2Chain`) against the directory of this image.
+public struct QCow2Backing: Sendable, Equatable {
+    public var fileName: String
+    public var format: String = "qcow2"
+
+    public init(fileName: String, format: String = "qcow2") {
+        self.fileName = fileName
+        self.format = format
+    }
+
+    /// qemu's limits: a name of at most 1023 bytes, a format of at most 16.
+    static let maxNameBytes = 1023
+    static let maxFormatBytes = 16
+}
+
 /// What finish() wrote.
 public struct QCow2WriteSummary: Sendable, CustomStringConvertible {
     public let path: String
@@ -172,6 +190,8 @@ public final class QCow2Writer: @unchecked Sendable {
     public let clusterBits: Int
     public let clusterSize: Int
     public let compression: QCow2Compression
+    /// The backing file named in the header, if any.
+    public let backing: QCow2Backing?
 
     let cs: UInt64
     private let guestClusters: UInt64
@@ -212,6 +232,9 @@ public final class QCow2Writer: @unchecked Sendable {
     private var spareRaws: [UnsafeMutableRawPointer] = []
     private var inFlight = 0
 
+    /// The digest table (its own lock: setDigest never waits for staging).
+    let digests: DigestAccumulator
+
     var bytesWritten: UInt64 = 0
     var nZero: UInt64 = 0, nRaw: UInt64 = 0, nCompressed: UInt64 = 0, compressedBytes: UInt64 = 0
 
@@ -228,15 +251,16 @@ public final class QCow2Writer: @unchecked Sendable {
     /// within qemu's limits for the cluster size (32 MiB of L1 table).
     public convenience init(path: String, virtualSize: UInt64, clusterBits: Int = 16,
                             compression: QCow2Compression, overwrite: Bool = false,
-                            access: DataFileAccess = .ownerOnly) throws {
+                            access: DataFileAccess = .ownerOnly, backing: QCow2Backing? = nil) throws {
         try self.init(path: path, virtualSize: virtualSize, clusterBits: clusterBits, compression: compression,
-                      overwrite: overwrite, access: access, runBytes: nil, rawBatchClusters: nil)
+                      overwrite: overwrite, access: access, runBytes: nil, rawBatchClusters: nil, backing: backing)
     }
 
     /// `runBytes` / `rawBatchClusters` override the staging sizes (tests use
     /// tiny ones to exercise many concurrent flushes).
     init(path: String, virtualSize: UInt64, clusterBits: Int, compression: QCow2Compression,
-         overwrite: Bool, access: DataFileAccess = .ownerOnly, runBytes: Int?, rawBatchClusters: Int?) throws {
+         overwrite: Bool, access: DataFileAccess = .ownerOnly, runBytes: Int?, rawBatchClusters: Int?,
+         backing: QCow2Backing? = nil) throws {
         guard (Q.minClusterBits...Q.maxClusterBits).contains(clusterBits) else {
             throw QCow2Error("cluster_bits \(clusterBits) is out of range: qcow2 images need 9...21 (512 bytes to 2 MiB clusters)", path: path)
         }
@@ -260,7 +284,12 @@ public final class QCow2Writer: @unchecked Sendable {
         guard l1 * 8 <= Q.maxL1Bytes else {
             throw QCow2Error("virtual size \(virtualSize) needs an L1 table of \(l1 * 8) bytes with \(cs)-byte clusters; qemu allows at most \(Q.maxL1Bytes) (use a larger cluster size)", path: path)
         }
+        if let backing {
+            try Self.checkBacking(backing, clusterSize: Int(cs), path: path)
+        }
         self.path = path
+        self.backing = backing
+        self.digests = DigestAccumulator(l2Entries: l2e)
         self.virtualSize = virtualSize
         self.clusterBits = clusterBits
         self.clusterSize = Int(cs)
@@ -285,6 +314,45 @@ public final class QCow2Writer: @unchecked Sendable {
             throw QCow2Error("cannot create the image: \(errnoText(e))", path: path)
         }
         self.fd = fd
+    }
+
+    /// Where cluster 0 puts the backing format extension and the backing
+    /// file name: (extension offset, extension total bytes, name offset).
+    static func backingLayout(_ b: QCow2Backing) -> (extOffset: Int, extBytes: Int, nameOffset: Int) {
+        let extOffset = Q.headerLength + 8 + Q.hotiExtLength
+        let fmt = b.format.utf8.count
+        let extBytes = 8 + Int(alignUp(UInt64(fmt), 8))
+        // End-of-extensions marker (8 zero bytes), then the name.
+        return (extOffset, extBytes, extOffset + extBytes + 8)
+    }
+
+    /// Refuses a backing file name or format the header cannot hold.
+    static func checkBacking(_ b: QCow2Backing, clusterSize: Int, path: String) throws {
+        let name = Array(b.fileName.utf8), fmt = Array(b.format.utf8)
+        guard !name.isEmpty, !name.contains(0) else {
+            throw QCow2Error("backing file name \"\(b.fileName)\" is empty or contains a NUL byte", path: path)
+        }
+        guard name.count <= QCow2Backing.maxNameBytes else {
+            throw QCow2Error("backing file name is \(name.count) bytes long; qcow2 readers (qemu) accept at most \(QCow2Backing.maxNameBytes)", path: path)
+        }
+        guard !fmt.isEmpty, !fmt.contains(0), fmt.count <= QCow2Backing.maxFormatBytes else {
+            throw QCow2Error("backing file format \"\(b.format)\" must be 1...\(QCow2Backing.maxFormatBytes) bytes without NUL", path: path)
+        }
+        let at = backingLayout(b).nameOffset
+        guard at + name.count <= clusterSize else {
+            throw QCow2Error("backing file name of \(name.count) bytes does not fit in the \(clusterSize)-byte header cluster (\(clusterSize - at) bytes left after the header and its extensions); use a shorter (relative) name or a larger cluster size", path: path)
+        }
+    }
+
+    /// Records the digest of guest cluster `cluster` in the image's digest
+    /// table: its content at this image's point in time, read through the
+    /// whole chain (for clusters this image does not write, such as ones
+    /// unchanged since the base, the caller copies the base's digest).
+    /// Thread-safe; one lock and a store. `write` records it automatically
+    /// for data clusters and clears it for zero clusters.
+    public func setDigest(cluster: UInt64, _ d: ClusterDigest) {
+        precondition(cluster < guestClusters, "cluster \(cluster) lies beyond the virtual size \(virtualSize)")
+        digests.set(cluster, d)
     }
 
     deinit {
@@ -339,6 +407,8 @@ public final class QCow2Writer: @unchecked Sendable {
             do { try run(jobs) } catch { if thrown == nil { thrown = error } }
         }
         if let thrown { throw thrown }
+        // A zero cluster reads as zeros: "absent" in the digest table.
+        digests.set(c.index, c.isZero ? nil : c.digest)
     }
 
     /// Validates and stages one cluster (lock held). Full buffers are
