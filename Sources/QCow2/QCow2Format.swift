@@ -18,10 +18,14 @@ import CZlib
 public struct QCow2Error: Error, CustomStringConvertible, Equatable, Sendable {
     public let message: String
     public let path: String?
+    /// Set when a backing chain cannot be opened (`QCow2Chain`): which link
+    /// and which file, typed.
+    public let chain: QCow2ChainFailure?
 
-    public init(_ message: String, path: String? = nil) {
+    public init(_ message: String, path: String? = nil, chain: QCow2ChainFailure? = nil) {
         self.message = message
         self.path = path
+        self.chain = chain
     }
 
     public var description: String {
@@ -29,7 +33,7 @@ public struct QCow2Error: Error, CustomStringConvertible, Equatable, Sendable {
         return message
     }
 
-    func with(path: String) -> QCow2Error { QCow2Error(message, path: self.path ?? path) }
+    func with(path: String) -> QCow2Error { QCow2Error(message, path: self.path ?? path, chain: chain) }
 }
 
 // MARK: - Compression choice

@@ -410,6 +410,13 @@ public final class QCow2Reader: @unchecked Sendable {
     /// unallocated, not zero), ascending, as runs. Reads each L2 table once
     /// without caching; memory is proportional to the number of runs.
     public func allocatedClusters() throws -> AllocatedClusters {
+        AllocatedClusters(ranges: try allocatedRanges(includeZero: false))
+    }
+
+    /// The guest clusters this image allocates: data, and with
+    /// `includeZero` also zero-flag clusters (which hide a backing file's
+    /// data), ascending, as runs.
+    func allocatedRanges(includeZero: Bool) throws -> [Range<UInt64>] {
         var ranges: [Range<UInt64>] = []
         var seen: [UInt64: Int] = [:]
         do {
@@ -423,24 +430,30 @@ public final class QCow2Reader: @unchecked Sendable {
                 let table = try readL2(off)
                 for j in 0..<Int(count) {
                     let index = first + UInt64(j)
+                    let take: Bool
                     switch decodeEntry(table[j], index: index) {
                     case .state(.raw, _), .state(.compressed, _):
+                        take = true
+                    case .state(.zero, _):
+                        take = includeZero
+                    case .state:
+                        take = false
+                    case .invalid(let why):
+                        throw QCow2Error("\(describeGuest(index)): L2 entry \(j) of the table at file offset \(hex(off)): \(why)")
+                    }
+                    if take {
                         if let last = ranges.last, last.upperBound == index {
                             ranges[ranges.count - 1] = last.lowerBound..<(index + 1)
                         } else {
                             ranges.append(index..<(index + 1))
                         }
-                    case .state:
-                        break
-                    case .invalid(let why):
-                        throw QCow2Error("\(describeGuest(index)): L2 entry \(j) of the table at file offset \(hex(off)): \(why)")
                     }
                 }
             }
         } catch let e as QCow2Error {
             throw e.with(path: path)
         }
-        return AllocatedClusters(ranges: ranges)
+        return ranges
     }
 
     /// Reads guest cluster `index` (a full cluster, zero-padded past the end

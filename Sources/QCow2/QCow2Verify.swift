@@ -2,7 +2,10 @@
 // `qemu-img check` does (header, L1, L2 tables, data and compressed ranges,
 // refcount table and blocks; COPIED flags), hotimage's structure checksums,
 // every written cluster decompressed and compared with its recorded CRC, and
-// L2 compared with hotimage's record of written clusters in both directions.
+// L2 compared with hotimage's record of written clusters in both directions,
+// and every written cluster's digest against the digest table (tail version
+// 2; zero clusters must have none). A backing file is not opened: its
+// unallocated clusters are fine (verifyChainContent checks a whole chain).
 // It reports every problem it finds (up to `VerifyReport.storedProblemLimit`
 // stored; all counted), naming the guest region and host file offset.
 //
@@ -40,6 +43,9 @@ public struct VerifyProblem: CustomStringConvertible, Equatable, Sendable {
         /// Present in L2 but not recorded as written.
         case unexpected
         case tail
+        /// A cluster's content does not match the image's digest table
+        /// (alone: a written cluster; through a chain: any cluster).
+        case digest
     }
 
     public let kind: Kind
@@ -175,6 +181,8 @@ struct Verifier {
     /// L1 entries is scanned once, which bounds the work on hostile files).
     var seenTables: [UInt64: Int] = [:]
     var notedBeyond = false
+    /// The digest table (tail version 2), loaded in run().
+    var digestTable: ClusterDigestTable? = nil
 
     /// Above this many host clusters the refcount comparison is skipped
     /// (it needs 4 bytes per host cluster: 2 GiB here).
@@ -210,6 +218,15 @@ struct Verifier {
         scanTables()
         countStructures()
         compareRefcounts()
+        if tail != nil {
+            do {
+                digestTable = try r.digests()
+            } catch let e as QCow2Error {
+                problem(.digest, e.message)
+            } catch {
+                problem(.digest, "\(error)")
+            }
+        }
         checkData(progress: progress)
         checkTail()
     }
@@ -699,6 +716,9 @@ struct Verifier {
                         gp(.data, index, off + UInt64(j) * 8, "checksum mismatch: L2 marks the cluster as zeros, but the recorded checksum is of other data")
                     }
                 }
+                if useCRC, let d = digestTable?[index] {
+                    gp(.digest, index, off + UInt64(j) * 8, "a zero cluster, but the digest table records digest \(d) (zero clusters have none)")
+                }
             case .raw(let h), .compressed(let h, _):
                 local.checked += 1
                 local.data += 1
@@ -727,6 +747,16 @@ struct Verifier {
                             if case .compressed = state { kind = "compressed" } else { kind = "raw" }
                             gp(.data, index, h, "checksum mismatch (\(kind) data at file offset \(hex(h)))")
                         }
+                    }
+                }
+                if useCRC, let table = digestTable {
+                    let computed = ClusterDigest.of(UnsafeRawBufferPointer(start: buf, count: Int(cs)), clusterSize: Int(cs))
+                    if let d = table[index] {
+                        if d != computed {
+                            gp(.digest, index, h, "digest mismatch: the digest table records \(d), the data's digest is \(computed)")
+                        }
+                    } else if computed != ClusterDigest.zeros(clusterSize: Int(cs)) {
+                        gp(.digest, index, h, "written with data, but the digest table has no digest for it (it would read as zeros)")
                     }
                 }
             }

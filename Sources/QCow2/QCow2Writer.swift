@@ -4,7 +4,9 @@
 // FILE LAYOUT (what finish() leaves on disk)
 // ============================================================================
 //
-//   cluster 0        header (112 bytes) + the "HOTI" header extension + end marker
+//   cluster 0        header (112 bytes) + the "HOTI" header extension
+//                    [+ the backing file format extension] + end marker
+//                    [+ the backing file name]
 //   data area        guest data, in the order it arrived:
 //                      - compressed streams packed back to back, byte-tight,
 //                        across cluster boundaries (staged in a multi-MiB run
@@ -25,8 +27,19 @@
 // writer that dies before finish() leaves a file without the qcow2 magic
 // rather than one that looks valid (abandon() deletes the file).
 //
-// qcow2 header: version 3, refcount_order 4 (16-bit refcounts), no backing
-// file, no encryption, no extended L2, no snapshots, header_length 112.
+// qcow2 header: version 3, refcount_order 4 (16-bit refcounts), no
+// encryption, no extended L2, no snapshots, header_length 112.
+// Backing file (incremental images; QCow2Backing): none, or a name stored
+// as given (a relative name is relative to this image's directory) right
+// after the end-of-extensions marker, backing_file_offset (header offset 8)
+// and backing_file_size (offset 16) pointing at it, 1...1023 bytes, no NUL;
+// and the backing file format extension (0xE2792ACA, the format name, at
+// most 16 bytes, zero-padded to 8) after the HOTI extension. A name that
+// does not fit in cluster 0 is refused when the writer is created. The
+// header CRC (below) covers all of cluster 0, name included.
+// With a backing file the L2 entry 0 of a never-written cluster means
+// "read the backing file" and the zero flag "zeros, hiding the backing
+// file"; the writer's entries are the same with or without one.
 // compression_type (byte 104) is 1 for zstd, with incompatible feature bit 3
 // ("compression type") set; 0 for zlib and for uncompressed images.
 // Autoclear feature bit 63 is set: "hotimage checksums valid". qemu clears
@@ -67,9 +80,10 @@
 // TAIL BLOB (at the extension's offset, after all refcounted structures)
 // ============================================================================
 //
-// Tail header, 128 bytes, big-endian:
+// Tail header, 160 bytes (version 2; version 1, still read, has only the
+// first 128 and no digest table), big-endian:
 //   0  "HOTITAIL"             8 bytes
-//   8  u32 tail version (1)   12 u32 cluster_bits       16 u64 virtual size
+//   8  u32 tail version (2)   12 u32 cluster_bits       16 u64 virtual size
 //  24  u32 header CRC (as in the extension)              28 u32 L1 CRC
 //  32  u64 L1 offset          40 u32 l1_size            44 u32 refcount table CRC
 //  48  u64 refcount table offset                         56 u32 refcount table clusters
@@ -79,6 +93,9 @@
 //  88  u64 refcount block list offset (from tail start)
 //  96  u64 group list offset (from tail start)          104 u64 group count
 // 112  u64 clusters written (including zero clusters)   120 u64 zero clusters
+// 128  u64 digest table offset (from tail start)        136 u64 digest table length
+// 144  u64 clusters with a digest                        152 u32 digest table CRC
+// 156  u32 digest table regions
 // Then, each section 8-byte aligned:
 //   metadata          the opaque bytes given to finish() (hotimage's JSON)
 //   refcount blocks   per block: u64 file offset, u32 CRC of the block, u32 0
@@ -95,6 +112,29 @@
 //                         the guest bytes followed by the compressed stream
 //                         (so damage to stream bits that do not change the
 //                         output, such as deflate padding, is caught too)
+//   digest table      (version 2) per L2-sized region (l2_entries guest
+//                     clusters, L1 index i) that has any digest, ascending:
+//                       0 u32 L1 index   4 u32 n = digests in the region
+//                       8 presence bitmap, l2_entries/8 bytes: bit j (byte
+//                         j/8, LSB first) = cluster i * l2_entries + j has
+//                         a digest
+//                       8 + l2_entries/8: n x 16 bytes, the digests of the
+//                         present clusters in cluster order (XXH3-128, seed
+//                         0, of the full cluster zero-padded: u64 high,
+//                         u64 low)
+//                     Meaning: for every guest cluster, "digest D" = the
+//                     cluster's content at this image's point in time, read
+//                     through the whole backing chain, has digest D;
+//                     absent = it reads as zeros then. It covers clusters
+//                     this image did not write too (an incremental copies
+//                     its base's digests for unchanged clusters):
+//                     setDigest(); write() records a data cluster's digest
+//                     and clears it for a zero cluster.
+//                     Size: 16 bytes per cluster with a digest + 8 +
+//                     l2_entries/8 per region: at 64 KiB clusters 256 MiB
+//                     + 2 MiB per TiB of used data (the same in the
+//                     writer's memory, plus 16 bytes per cluster of each
+//                     touched region until finish).
 // Structure CRCs cover whole clusters: the L1 table (all its clusters,
 // padding included), the refcount table (all its clusters), each refcount
 // block and each L2 table.
