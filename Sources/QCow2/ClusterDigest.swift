@@ -109,7 +109,7 @@ public struct ClusterDigestTable: Sendable, Sequence {
     }
 
     /// The digest of guest cluster `cluster`, or nil ("reads as zeros").
-    public subscript(cluster: UInt64) -> ClusterDigest? {
+    public subscript(cluster cluster: UInt64) -> ClusterDigest? {
         let l1 = cluster / UInt64(regionClusters)
         guard l1 < UInt64(Int.max), let r = regions[Int(l1)] else { return nil }
         return r.lookup(Int(cluster % UInt64(regionClusters)))

@@ -297,7 +297,7 @@ public func verifyChainContent(_ chain: QCow2Chain,
                     break
                 }
                 let got = ClusterDigest.of(UnsafeRawBufferPointer(start: buf, count: cs), clusterSize: cs)
-                let want = table[c]
+                let want = table[cluster: c]
                 var msg: String? = nil
                 if let want, want != got {
                     let from = (try? chain.allocated(cluster: c)).flatMap { $0 }

@@ -716,7 +716,7 @@ struct Verifier {
                         gp(.data, index, off + UInt64(j) * 8, "checksum mismatch: L2 marks the cluster as zeros, but the recorded checksum is of other data")
                     }
                 }
-                if useCRC, let d = digestTable?[index] {
+                if useCRC, let d = digestTable?[cluster: index] {
                     gp(.digest, index, off + UInt64(j) * 8, "a zero cluster, but the digest table records digest \(d) (zero clusters have none)")
                 }
             case .raw(let h), .compressed(let h, _):
@@ -733,6 +733,7 @@ struct Verifier {
                     gp(.data, index, h, why)
                     continue
                 }
+                var crcFailed = false
                 if hasRecord {
                     if !written {
                         gp(.unexpected, index, h, "allocated in L2, but not recorded as written")
@@ -743,15 +744,18 @@ struct Verifier {
                             crc = crc32Update(crc, stream.baseAddress, stream.count)
                         }
                         if crc != expected {
+                            crcFailed = true
                             let kind: String
                             if case .compressed = state { kind = "compressed" } else { kind = "raw" }
                             gp(.data, index, h, "checksum mismatch (\(kind) data at file offset \(hex(h)))")
                         }
                     }
                 }
-                if useCRC, let table = digestTable {
+                // Damaged data is reported once, by its CRC; the digest
+                // check finds a table that disagrees with intact data.
+                if useCRC, !crcFailed, let table = digestTable {
                     let computed = ClusterDigest.of(UnsafeRawBufferPointer(start: buf, count: Int(cs)), clusterSize: Int(cs))
-                    if let d = table[index] {
+                    if let d = table[cluster: index] {
                         if d != computed {
                             gp(.digest, index, h, "digest mismatch: the digest table records \(d), the data's digest is \(computed)")
                         }
