@@ -129,6 +129,19 @@ enum FuzzHarness {
         }
         #expect(throws: QCow2Error.self) { try reader.clusterState(reader.guestClusters) }
         _ = try? reader.allocatedClusters()
+        // The digest table and the backing name are bounded like the rest.
+        if let t = try? reader.digests() {
+            var n = 0
+            for (c, _) in t {
+                #expect(c < reader.guestClusters)
+                n += 1
+            }
+            #expect(n == t.count)
+        }
+        if let name = reader.backingFileName {
+            #expect(!name.isEmpty && name.utf8.count <= 1023 && !name.utf8.contains(0))
+        }
+        #expect((reader.backingFormat?.utf8.count ?? 0) <= 16)
         let report = reader.verify()
         return .verified(problems: report.problemCount)
     }
@@ -344,7 +357,24 @@ enum HostileImages {
         patch("refuse-ext-length-past-cluster", "run past the end") { put(&$0, Q.headerLength + 4, 512 - 120 + 1, 4) }
         patch("refuse-bad-magic", "magic") { $0[3] = 0xFA }
         patch("refuse-version-4", "version 4") { put(&$0, 4, 4, 4) }
+        // Backing file names (accepted since incremental images) are
+        // bounded: inside cluster 0, 1...1023 bytes, no NUL; the format
+        // extension 1...16 bytes. The name at 0x180 is zero bytes.
         patch("refuse-backing-file", "backing file") { put(&$0, 8, 0x180, 8); put(&$0, 16, 8, 4) }
+        patch("refuse-backing-name-past-cluster", "backing file name") {
+            for (i, b) in "base".utf8.enumerated() { $0[0x1F0 + i] = b }
+            put(&$0, 8, 0x1F0, 8); put(&$0, 16, 0x20, 4)
+        }
+        patch("refuse-backing-name-1024", "backing file name") { put(&$0, 8, 0x100, 8); put(&$0, 16, 1024, 4) }
+        patch("refuse-backing-name-offset-huge", "backing file name") { put(&$0, 8, UInt64.max - 4, 8); put(&$0, 16, 8, 4) }
+        patch("refuse-backing-name-in-header", "backing file name") { put(&$0, 8, 8, 8); put(&$0, 16, 8, 4) }
+        patch("refuse-backing-format-long", "backing file format") {
+            // A 40-byte format extension after HOTI (where the end marker was).
+            let x = Q.headerLength + 8 + Q.hotiExtLength
+            put(&$0, x, UInt64(Q.extBackingFormat), 4); put(&$0, x + 4, 40, 4)
+            for i in 0..<40 { $0[x + 8 + i] = 0x71 }
+            put(&$0, x + 48, 0, 8)
+        }
         patch("refuse-encrypted", "encrypted") { put(&$0, 32, 2, 4) }
         patch("refuse-extended-l2", "extended L2") { $0[79] |= 0x10 }
         patch("refuse-external-data-file", "external data file") { $0[79] |= 0x04 }
