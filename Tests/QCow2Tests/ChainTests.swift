@@ -174,6 +174,14 @@ struct ChainTests {
         #expect(try QCow2Reader(path: lab.paths[0]).backingFileName == nil)
         let report = r.verify()
         #expect(report.isClean, "\(report)")
+        // The header CRC covers the backing name: another valid name is caught.
+        var bytes = Fixture.bytes(top)
+        let nameAt = Int(bytes.be64(at: 8))
+        bytes[nameAt] = UInt8(ascii: "c")             // "case.qcow2"
+        Fixture.store(bytes, lab.dir.file("renamed.qcow2"))
+        let renamed = QCow2Reader.verifyImage(at: lab.dir.file("renamed.qcow2"))
+        #expect(!renamed.isClean)
+        #expect(try QCow2Reader(path: lab.dir.file("renamed.qcow2")).backingFileName == "case.qcow2")
         guard qemuAvailable() else { return }
         let (clean, out) = try Tools.qemuCheck(top)
         #expect(clean, "qemu-img check:\n\(out)")
