@@ -113,7 +113,7 @@ extension QCow2Writer {
             complete: complete, clustersWritten: nZero + nRaw + nCompressed, zeroClusters: nZero,
             rawClusters: nRaw, compressedClusters: nCompressed, compressedBytes: compressedBytes,
             dataAreaBytes: g.dataEnd, l2Tables: g.nL2, refcountBlocks: g.nrb, tailOffset: t.tailOff,
-            tailLength: t.tailLen, fileSize: t.tailOff + t.tailLen, hostBytesWritten: bytesWritten)
+            tailLength: t.tailLen, digestCount: table.count, fileSize: t.tailOff + t.tailLen, hostBytesWritten: bytesWritten)
     }
 
     /// Writes the staged standard clusters and compressed run.

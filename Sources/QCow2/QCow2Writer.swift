@@ -202,6 +202,8 @@ public struct QCow2WriteSummary: Sendable, CustomStringConvertible {
     public let refcountBlocks: UInt64
     public let tailOffset: UInt64
     public let tailLength: UInt64
+    /// Guest clusters with a digest in the image's digest table.
+    public let digestCount: Int
     /// Final file length.
     public let fileSize: UInt64
     public let hostBytesWritten: UInt64
