@@ -123,7 +123,11 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
         hb.removeAll()
         // Stale hb files of a previous daemon of this name.
         for i in 0..<100 { hb.unlinkFile(HBFileStore.fileName(i)) }
-        engine = SnapshotEngine(device: device, spill: hb, config: options.engine)
+        // HOTIMAGE_NO_TRACKING=1 turns changed-block tracking off (for A/B
+        // benchmarks of its cost on the write path).
+        var engineConfig = options.engine
+        if ProcessInfo.processInfo.environment["HOTIMAGE_NO_TRACKING"] == "1" { engineConfig.trackChanges = false }
+        engine = SnapshotEngine(device: device, spill: hb, config: engineConfig)
         let stateFile = SessionDaemon.stateFileRefusal(options) == nil ? ChangeStateFile.path(bufferDir: options.resolvedBufferDir) : nil
         tracker = ChangeTracker(engine: engine, identity: DeviceIdentity.of(path: options.device, size: device.size),
                                 stateFile: stateFile, logger: logger)
