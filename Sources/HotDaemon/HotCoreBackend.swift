@@ -284,7 +284,16 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
         for w in words { withUnsafeBytes(of: w.littleEndian) { bytes.append(contentsOf: $0) } }
         do {
             try ChangeStateFile.writeAtomically(changesFile, bytes)
-            return tracker.info(cut: cut, path: changesFile)
+            var info = tracker.info(cut: cut, path: changesFile)
+            // A session that failed (or was dropped) since the map merged
+            // its cut back: what was read may be short. It can no longer
+            // commit either, so nothing is lost; the reply says so.
+            if engine.currentPhase != .protecting {
+                info.trusted = false
+                info.since = nil
+                info.reason = "the session ended while the change map was read"
+            }
+            return info
         } catch {
             logger.error("changes: \(error)")
             var info = tracker.info(cut: cut, path: nil)
