@@ -14,12 +14,22 @@
 //               hold                             hold: new writes wait until map (a set cut, HotCore)
 //   map         used [[start,end)...] bytes,     result "protecting", usedBlocks; or ok:false with
 //               excluded [[start,end)...]        retry:true (wip: writes during the map read). Thaws.
+//                                                HotCore: changes (ChangeInfo, ControlChanges.swift):
+//                                                trusted, since, reason, clusterBytes, changedClusters,
+//                                                path (RUN/NAME/changes.bin, the clusters written
+//                                                since the image `since` up to this cut)
 //   archived    ranges [[start,end)...]          released (blocks leave protection, copies freed)
 //   buffered    limit                            ranges: buffered originals (emergency mode archives them first)
 //   heartbeat   -                                -
-//   status      -                                status: a DaemonStatus (ControlStatus.swift)
-//   end         again                            the session ends; back to passthrough (a transient
-//                                                daemon exits, unless again: a set cut begins anew)
+//   status      -                                status: a DaemonStatus (ControlStatus.swift);
+//                                                HotCore: status.tracking (TrackingStatus)
+//   end         again, commit                    the session ends; back to passthrough (a transient
+//                                                daemon exits, unless again: a set cut begins anew).
+//                                                commit (HotCore): the id of the image this session
+//                                                completed; if the session reached protecting and did
+//                                                not fail, its changes are dropped and the map
+//                                                continues from that image (trusted); reply committed.
+//                                                Never with again. Without: the changes stay.
 //   detach      force                            refuses while a filesystem is mounted on the
 //                                                protected device or a session runs; else the daemon exits
 //
@@ -47,11 +57,14 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     public var hold: Bool?
     /// end: the client begins again on this connection (a transient daemon stays).
     public var again: Bool?
+    /// end (HotCore): the id of the image this session completed; the
+    /// change map continues from it (ControlChanges.swift).
+    public var commit: String?
 
     public init(op: ControlOp) { self.op = op }
 
     enum CodingKeys: String, CodingKey {
-        case op, consistency, mountPoint, pauseMs, used, excluded, ranges, limit, force, hold, again
+        case op, consistency, mountPoint, pauseMs, used, excluded, ranges, limit, force, hold, again, commit
     }
 
     /// An op this side does not know is `ControlProtocolError.unknownOp`
@@ -71,6 +84,7 @@ public struct ControlRequest: Codable, Sendable, Equatable {
         force = try c.decodeIfPresent(Bool.self, forKey: .force)
         hold = try c.decodeIfPresent(Bool.self, forKey: .hold)
         again = try c.decodeIfPresent(Bool.self, forKey: .again)
+        commit = try c.decodeIfPresent(String.self, forKey: .commit)
     }
 }
 
@@ -94,6 +108,10 @@ public struct ControlReply: Codable, Sendable {
     public var snapshotURI: String?
     /// dm-snapshot backend: the point-in-time block device to read instead of an NBD export.
     public var snapshotDevice: String?
+    /// map (HotCore): the clusters written since the image the map continues from.
+    public var changes: ChangeInfo?
+    /// end with commit (HotCore): whether the cut was committed.
+    public var committed: Bool?
 
     public init(ok: Bool, error: String? = nil) { self.ok = ok; self.error = error }
     public static func failure(_ e: String, retry: Bool? = nil) -> ControlReply {

@@ -45,6 +45,8 @@ public struct DaemonStatus: Codable, Sendable {
     /// mlockall, so constant; peakRSSBytes minus this is the peak of the
     /// daemon's own memory (heap, stacks, the memory buffer).
     public var fileRSSBytes: UInt64? = nil
+    /// HotCore: changed-block tracking (ControlChanges.swift); nil for dm.
+    public var tracking: TrackingStatus? = nil
 
     public init(name: String, device: String, protectedDevice: String?, via: SessionVia, pid: Int32,
                 bufferDir: String, nbdSocket: String? = nil, snapshotURI: String? = nil, connections: Int? = nil,

@@ -7,7 +7,7 @@ extension EngineError: CodedError {
     public var kind: FailureKind {
         switch self {
         case .sessionFailed: return .sessionFailed
-        case .wrongPhase, .noSession, .archived, .outOfRange, .timedOut: return .failed
+        case .wrongPhase, .noSession, .archived, .outOfRange, .timedOut, .changeMapMismatch: return .failed
         }
     }
 }

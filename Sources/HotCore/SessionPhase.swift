@@ -66,6 +66,11 @@ public struct EngineConfig: Sendable, Equatable {
     /// A set cut holds new writes from arm to map; past this the hold is
     /// released and the session failed (fail open: no write waits longer).
     public var holdDeadlineNanos: UInt64 = Defaults.holdDeadlineNanos
+    /// Keep the change map: every cluster a WRITE, TRIM or WRITE_ZEROES
+    /// touches (SnapshotEngine+Changes.swift), for incremental backups.
+    public var trackChanges = true
+    /// Granularity of the change map in bytes (a power of two ≥ blockSize).
+    public var changeClusterBytes: Int = 65536
 
     public init() {}
 }
@@ -77,6 +82,8 @@ public enum EngineError: Error, Equatable, CustomStringConvertible {
     case archived(block: UInt64)
     case outOfRange(offset: UInt64, length: UInt64, size: UInt64)
     case timedOut(String)
+    /// A change map of another geometry than the engine's.
+    case changeMapMismatch(String)
 
     public var description: String {
         switch self {
@@ -86,6 +93,7 @@ public enum EngineError: Error, Equatable, CustomStringConvertible {
         case .archived(let b): return "block \(b) was archived and released; the snapshot no longer holds it"
         case .outOfRange(let o, let l, let s): return "range \(o)+\(l) is outside the device (\(s) bytes)"
         case .timedOut(let s): return s
+        case .changeMapMismatch(let s): return s
         }
     }
 }

@@ -99,6 +99,7 @@ extension SnapshotEngine {
         writesSinceArm = 0
         used.fill()
         protected.fill()
+        cutChangesLocked()
     }
 
     /// armed → protecting with the used-block map (byte ranges). Ranges are
@@ -193,13 +194,25 @@ extension SnapshotEngine {
         m.withLock { lastHeartbeat = clock.now() }
     }
 
-    /// Ends the session (any phase) and returns to passthrough.
-    public func end() {
+    /// Ends the session (any phase) and returns to passthrough; the writes
+    /// before its cut go back to the change map (no commit).
+    public func end() { endSession(commit: false) }
+
+    /// Ends the session (any phase) and returns to passthrough. With
+    /// `commit`, and only if the session reached protecting (a complete
+    /// snapshot that did not fail), the cut's changes are dropped: the
+    /// backup of this snapshot holds them. Otherwise they merge back into
+    /// the change map. Returns whether the cut was committed.
+    @discardableResult
+    public func endSession(commit: Bool) -> Bool {
         m.withLock {
+            let committed = commit && phase == .protecting
+            if committed { dropPendingChangesLocked() }
             if phase != .idle { resetLocked() }
             phase = .idle
             failure = nil
             m.broadcast()
+            return committed
         }
     }
 
@@ -230,6 +243,10 @@ extension SnapshotEngine {
     }
 
     func resetLocked() {
+        // Every way a session ends without a commit (end, failure, a lost
+        // heartbeat) comes here: writes before the abandoned cut belong to
+        // the next backup.
+        mergePendingChangesLocked()
         passthroughSince = clock.now()
         disarmLocked()
         spill.removeAll()

@@ -44,6 +44,11 @@ extension SnapshotEngine {
             while holding && phase == .armed { m.wait() }
         }
         writesInFlight += 1
+        // Marked in the same hold of the lock that counts the write in
+        // flight: arming waits for no write in flight, so this write is
+        // wholly before the cut (marked in `changes` before arm moves them to
+        // pending) or wholly after it.
+        if changes != nil { markChangedLocked(offset: offset, length: length) }
         if phase.copiesOnWrite {
             stats.writesDuringSession += 1
             if phase == .armed && !counted { writesSinceArm += 1 }

@@ -74,6 +74,17 @@ public final class SnapshotEngine: @unchecked Sendable {
     var index: BufferIndex
     var busy = BusyMarks()
 
+    // Change tracking (guarded by m; SnapshotEngine+Changes.swift). nil when
+    // `config.trackChanges` is off.
+    /// Clusters written since the last cut (or since tracking began).
+    var changes: BlockBitmap?
+    /// Clusters written before the current session's cut and since the last
+    /// committed cut; empty outside a session.
+    var pendingChanges: BlockBitmap?
+    let clusterShift: UInt64
+    /// Clusters of `changeClusterBytes` over the device (the last may be partial).
+    public let clusterCount: UInt64
+
     // Memory tier.
     let arena: UnsafeMutableRawPointer
     let slotCount: Int
@@ -96,6 +107,13 @@ public final class SnapshotEngine: @unchecked Sendable {
         used = BlockBitmap(blockCount: blockCount)
         protected = BlockBitmap(blockCount: blockCount)
         buffered = BlockBitmap(blockCount: blockCount)
+        precondition(config.changeClusterBytes >= config.blockSize && config.changeClusterBytes.nonzeroBitCount == 1)
+        clusterShift = UInt64(config.changeClusterBytes.trailingZeroBitCount)
+        clusterCount = (device.size + UInt64(config.changeClusterBytes) - 1) >> clusterShift
+        if config.trackChanges {
+            changes = BlockBitmap(blockCount: clusterCount)
+            pendingChanges = BlockBitmap(blockCount: clusterCount)
+        }
         slotCount = max(1, config.memoryBufferBytes / config.blockSize)
         arena = UnsafeMutableRawPointer.allocate(byteCount: slotCount * config.blockSize, alignment: 4096)
         // Touch every page now so the buffer is resident (and locked, under

@@ -272,7 +272,7 @@ final class DMBackend: SessionBackend, @unchecked Sendable {
         let blocks = used.reduce(UInt64(0)) { $0 + ($1.upperBound - $1.lowerBound + 4095) / 4096 }
         if let why = session.mapped(blocks: blocks) { throw DaemonError.failed(why) }
         logger.info("session: dm-snapshot copies any written chunk, not only the \(blocks) used blocks")
-        return .protecting(usedBlocks: blocks)
+        return .protecting(usedBlocks: blocks, changes: nil)
     }
 
     /// dm-snapshot cannot shrink its protection: accepted, no effect.

@@ -9,6 +9,8 @@
 //   RUN/NAME/nbd-index     "INDEX CONNECTIONS" of /dev/nbdINDEX (--via nbd); kept
 //                          when the daemon dies, for `attach --reconnect`
 //   /dev/hotimage/NAME     symlink to the protected device (stable for fstab)
+//   RUN/NAME/changes.bin   the cut's change map, from `map` to the session's end
+//   BUFFERDIR.cbt          the change map's state file (ChangeTracking.swift)
 import Foundation
 import HotControl
 import HotCore
@@ -68,11 +70,29 @@ extension SessionDaemon {
             }
             let dirFD = try openCheckedBufferDirectory(config, devices: [o.device])
             let backend = HotCoreBackend(options: o, device: device, bufferDirFD: dirFD, logger: logger)
+            // The change map, before anything can write (the NBD server
+            // starts in prepare).
+            backend.tracker.load(persistRefusal: stateFileRefusal(o))
             return SessionDaemon(config: config, backend: backend, lockFD: lockFD, bufferDirFD: dirFD, logger: logger)
         } catch {
             close(lockFD)
             throw error
         }
+    }
+}
+
+extension SessionDaemon {
+    /// Why the change map's state file may not be kept beside the buffer
+    /// directory: its directory lies on the tracked volume (nil: it may).
+    static func stateFileRefusal(_ o: AttachOptions) -> String? {
+        let dir = (ChangeStateFile.path(bufferDir: o.resolvedBufferDir) as NSString).deletingLastPathComponent
+        let fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { return "cannot open \(dir) for the state file: \(String(cString: strerror(errno)))" }
+        defer { close(fd) }
+        if bufferDirectoryRefusal(path: dir, fd: fd, name: o.name, devices: [o.device]) != nil {
+            return "the state file's directory \(dir) is on the tracked volume; the map is not kept across restarts"
+        }
+        return nil
     }
 }
 
@@ -84,6 +104,7 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
     let engine: SnapshotEngine
     let nbd: NBDServer
     let frontend: Frontend
+    let tracker: ChangeTracker
     private let m = Monitor()
     private var stopping = false
     private var presented = false
@@ -102,7 +123,14 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
         hb.removeAll()
         // Stale hb files of a previous daemon of this name.
         for i in 0..<100 { hb.unlinkFile(HBFileStore.fileName(i)) }
-        engine = SnapshotEngine(device: device, spill: hb, config: options.engine)
+        // HOTIMAGE_NO_TRACKING=1 turns changed-block tracking off (for A/B
+        // benchmarks of its cost on the write path).
+        var engineConfig = options.engine
+        if ProcessInfo.processInfo.environment["HOTIMAGE_NO_TRACKING"] == "1" { engineConfig.trackChanges = false }
+        engine = SnapshotEngine(device: device, spill: hb, config: engineConfig)
+        let stateFile = SessionDaemon.stateFileRefusal(options) == nil ? ChangeStateFile.path(bufferDir: options.resolvedBufferDir) : nil
+        tracker = ChangeTracker(engine: engine, identity: DeviceIdentity.of(path: options.device, size: device.size),
+                                stateFile: stateFile, logger: logger)
         // HOTIMAGE_NO_SPLICE=1 copies every READ (for A/B benchmarks).
         let splice = ProcessInfo.processInfo.environment["HOTIMAGE_NO_SPLICE"] == nil
         nbd = NBDServer(socketPath: options.dir + "/nbd.sock", engine: engine, logger: logger, workers: options.workers,
@@ -149,6 +177,13 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
         nbd.stop()
         hb.removeAll()
         hb.collectGarbage()
+        removeChangesFile()
+        // Nothing writes the device any more: flushed, its counter read
+        // after, the map saved clean.
+        do {
+            try realDevice.flush()
+            tracker.saveClean()
+        } catch { logger.error("changes: flushing \(options.device) failed (\(error)); the map is not saved clean") }
         // After a failed start nbdfuse's log says why; it stays.
         if m.withLock({ presented }) { unlink(options.dir + "/nbdfuse.log") }
     }
@@ -212,7 +247,7 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
 
     func map(used: [Range<UInt64>], excluded: [Range<UInt64>]) throws -> MapOutcome {
         switch try engine.narrow(used: used, excluded: excluded) {
-        case .protecting(let n): return .protecting(usedBlocks: n)
+        case .protecting(let n): return .protecting(usedBlocks: n, changes: cutChanges())
         case .retry(let w): return .retry(writes: w)
         }
     }
@@ -227,7 +262,49 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
 
     func heartbeat() { engine.heartbeat() }
 
-    func end() { engine.end() }
+    func end() { _ = end(commit: nil) }
+
+    func end(commit: String?) -> Bool {
+        let committed = engine.endSession(commit: commit != nil)
+        removeChangesFile()
+        if committed, let id = commit { tracker.committed(id) }
+        return committed
+    }
+
+    var changesFile: String { options.dir + "/changes.bin" }
+
+    func removeChangesFile() { unlink(changesFile) }
+
+    /// The cut's changes for the `map` reply, written to RUN/NAME/changes.bin.
+    func cutChanges() -> ChangeInfo? {
+        guard let cut = engine.cutChanges() else { return nil }
+        var bytes: [UInt8] = []
+        let words = cut.words()
+        bytes.reserveCapacity(words.count * 8)
+        for w in words { withUnsafeBytes(of: w.littleEndian) { bytes.append(contentsOf: $0) } }
+        do {
+            try ChangeStateFile.writeAtomically(changesFile, bytes)
+            var info = tracker.info(cut: cut, path: changesFile)
+            // A session that failed (or was dropped) since the map merged
+            // its cut back: what was read may be short. It can no longer
+            // commit either, so nothing is lost; the reply says so.
+            if engine.currentPhase != .protecting {
+                info.trusted = false
+                info.since = nil
+                info.reason = "the session ended while the change map was read"
+            }
+            return info
+        } catch {
+            logger.error("changes: \(error)")
+            var info = tracker.info(cut: cut, path: nil)
+            info.trusted = false
+            info.since = nil
+            info.reason = "the daemon could not write the change map: \(error)"
+            return info
+        }
+    }
+
+    var tracking: TrackingStatus? { tracker.status() }
 
     func tick() -> [BackendEvent] {
         var events: [BackendEvent] = engine.tick().map {
@@ -236,6 +313,7 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
             case .dropped(let r): return .dropped(r)
             }
         }
+        if events.contains(where: { if case .dropped = $0 { return true } else { return false } }) { removeChangesFile() }
         // A failure outside the deadlines (a mover that could not spill, a
         // write that waited too long) is reported once, as the deadlines are.
         let failed = engine.currentPhase == .failed

@@ -47,7 +47,8 @@ public struct BeginRefusal: Error, CustomStringConvertible {
 
 /// What the used map did.
 public enum MapOutcome: Sendable {
-    case protecting(usedBlocks: UInt64)
+    /// `changes`: HotCore's change map up to this cut (nil: not tracked).
+    case protecting(usedBlocks: UInt64, changes: ChangeInfo?)
     /// wip only: writes landed while the map was read; begin again.
     case retry(writes: UInt64)
 }
@@ -93,6 +94,12 @@ public protocol SessionBackend: AnyObject, Sendable {
     func heartbeat()
     /// Ends the session (any phase) and drops what it holds.
     func end()
+    /// The same; with `commit` (an image id), a session that reached
+    /// protecting commits its cut to the change map (HotCore). Returns
+    /// whether it did.
+    func end(commit: String?) -> Bool
+    /// HotCore: changed-block tracking for status.
+    var tracking: TrackingStatus? { get }
     /// Deadlines and watchdogs; called about every 100 ms.
     func tick() -> [BackendEvent]
     /// How soon the ticker should call again, in microseconds.
@@ -107,4 +114,10 @@ public protocol SessionBackend: AnyObject, Sendable {
 public enum BackendDetail: Sendable {
     case hotCore(engine: EngineStatus, nbdSocket: String, snapshotURI: String, connections: Int, reads: ReadCounters)
     case dm(DMSessionStatus)
+}
+
+extension SessionBackend {
+    /// A backend without change tracking (dm) never commits.
+    func end(commit: String?) -> Bool { end(); return false }
+    var tracking: TrackingStatus? { nil }
 }

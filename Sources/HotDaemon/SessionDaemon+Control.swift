@@ -47,6 +47,7 @@ extension SessionDaemon {
                              bufferLimitBytes: config.bufferLimitBytes, session: session,
                              lastFreezeSeconds: lastFreezeSeconds, peakRSSBytes: procStatusBytes("VmHWM"),
                              fileRSSBytes: procStatusBytes("RssFile"))
+        s.tracking = backend.tracking
         switch detail {
         case .hotCore(let engine, let socket, let uri, let connections, let reads):
             s.engine = engine
@@ -112,11 +113,12 @@ extension SessionDaemon {
             defer { thawIfFrozen() }
             do {
                 switch try backend.map(used: try toRanges(req.used), excluded: try toRanges(req.excluded)) {
-                case .protecting(let n):
-                    logger.info("session: protecting \(n) used blocks")
+                case .protecting(let n, let changes):
+                    logger.info("session: protecting \(n) used blocks\(changes.map { ", \($0.changedClusters) clusters changed \($0.trusted ? "since image \($0.since ?? "?")" : "(untrusted)")" } ?? "")")
                     var r = ControlReply(ok: true)
                     r.result = "protecting"
                     r.usedBlocks = n
+                    r.changes = changes
                     return r
                 case .retry(let w):
                     logger.info("session: \(w) writes during the map read; waiting for the next pause")
@@ -136,10 +138,18 @@ extension SessionDaemon {
             r.ranges = backend.buffered(limit: req.limit ?? 1024).map { [$0.lowerBound, $0.upperBound] }
             return r
         case .end:
-            backend.end()
+            // A set cut that starts over never commits.
+            let commit = req.again == true ? nil : req.commit
+            let committed = backend.end(commit: commit)
             thawIfFrozen()
             releaseOwner(id)
-            logger.info("session: ended")
+            logger.info("session: ended\(commit == nil ? "" : committed ? " (committed image \(commit!))" : " (not committed: the session did not complete)")")
+            if commit != nil {
+                var r = ControlReply(ok: true)
+                r.committed = committed
+                if config.transient && req.again != true { requestStop() }
+                return r
+            }
             if config.transient && req.again != true { requestStop() }
             return ControlReply(ok: true)
         case .hello, .begin, .status, .detach:

@@ -45,6 +45,10 @@ public struct TakenSnapshot: Sendable {
     public var excludedBytes: UInt64
     /// dm-snapshot backend: the point-in-time block device (else read the NBD export).
     public var snapshotDevice: String? = nil
+    /// HotCore: the clusters written since the image the change map
+    /// continues from, up to this cut (nil: dm, or an older daemon). Read
+    /// the map with `SessionClient.readChanges`.
+    public var changes: ChangeInfo? = nil
 }
 
 public final class SessionClient: @unchecked Sendable {
@@ -54,6 +58,8 @@ public final class SessionClient: @unchecked Sendable {
     private var beating = false
     private var stopBeat = false
     private(set) public var lastError: String?
+    /// The `changes` of the last `map` reply that protected (HotCore).
+    private(set) public var lastChanges: ChangeInfo?
 
     public init(volume: AttachedVolume) throws {
         self.volume = volume
@@ -109,7 +115,10 @@ public final class SessionClient: @unchecked Sendable {
         mreq.used = used.map { [$0.lowerBound, $0.upperBound] }
         mreq.excluded = excluded.map { [$0.lowerBound, $0.upperBound] }
         let r = try client.call(mreq)
-        if r.ok { return .protecting }
+        if r.ok {
+            m.withLock { lastChanges = r.changes }
+            return .protecting
+        }
         if r.retry == true { return .retry(r.error ?? "writes during the map read") }
         throw SessionError(r.error ?? "no reply to map")
     }
@@ -149,7 +158,9 @@ public final class SessionClient: @unchecked Sendable {
             }
             switch answer {
             case .protecting:
-                return Self.taken(a, attempts: attempt, used: used, excluded: excluded)
+                var t = Self.taken(a, attempts: attempt, used: used, excluded: excluded)
+                t.changes = m.withLock { lastChanges }
+                return t
             case .retry(let why):
                 if attempt < retries { onRetry(why); continue }
                 _ = try? client.call(.end)
@@ -224,13 +235,57 @@ public final class SessionClient: @unchecked Sendable {
     }
 
     /// Ends the session (back to passthrough) and stops heart-beating.
-    public func end() {
+    public func end() { _ = end(commit: nil) }
+
+    /// Ends the session; with `commit` (the id of the image this session
+    /// just completed) HotCore's change map continues from that image.
+    /// Returns whether the daemon committed (false: no commit asked, the
+    /// session did not complete or failed, a backend without tracking, or
+    /// no answer).
+    @discardableResult
+    public func end(commit: String?) -> Bool {
         m.withLock {
             stopBeat = true
             m.broadcast()
             while beating { _ = m.wait(timeoutNanos: 100_000_000) }
         }
-        _ = try? client.call(.end)
+        var req = ControlRequest(op: .end)
+        req.commit = commit
+        guard let r = try? client.call(req) else { return false }
+        return r.ok && r.committed == true
+    }
+
+    /// The change map a `map` reply named: `clusters` = ceil(size /
+    /// info.clusterBytes) bits as little-endian UInt64 words (bit i of word
+    /// i/64 = cluster i). Throws unless the file has exactly
+    /// ceil(clusters/64) words and no bit past `clusters`.
+    public func readChanges(_ info: ChangeInfo, clusters: UInt64) throws -> [UInt64] {
+        try SessionClient.readChanges(info, clusters: clusters)
+    }
+
+    public static func readChanges(_ info: ChangeInfo, clusters: UInt64) throws -> [UInt64] {
+        guard let path = info.path else {
+            throw SessionError("the daemon wrote no change map\(info.reason.map { " (\($0))" } ?? "")")
+        }
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw SessionError("cannot read the change map \(path)")
+        }
+        let n = Int((clusters + 63) / 64)
+        guard data.count == n * 8 else {
+            throw SessionError("the change map \(path) has \(data.count) bytes; \(clusters) clusters need exactly \(n * 8)")
+        }
+        var words = [UInt64](repeating: 0, count: n)
+        data.withUnsafeBytes { raw in
+            for i in 0..<n { words[i] = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self)) }
+        }
+        if clusters % 64 != 0, let last = words.last, last >> (clusters % 64) != 0 {
+            throw SessionError("the change map \(path) marks clusters past the device's \(clusters)")
+        }
+        let set = words.reduce(UInt64(0)) { $0 + UInt64($1.nonzeroBitCount) }
+        guard set == info.changedClusters else {
+            throw SessionError("the change map \(path) marks \(set) clusters; the daemon said \(info.changedClusters)")
+        }
+        return words
     }
 
     public func close() { client.close() }

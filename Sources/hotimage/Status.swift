@@ -96,6 +96,17 @@ struct Status: ParsableCommand {
         var hint: String
     }
 
+    /// One line: `changes: 12 clusters (768 KiB) since image 3f2a… (trusted)`,
+    /// or why the map is not trusted.
+    static func renderTracking(_ t: TrackingStatus) -> String {
+        let count = "\(t.changedClusters) cluster\(t.changedClusters == 1 ? "" : "s") (\(formatBytes(t.changedBytes)))"
+        if t.trusted {
+            let id = t.since.map { $0.count > 12 ? String($0.prefix(12)) + "…" : $0 } ?? "?"
+            return "changes: \(count) since image \(id) (trusted)"
+        }
+        return "changes: untrusted (\(t.reason ?? "unknown reason")); the next incremental compares; \(count) written since tracking began"
+    }
+
     func renderLeftovers(_ l: Leftovers) -> String {
         var lines = ["\(l.name): daemon dead\(l.pid.map { " (was pid \($0))" } ?? ""); left behind:"]
         lines += l.lines.map { "  " + $0 }
@@ -113,6 +124,7 @@ struct Status: ParsableCommand {
         if let c = e.consistency { state += " (\(c.rawValue))" }
         if let fz = s.frozen { state += ", \(fz) frozen" }
         lines.append(state)
+        if let t = s.tracking { lines.append("  " + Status.renderTracking(t)) }
         if e.phase != .idle {
             lines.append("  blocks (\(e.blockSize) B): used \(e.usedBlocks), protected \(e.protectedBlocks), archived \(e.counters.archivedBlocks), buffered \(e.bufferedBlocks)")
             lines.append("  buffer: memory \(formatBytes(e.memoryBytes)) of \(formatBytes(e.memoryCapacityBytes)), hb files \(formatBytes(e.spillBytes)) in \(e.spillFiles) file(s) in \(s.bufferDir)")
