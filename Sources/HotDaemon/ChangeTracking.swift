@@ -217,11 +217,19 @@ final class ChangeTracker: @unchecked Sendable {
     private var sinceTime: String?
     private var generation: UInt64 = 0
 
-    init(engine: SnapshotEngine, identity: DeviceIdentity, stateFile: String?, logger: Logger) {
+    /// This boot's id and the device's sectors-written counter now
+    /// (replaceable for tests).
+    let bootID: @Sendable () -> String?
+    let sectorsWritten: @Sendable () -> UInt64?
+
+    init(engine: SnapshotEngine, identity: DeviceIdentity, stateFile: String?, logger: Logger,
+         bootID: (@Sendable () -> String?)? = nil, sectorsWritten: (@Sendable () -> UInt64?)? = nil) {
         self.engine = engine
         self.identity = identity
         self.stateFile = stateFile
         self.logger = logger
+        self.bootID = bootID ?? { currentBootID() }
+        self.sectorsWritten = sectorsWritten ?? { identity.sectorsWritten() }
     }
 
     /// At attach, before any write is served: load, judge, rewrite unclean.
@@ -230,8 +238,8 @@ final class ChangeTracker: @unchecked Sendable {
         let clusterBytes = engine.config.changeClusterBytes
         let r: ChangeLoad
         if let stateFile {
-            r = ChangeStateFile.judge(ChangeStateFile.read(stateFile), identity: identity, bootID: currentBootID(),
-                                      sectorsNow: identity.sectorsWritten(), clusterBytes: clusterBytes,
+            r = ChangeStateFile.judge(ChangeStateFile.read(stateFile), identity: identity, bootID: bootID(),
+                                      sectorsNow: sectorsWritten(), clusterBytes: clusterBytes,
                                       clusterCount: engine.clusterCount)
         } else {
             r = ChangeLoad(trusted: false, reason: persistRefusal ?? "no state file")
@@ -281,8 +289,8 @@ final class ChangeTracker: @unchecked Sendable {
             let (t, r, s, st, g) = m.withLock { (trusted, reason, since, sinceTime, generation) }
             let h = ChangeStateHeader(device: identity.device, devMajor: identity.devMajor, devMinor: identity.devMinor,
                                       sizeBytes: identity.sizeBytes, backingDev: identity.backingDev,
-                                      backingIno: identity.backingIno, bootId: currentBootID(),
-                                      sectorsWritten: identity.sectorsWritten(), clean: clean, trusted: t,
+                                      backingIno: identity.backingIno, bootId: bootID(),
+                                      sectorsWritten: sectorsWritten(), clean: clean, trusted: t,
                                       reason: r, since: t ? s : nil, sinceTime: t ? st : nil, generation: g,
                                       clusterBytes: bits.clusterBytes, clusterCount: bits.clusterCount)
             do { try ChangeStateFile.writeAtomically(stateFile, ChangeStateFile.encode(h, bits.words())) } catch {

@@ -13,7 +13,9 @@ struct Status: ParsableCommand {
         For each attachment (or the one named): the devices, the session state \
         (idle, waiting, armed, protecting, failed with the reason), protected, \
         archived and buffered blocks, memory and hb file bytes, the deadlines, and \
-        counters. For a dm-snapshot daemon (attach --via dm, or spawned by backup): \
+        counters, and the change map (changed-block tracking: the 64 KiB \
+        clusters written since the last committed backup image, or why the map \
+        is not trusted and the next incremental compares). For a dm-snapshot daemon (attach --via dm, or spawned by backup): \
         the snapshot device and its state, COW bytes used of the store's size, \
         and its hb files. --json prints one JSON object per daemon per line.
 

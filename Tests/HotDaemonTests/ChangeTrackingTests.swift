@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import HotCore
+import Logging
 @testable import HotDaemon
 
 // The change map's state file (ChangeTracking.swift): its path beside the
@@ -77,4 +78,81 @@ struct ChangeTrackingTests {
         #expect((attrs[.posixPermissions] as? Int) == 0o600)
         #expect(!FileManager.default.fileExists(atPath: p + ".tmp"))
     }
+
+    @Test("The tracker over an engine: attach, commit, clean detach, attach again; a crash; a write while detached")
+    func trackerFlow() throws {
+        let dir = "/tmp/cbt-test-\(getpid())-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let state = dir + "/hb.cbt"
+        let device = MemoryBlockIO(size: 1 << 20)   // 16 clusters
+        let counter = Box(500)
+        let ident = DeviceIdentity(device: "/dev/x", devMajor: 1, devMinor: 2, sizeBytes: 1 << 20)
+        var n = 0
+        func attach() -> (SnapshotEngine, ChangeTracker) {
+            n += 1
+            let e = SnapshotEngine(device: device, spill: MemorySpillStore())
+            let t = ChangeTracker(engine: e, identity: ident, stateFile: state, logger: Logger(label: "t\(n)"),
+                                  bootID: { "boot" }, sectorsWritten: { UInt64(counter.value) })
+            t.load(persistRefusal: nil)
+            return (e, t)
+        }
+        func write(_ e: SnapshotEngine, cluster: UInt64) throws {
+            var b = [UInt8](repeating: 1, count: 512)
+            try b.withUnsafeMutableBytes { try e.write(offset: cluster << 16, count: 512, from: $0.baseAddress!) }
+        }
+        func header() -> ChangeStateHeader? { ChangeStateFile.read(state).flatMap { ChangeStateFile.decode($0)?.0 } }
+
+        // Fresh: untrusted, the file written unclean at once.
+        var (e, t) = attach()
+        #expect(t.status()?.trusted == false)
+        #expect(t.status()?.reason == "no saved map")
+        #expect(header()?.clean == false)
+        try write(e, cluster: 3)
+        // A committed cut: trusted from test-1; the writes after it stay.
+        try e.begin(consistency: .raw)
+        _ = e.arm()
+        _ = try e.narrow(used: [0..<(1 << 20)])
+        try write(e, cluster: 7)
+        #expect(e.endSession(commit: true))
+        t.committed("test-1")
+        #expect(t.status()?.trusted == true)
+        #expect(t.status()?.since == "test-1")
+        #expect(t.status()?.changedClusters == 1)
+        #expect(header()?.since == "test-1" && header()?.clean == false && header()?.generation == 1)
+        t.saveClean()
+        #expect(header()?.clean == true)
+        // Attach again: trusted, same since, same map.
+        (e, t) = attach()
+        #expect(t.status()?.trusted == true, "\(t.status()?.reason ?? "")")
+        #expect(t.status()?.since == "test-1")
+        #expect(t.status()?.changedClusters == 1)
+        #expect(e.exportChanges().map { Array($0.bits.runs(in: 0..<16)) } == [7..<8])
+        #expect(header()?.clean == false)
+        // A crash (no saveClean): untrusted, empty, since gone.
+        (e, t) = attach()
+        #expect(t.status()?.trusted == false)
+        #expect(t.status()?.reason == "the daemon stopped without a clean detach")
+        #expect(t.status()?.since == nil)
+        #expect(t.status()?.changedClusters == 0)
+        // A clean detach while untrusted keeps it untrusted.
+        t.saveClean()
+        (e, t) = attach()
+        #expect(t.status()?.trusted == false)
+        // Trusted again by a commit; clean detach; the device written while detached.
+        try e.begin(consistency: .raw)
+        _ = e.arm()
+        _ = try e.narrow(used: [0..<(1 << 20)])
+        #expect(e.endSession(commit: true))
+        t.committed("test-2")
+        t.saveClean()
+        counter.value += 8
+        (e, t) = attach()
+        #expect(t.status()?.reason == "the device was written while detached (8 sectors)")
+    }
+}
+
+private final class Box<T>: @unchecked Sendable {
+    var value: T
+    init(_ v: T) { value = v }
 }
