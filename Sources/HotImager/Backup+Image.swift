@@ -27,13 +27,14 @@ struct ImagingOutcome {
 extension BackupJob {
     /// The imager: reads the snapshot (online) or the device (offline) and
     /// writes the protected ranges into the image.
-    func runImager(_ plan: Plan, _ cut: BackupCut, into writer: QCow2Writer) -> ImagingOutcome {
+    func runImager(_ plan: Plan, _ cut: BackupCut, into writer: QCow2Writer, incremental inc: IncrementalState? = nil) -> ImagingOutcome {
         var out = ImagingOutcome()
         do {
             let source: BlockSource = plan.online ? try snapshotSource(plan, cut.snap, cut.session)
                                                   : try DeviceSource(path: plan.readDevice, exclusive: plan.mount == nil)
-            let im = Imager(source: source, ranges: cut.snap.protected, writer: writer, compression: o.compression,
-                            clusterSize: 1 << o.clusterBits, config: imagerConfigOverride ?? o.imager, session: cut.session, log: { self.r.log($0) })
+            let im = Imager(source: source, ranges: inc?.plan?.read ?? cut.snap.protected, writer: writer, compression: o.compression,
+                            clusterSize: 1 << o.clusterBits, config: imagerConfigOverride ?? o.imager, session: cut.session,
+                            delta: inc.map { ImagerDelta(base: $0.base.digests) }, log: { self.r.log($0) })
             let pending = m.withLock { () -> String? in imager = im; return cancelled }
             defer { out.episodes = im.recordedEpisodes }
             if m.withLock({ interrupted }) { im.cancel("interrupted") }
@@ -98,9 +99,9 @@ extension BackupJob {
 
     /// Ends the session (online) after reading its last status; logs the
     /// failure, if any. The daemon's peak and file-backed resident set.
-    func endSession(_ cut: BackupCut, _ out: ImagingOutcome, partialKept: Bool) -> (peakRSS: UInt64?, fileRSS: UInt64?) {
+    func endSession(_ cut: BackupCut, _ out: ImagingOutcome, partialKept: Bool, commit: String? = nil) -> (peakRSS: UInt64?, fileRSS: UInt64?) {
         let endStatus = try? cut.session?.status()
-        cut.session?.end()
+        cut.session?.end(commit: commit)
         cut.session?.close()
         if let e = out.errorText {
             r.log("backup failed: \(e)" + (partialKept ? "; the partial image is kept, marked incomplete" : "; the partial image was removed"))
@@ -118,12 +119,13 @@ extension BackupJob {
 
     /// The summary: sent as an event and logged.
     func summarize(_ plan: Plan, _ cut: BackupCut, _ out: ImagingOutcome, consistency: String, partialKept: Bool,
-                   daemon: (peakRSS: UInt64?, fileRSS: UInt64?), since t0: UInt64) -> BackupSummary {
+                   daemon: (peakRSS: UInt64?, fileRSS: UInt64?), since t0: UInt64,
+                   chain: ChainRecord? = nil, imageId: String? = nil) -> BackupSummary {
         let seconds = Double(monotonicNanos() - t0) / 1e9
         let imageBytes = (try? FileManager.default.attributesOfItem(atPath: o.output)[.size] as? UInt64) ?? 0
         let result = out.result
         let imaged = result?.bytesRead ?? 0
-        let summary = BackupSummary(
+        var summary = BackupSummary(
             image: o.output, exitCode: o.exitCode(out.kind), error: out.errorText, mode: plan.online ? "online" : "offline",
             consistency: consistency, mapMethod: cut.mapMethod, seconds: seconds, snapshotSeconds: cut.seconds,
             usedBytes: cut.snap.usedBytes, imagedBytes: imaged, imageBytes: imageBytes,
@@ -133,6 +135,8 @@ extension BackupJob {
             emergencyEpisodes: out.episodes, hooks: hookResults,
             components: writers?.records ?? [], writerErrors: writers?.writerErrors ?? [], partialKept: partialKept,
             freezeSeconds: cut.freezeSeconds, daemonPeakRSSBytes: daemon.peakRSS, daemonFileRSSBytes: daemon.fileRSS)
+        summary.chain = chain
+        summary.imageId = imageId
         r.event("summary", ["summary": .value(summary)])
         printSummary(summary, out.kind)
         return summary

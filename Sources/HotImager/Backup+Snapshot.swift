@@ -84,13 +84,14 @@ extension BackupJob {
 
     /// The image file, written under a locked temporary name and renamed
     /// when complete (Backup+PartialImage.swift). The caller releases it.
-    func createImage(_ plan: Plan, ctx: HookContext) throws(BackupStop) -> BackupImage {
+    func createImage(_ plan: Plan, ctx: HookContext, backing: String? = nil) throws(BackupStop) -> BackupImage {
         PartialImage.sweep(dir: (o.output as NSString).deletingLastPathComponent, log: { self.r.log($0) })
         do {
             let partial = try PartialImage(final: o.output)
             do {
                 let writer = try QCow2Writer(path: partial.temp, virtualSize: plan.size, clusterBits: o.clusterBits,
-                                             compression: o.compression, overwrite: true, access: o.imageAccess)
+                                             compression: o.compression, overwrite: true, access: o.imageAccess,
+                                             backing: backing.map { QCow2Backing(fileName: $0) })
                 return BackupImage(writer: writer, partial: partial)
             } catch { partial.release(); throw error }
         } catch {

@@ -67,6 +67,12 @@ public struct BackupOptions: Sendable {
     public var writers = WriterConfig()
     /// Go on crash-consistent when a component fails to freeze.
     public var allowUnfrozen = false
+    /// --base PREV: an incremental against PREV (Incremental.swift).
+    public var base: String?
+    /// --full: a full image even with --base.
+    public var full = false
+    /// --compare: find the changes by digest even when HotCore's map is trusted.
+    public var compare = false
     /// The exit code of an outcome (nil: success), for the summary, the
     /// error events and the hooks' HOTIMAGE_ERROR: the caller's table.
     public var exitCode: @Sendable (FailureKind?) -> Int32
@@ -104,6 +110,10 @@ public struct BackupSummary: Codable, Sendable {
     public var daemonPeakRSSBytes: UInt64? = nil
     /// Of that, mapped files (the executable and libraries, locked by mlockall).
     public var daemonFileRSSBytes: UInt64? = nil
+    /// An incremental: its link to the base.
+    public var chain: ChainRecord? = nil
+    /// The image's id (the next incremental's base id).
+    public var imageId: String? = nil
 }
 
 struct BackupFailure: CodedError {
@@ -196,12 +206,13 @@ public final class BackupJob: @unchecked Sendable {
         let t0 = monotonicNanos()
         do throws(BackupStop) {
             let plan = try resolveReporting()
+            var inc = try openBase(plan).map { IncrementalState(base: $0) }
             let consistency = consistencyName(plan)
             let ctx = announce(plan, consistency: consistency)
             // 1. before-snapshot: a failure aborts at once.
             try runBeforeSnapshotHooks(ctx)
             let probe = (try? probeFilesystem(path: plan.readDevice)) ?? nil
-            let image = try createImage(plan, ctx: ctx)
+            let image = try createImage(plan, ctx: ctx, backing: inc?.base.backingName)
             defer { image.partial.release() }
             try freezeWriters(plan, image: image, ctx: ctx)
 
@@ -215,17 +226,22 @@ public final class BackupJob: @unchecked Sendable {
             let after = HookRunner.run(o.hooks, .afterSnapshot, error: 0, context: ctx, stopOnFailure: false, log: hookLog)
             hookResults += after
 
-            // 4. The imager.
-            var out = runImager(plan, cut, into: image.writer)
+            // 4. The imager (an incremental: what changed since the base).
+            if inc != nil { prepareIncremental(&inc!, plan, cut, writer: image.writer) }
+            var out = runImager(plan, cut, into: image.writer, incremental: inc)
 
-            // 5. Finish or discard the image; end the session.
-            let meta = imageMetadata(plan, cut, probe: probe, consistency: consistency, episodes: out.episodes)
+            // 5. Finish or discard the image; end the session (a complete
+            // image's id commits HotCore's change map to this cut).
+            var meta = imageMetadata(plan, cut, probe: probe, consistency: consistency, episodes: out.episodes)
+            meta.id = UUID().uuidString.lowercased()
+            meta.chain = inc.flatMap { chainRecord($0, out) }
             let partialKept = finishImage(image, &out, metadata: meta)
-            let daemon = endSession(cut, out, partialKept: partialKept)
+            let daemon = endSession(cut, out, partialKept: partialKept, commit: out.kind == nil ? meta.id : nil)
 
             // 6. after-backup, with the error code; the summary.
             runAfterBackupHooks(&out, ctx: ctx, afterSnapshot: after, thawFailures: thawFailures)
-            let summary = summarize(plan, cut, out, consistency: consistency, partialKept: partialKept, daemon: daemon, since: t0)
+            let summary = summarize(plan, cut, out, consistency: consistency, partialKept: partialKept, daemon: daemon, since: t0,
+                                    chain: meta.chain, imageId: out.kind == nil || out.kind == .completeWithWarnings ? meta.id : nil)
             return (out.kind, summary)
         } catch {
             return (error.kind, nil)
@@ -244,6 +260,9 @@ public final class BackupJob: @unchecked Sendable {
             String(format: "summary: image %@ (%.1f%% of the imaged data), COW buffer peak %@ (hb files %@)",
                    formatBytes(s.imageBytes), s.ratio * 100, formatBytes(s.cowPeakBytes), formatBytes(s.spillPeakBytes)),
         ]
+        if let c = s.chain {
+            lines.append("summary: incremental (\(c.method)) of image \(c.baseId) (\(c.baseFile)): \(c.changedClusters) cluster(s) written, \(c.zeroedClusters) zeroed, \(c.unchangedClusters) left to the base")
+        }
         if s.emergencyEpisodes.isEmpty {
             lines.append("summary: no emergency mode")
         } else {

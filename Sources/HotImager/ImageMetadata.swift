@@ -50,6 +50,15 @@ public struct ImageMetadata: Codable, Sendable {
     /// A member of a coherent set (`backup SRC SRC… -o DIR`): every image of
     /// the set records the whole set and which member it is.
     public var set: SetRecord?
+    /// A random UUID naming this image's point in time. An incremental
+    /// records its base's id, and `verify` checks every link against it (a
+    /// file name proves nothing). A merge keeps the id of the point it
+    /// keeps. Nil in images made before incrementals.
+    public var id: String?
+    /// An incremental image (`backup --base`): which image it continues.
+    public var chain: ChainRecord?
+    /// Ids of the images `hotimage merge` folded into this one (oldest last).
+    public var merged: [String]?
 
     public func encoded() -> [UInt8] {
         let e = JSONEncoder()
@@ -59,6 +68,33 @@ public struct ImageMetadata: Codable, Sendable {
 
     public static func decode(_ bytes: [UInt8]) -> ImageMetadata? {
         try? JSONDecoder().decode(ImageMetadata.self, from: Data(bytes))
+    }
+}
+
+/// An incremental's link to its base: the image's qcow2 backing file must
+/// be the image with `baseId`, whose point in time was `baseCutTime`.
+public struct ChainRecord: Codable, Sendable, Equatable {
+    public var baseId: String
+    public var baseCutTime: String
+    /// The backing file name as stored in the image (relative to the
+    /// image's directory, or absolute).
+    public var baseFile: String
+    /// tracked: HotCore's change map said which clusters changed;
+    /// compared: every used cluster was read and its digest compared
+    /// with the base's.
+    public var method: String
+    /// Why the changes were compared rather than tracked.
+    public var reason: String?
+    /// Clusters written with data, written as zero clusters (used in the
+    /// base, unused now), and used but unchanged (left to the base).
+    public var changedClusters: UInt64
+    public var zeroedClusters: UInt64
+    public var unchangedClusters: UInt64
+    public init(baseId: String, baseCutTime: String, baseFile: String, method: String, reason: String?,
+                changedClusters: UInt64, zeroedClusters: UInt64, unchangedClusters: UInt64) {
+        self.baseId = baseId; self.baseCutTime = baseCutTime; self.baseFile = baseFile; self.method = method
+        self.reason = reason; self.changedClusters = changedClusters; self.zeroedClusters = zeroedClusters
+        self.unchangedClusters = unchangedClusters
     }
 }
 

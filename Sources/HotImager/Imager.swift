@@ -61,6 +61,16 @@ public struct ImagerResult: Sendable {
     public var episodes: [EmergencyEpisode]
     public var peakBufferBytes: UInt64
     public var peakSpillBytes: UInt64
+    /// Incremental: clusters read and found equal to the base (not written).
+    public var unchangedClusters: UInt64 = 0
+}
+
+/// An incremental's base, for the imager: a cluster read whose digest
+/// equals the base's (or that is all zeros where the base holds nothing)
+/// is not written; its digest is recorded (Incremental.swift).
+public struct ImagerDelta: @unchecked Sendable {
+    public let base: ClusterDigestTable
+    public init(base: ClusterDigestTable) { self.base = base }
 }
 
 public struct ImagerError: CodedError {
@@ -78,6 +88,7 @@ public final class Imager: @unchecked Sendable {
     let config: ImagerConfig
     let session: SessionClient?
     let log: (String) -> Void
+    let delta: ImagerDelta?
 
     private let m = Monitor()
     private var claimed: [UInt64]
@@ -91,6 +102,7 @@ public final class Imager: @unchecked Sendable {
     private var activeWorkers = 0
     private var done: UInt64 = 0
     private var clustersWritten: UInt64 = 0
+    private var unchanged: UInt64 = 0
     private var pendingArchived: [Range<UInt64>] = []
     private var emergency: (start: UInt64, clusters: UInt64, reason: String)?
     private var episodes: [EmergencyEpisode] = []
@@ -102,7 +114,8 @@ public final class Imager: @unchecked Sendable {
     let totalBytes: UInt64
 
     public init(source: BlockSource, ranges: [Range<UInt64>], writer: QCow2Writer, compression: QCow2Compression,
-                clusterSize: Int, config: ImagerConfig, session: SessionClient?, log: @escaping (String) -> Void) {
+                clusterSize: Int, config: ImagerConfig, session: SessionClient?, delta: ImagerDelta? = nil,
+                log: @escaping (String) -> Void) {
         self.source = source
         self.ranges = RangeSet.normalize(ranges.map { $0.clamped(to: 0..<source.size) })
         self.writer = writer
@@ -111,6 +124,7 @@ public final class Imager: @unchecked Sendable {
         self.config = config
         self.session = session
         self.log = log
+        self.delta = delta
         clusterCount = (source.size + UInt64(clusterSize) - 1) / UInt64(clusterSize)
         claimed = [UInt64](repeating: 0, count: Int((clusterCount + 63) / 64))
         totalBytes = RangeSet.total(self.ranges)
@@ -160,7 +174,8 @@ public final class Imager: @unchecked Sendable {
         if let f = m.withLock({ failure }) { throw f }
         return m.withLock {
             ImagerResult(clusters: clustersWritten, bytesRead: done, seconds: Double(monotonicNanos() - start) / 1e9,
-                         episodes: episodes, peakBufferBytes: peakBuffer, peakSpillBytes: peakSpill)
+                         episodes: episodes, peakBufferBytes: peakBuffer, peakSpillBytes: peakSpill,
+                         unchangedClusters: unchanged)
         }
     }
 
@@ -262,6 +277,7 @@ public final class Imager: @unchecked Sendable {
         let buf = UnsafeMutableRawPointer.allocate(byteCount: unitBytes, alignment: 4096)
         defer { buf.deallocate() }
         let encoder = ClusterEncoder(compression: compression, clusterSize: Int(clusterSize))
+        let zeroDigest = ClusterDigest.zeros(clusterSize: Int(clusterSize))
         let reader: BlockReader
         do { reader = try source.makeReader() } catch {
             fail(ImagerError(description: "\(error)", kind: .failed)); return
@@ -273,6 +289,7 @@ public final class Imager: @unchecked Sendable {
             if config.maxBytesPerSecond > 0 { throttle(bytes) }
             var at = 0
             var readBytes: UInt64 = 0
+            var same: UInt64 = 0
             do {
                 for r in usedRuns(in: u) {
                     let off = Int(r.lowerBound - base)
@@ -286,8 +303,19 @@ public final class Imager: @unchecked Sendable {
                 while c < u.upperBound {
                     let off = Int((c - u.lowerBound) * clusterSize)
                     let n = min(Int(clusterSize), bytes - off)
-                    let enc = encoder.encode(index: c, data: UnsafeRawBufferPointer(start: buf + off, count: n))
-                    try writer.write(enc)
+                    let data = UnsafeRawBufferPointer(start: buf + off, count: n)
+                    if let d = delta {
+                        // Equal to the base (or zeros where it holds nothing): the base has it.
+                        let digest = ClusterDigest.of(data, clusterSize: Int(clusterSize))
+                        let was = d.base[cluster: c]
+                        if digest == zeroDigest ? was == nil : was == digest {
+                            if digest != zeroDigest { writer.setDigest(cluster: c, digest) }
+                            same += 1
+                            c += 1
+                            continue
+                        }
+                    }
+                    try writer.write(encoder.encode(index: c, data: data))
                     c += 1
                 }
             } catch {
@@ -304,7 +332,8 @@ public final class Imager: @unchecked Sendable {
             }
             m.withLock {
                 done += readBytes
-                clustersWritten += UInt64(u.count)
+                clustersWritten += UInt64(u.count) - same
+                unchanged += same
                 let r = base..<(base + UInt64(bytes))
                 pendingArchived.append(r)
             }

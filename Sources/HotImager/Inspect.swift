@@ -13,15 +13,26 @@ public struct ImageInfo: Codable, Sendable {
     public var complete: Bool?
     public var allocatedClusters: UInt64
     public var metadata: ImageMetadata?
+    /// The qcow2 backing file named in the header (an incremental's base).
+    public var backingFile: String?
+    /// An incremental: a line per link, top first; or why the chain
+    /// cannot be read.
+    public var chain: [String]?
+    public var chainProblem: String?
 
     public static func read(_ path: String) throws -> ImageInfo {
         let r = try QCow2Reader(path: path)
         var st = stat()
         _ = stat(path, &st)
         let meta = r.hotimage.flatMap { ImageMetadata.decode($0.metadata) }
-        return ImageInfo(path: path, fileBytes: UInt64(st.st_size), virtualSize: r.virtualSize, clusterSize: r.clusterSize,
-                         compressionType: r.compressionType, madeByHotimage: r.hotimage != nil, complete: r.hotimage?.complete,
-                         allocatedClusters: UInt64(try r.allocatedClusters().count), metadata: meta)
+        var info = ImageInfo(path: path, fileBytes: UInt64(st.st_size), virtualSize: r.virtualSize, clusterSize: r.clusterSize,
+                             compressionType: r.compressionType, madeByHotimage: r.hotimage != nil, complete: r.hotimage?.complete,
+                             allocatedClusters: UInt64(try r.allocatedClusters().count), metadata: meta)
+        info.backingFile = r.backingFileName
+        if r.backingFileName != nil {
+            do { info.chain = try ImageChain.open(path).describeLinks } catch { info.chainProblem = "\(error)" }
+        }
+        return info
     }
 
     public var text: String {
@@ -43,6 +54,16 @@ public struct ImageInfo: Codable, Sendable {
         line("filesystem:", [m.filesystem.type, m.filesystem.uuid.map { "UUID \($0)" }, m.filesystem.label.map { "label '\($0)'" }]
             .compactMap { $0 }.joined(separator: ", ").ifEmpty("unknown"))
         line("snapshot time:", m.snapshotTime)
+        if let id = m.id { line("image id:", id) }
+        if let c = m.chain {
+            line("incremental:", "of image \(c.baseId) (cut \(c.baseCutTime)), backing file \(c.baseFile)")
+            line("changes:", "\(c.method)\(c.reason.map { " (\($0))" } ?? ""): \(c.changedClusters) cluster(s) written, \(c.zeroedClusters) zeroed, \(c.unchangedClusters) left to the base")
+        } else if backingFile == nil {
+            line("incremental:", "no (a full image)")
+        }
+        if let mg = m.merged, !mg.isEmpty { line("merged:", "folded in: " + mg.joined(separator: ", ")) }
+        for l in chain ?? [] { line("chain:", l) }
+        if let p = chainProblem { line("chain:", "BROKEN: \(p)") }
         if let set = m.set {
             line("set:", "\(set.id), cut \(set.cutTime)")
             line("set member:", "'\(set.member)' of \(set.members.map { "'\($0.name)'" }.joined(separator: ", ")) (its image is \(SetRecord.imageName(set.member)))")
@@ -88,6 +109,14 @@ public struct VerifyOutcome: Codable, Sendable {
     public static func run(_ path: String) throws -> VerifyOutcome {
         let t0 = monotonicNanos()
         let r = try QCow2Reader(path: path)
+        if r.backingFileName != nil {
+            // An incremental: every link, their ids, the content through the chain.
+            // A missing or wrong base is refused (thrown: exit 2), naming the link.
+            let c = try ImageChain.open(path)
+            let v = c.verify()
+            return VerifyOutcome(image: path, problems: v.problems, notes: v.notes + ["a chain of \(c.links.count) images: " + c.links.map(\.path).joined(separator: " <- ")],
+                                 clustersChecked: v.clusters, seconds: Double(monotonicNanos() - t0) / 1e9)
+        }
         let rep = r.verify()
         let problems = rep.problems.map { "\($0)" }
         var notes: [String] = rep.notes

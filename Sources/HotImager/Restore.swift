@@ -1,5 +1,8 @@
 // `hotimage restore IMAGE TARGET`: the volume back from an image.
 //
+// An incremental is restored through its chain (Chain.swift): every link
+// is opened and checked against the base it names (by id), and the
+// verification covers every link and the content through the chain.
 // Verifies the whole image first (every checksum; --no-verify skips it), so
 // a damaged image is refused before the target is touched.
 // Refuses: an incomplete image (a kept partial), a mounted or busy target
@@ -69,16 +72,61 @@ public enum RestoreJob {
     /// zero the rest, flush.
     static func restoreBlocks(_ o: RestoreOptions, reporter r: Reporter) throws -> RestoreSummary {
         let t0 = monotonicNanos()
-        let img = try openImage(o, reporter: r)
-        let dev = try openTarget(o, size: img.virtualSize)
-        let clusters = try img.allocatedClusters()
-        let written = try writeClusters(clusters, from: img, to: dev, o, reporter: r, since: t0)
+        let src = try openSource(o, reporter: r)
+        let dev = try openTarget(o, size: src.virtualSize)
+        let clusters = src.clusters
+        let written = try writeClusters(clusters, from: src, to: dev, o, reporter: r, since: t0)
         // The rest reads as zeros (--no-discard leaves it as it was).
         var zeroed: UInt64 = 0
-        if o.discard { zeroed = try zeroGaps(between: clusters, clusterSize: UInt64(img.clusterSize), size: img.virtualSize, of: dev, o) }
+        if o.discard { zeroed = try zeroGaps(between: clusters, clusterSize: UInt64(src.clusterSize), size: src.virtualSize, of: dev, o) }
         do { try dev.flush() } catch { throw RestoreFailure(kind: .failed, description: "flushing \(o.target): \(error)") }
         return RestoreSummary(target: o.target, bytes: written, clusters: UInt64(clusters.count), zeroedBytes: zeroed,
                               seconds: Double(monotonicNanos() - t0) / 1e9, discarded: o.discard)
+    }
+
+    /// What a restore reads: one image, or a chain through its links.
+    struct Source {
+        let virtualSize: UInt64
+        let clusterSize: Int
+        /// The clusters holding data (the rest reads as zeros).
+        let clusters: AllocatedClusters
+        let read: (UInt64, UnsafeMutableRawBufferPointer, ClusterDecoder) throws -> Void
+    }
+
+    /// The image (or the chain of an incremental), refused when incomplete,
+    /// damaged, or a link is not the base it was made against.
+    static func openSource(_ o: RestoreOptions, reporter r: Reporter) throws -> Source {
+        let probe: QCow2Reader
+        do { probe = try QCow2Reader(path: o.image) } catch {
+            throw RestoreFailure(kind: .refused, description: "\(o.image): \(error)")
+        }
+        guard probe.backingFileName != nil else {
+            let img = try openImage(o, reporter: r)
+            return Source(virtualSize: img.virtualSize, clusterSize: img.clusterSize, clusters: try img.allocatedClusters(),
+                          read: { c, buf, dec in _ = try img.readCluster(c, into: buf, decoder: dec) })
+        }
+        let chain: ImageChain
+        do { chain = try ImageChain.open(o.image) } catch {
+            throw RestoreFailure(kind: .refused, description: "\(error); nothing was written")
+        }
+        if o.verifyFirst {
+            r.log("verifying \(o.image) and its \(chain.links.count - 1) base(s) before writing anything (--no-verify skips this)")
+            let v = chain.verify()
+            if let p = v.problems.first {
+                throw RestoreFailure(kind: .refused, description: "\(o.image) cannot be restored: \(p)\(v.problems.count > 1 ? " (and \(v.problems.count - 1) more; see 'hotimage verify')" : "")")
+            }
+        } else {
+            for l in chain.links where !l.reader.hotimageProblems.isEmpty {
+                throw RestoreFailure(kind: .refused, description: "\(l.path) is damaged (\(l.reader.hotimageProblems[0])); run 'hotimage verify' for the details")
+            }
+        }
+        let clusters: AllocatedClusters
+        do { clusters = try chain.chain.allocatedClusters() } catch {
+            throw RestoreFailure(kind: .failed, description: "reading the chain of \(o.image): \(error)")
+        }
+        let qc = chain.chain
+        return Source(virtualSize: chain.virtualSize, clusterSize: chain.clusterSize, clusters: clusters,
+                      read: { c, buf, dec in _ = try qc.read(cluster: c, into: buf.baseAddress!, decoder: dec) })
     }
 
     /// The image, refused when incomplete or damaged (every checksum first,
@@ -140,7 +188,7 @@ public enum RestoreJob {
 
     /// Decodes and writes the allocated clusters with `o.workers` threads,
     /// reporting progress; the bytes written.
-    private static func writeClusters(_ clusters: AllocatedClusters, from img: QCow2Reader, to dev: BlockDevice,
+    private static func writeClusters(_ clusters: AllocatedClusters, from img: Source, to dev: BlockDevice,
                                       _ o: RestoreOptions, reporter r: Reporter, since t0: UInt64) throws -> UInt64 {
         let size = img.virtualSize
         let cs = UInt64(img.clusterSize)
@@ -164,7 +212,7 @@ public enum RestoreJob {
                     guard let i else { break }
                     let c = clusters[i]
                     do {
-                        _ = try img.readCluster(c, into: buf, decoder: dec)
+                        try img.read(c, buf, dec)
                         let off = c * cs
                         let n = Int(min(cs, size - off))
                         try dev.write(from: buf.baseAddress!, count: n, offset: off)

@@ -59,6 +59,8 @@ final class SetMember {
     var excluded: [ImageMetadata.Excluded] = []
     var out = ImagingOutcome()
     var summary: BackupSummary?
+    /// --base DIR: this member's base, DIR/NAME.qcow2.
+    var inc: IncrementalState?
     init(name: String, source: String, job: BackupJob, plan: BackupJob.Plan) {
         self.name = name; self.source = source; self.job = job; self.plan = plan
     }
@@ -184,6 +186,33 @@ public final class SetBackupJob: @unchecked Sendable {
         if let stray = o.excludes.first(where: { !excludeTaken.contains($0) }) {
             throw refuse(.refused, "--exclude \(stray) is on none of the set's mounted volumes")
         }
+        try openBases(refuse)
+    }
+
+    /// --base DIR: the previous set, whole, with an image for every member
+    /// of this one; each member's base is its image there.
+    func openBases(_ refuse: (FailureKind, String) -> BackupStop) throws(BackupStop) {
+        guard let baseDir = o.base, !o.full else {
+            if o.base != nil { r.log("--full: full images, whatever --base says") }
+            return
+        }
+        guard ImageSet.isDirectory(baseDir) else {
+            throw refuse(.refused, "--base \(baseDir): a set's base is the previous set's directory")
+        }
+        let set: ImageSet
+        do { set = try ImageSet.open(baseDir) } catch { throw refuse(.refused, "--base \(baseDir): \(error)") }
+        if let p = set.problems.first {
+            throw refuse(.refused, "--base \(baseDir) is not a whole set (\(p)); 'hotimage verify \(baseDir)' says more")
+        }
+        for mb in members {
+            guard set.member(mb.name) != nil else {
+                throw refuse(.refused, "--base \(baseDir): the set there has no member '\(mb.name)' (it has \(set.members.map { "'\($0.name)'" }.joined(separator: ", "))); make a full backup of this set")
+            }
+            var mo = mb.job.o
+            mo.base = (baseDir as NSString).appendingPathComponent(SetRecord.imageName(mb.name))
+            let job = BackupJob(options: mo, reporter: mb.job.r)
+            mb.inc = try job.openBase(mb.plan).map { IncrementalState(base: $0) }
+        }
     }
 
     /// The attachment name, else the LV or dm name, else the device's name.
@@ -235,7 +264,7 @@ public final class SetBackupJob: @unchecked Sendable {
     func createImages(_ ctx: HookContext) throws(BackupStop) {
         for mb in members {
             mb.probe = (try? probeFilesystem(path: mb.plan.readDevice)) ?? nil
-            do { mb.image = try mb.job.createImage(mb.plan, ctx: ctx) } catch {
+            do { mb.image = try mb.job.createImage(mb.plan, ctx: ctx, backing: mb.inc?.base.backingName) } catch {
                 for x in members { x.image?.writer.abandon(); x.image?.partial.release(); x.image = nil }
                 throw BackupStop(kind: error.kind)
             }
@@ -289,7 +318,9 @@ public final class SetBackupJob: @unchecked Sendable {
         if so.skipPause { r.log("the writers froze their components and every member is frozen: no write-inactivity pause is waited for") }
         do {
             let c = try SetCut.take(cm, so, log: { self.r.log($0) }, interrupted: { self.isInterrupted })
-            for (mb, snap) in zip(members, c.snapshots) {
+            for (mb, taken) in zip(members, c.snapshots) {
+                var snap = taken
+                snap.changes = mb.session?.lastChanges      // HotCore's change map at this cut
                 mb.cut = BackupCut(session: mb.session, snap: snap, mapMethod: mb.mapMethod, excluded: mb.excluded)
                 mb.session?.startHeartbeat()
             }
@@ -347,7 +378,8 @@ public final class SetBackupJob: @unchecked Sendable {
             cfg.workers = share
             mb.job.imagerConfigOverride = cfg
             (mb.job.r as? MemberReporter)?.progressSink = { p in progress.update(mb.name, p) }
-            mb.out = mb.job.runImager(mb.plan, mb.cut!, into: mb.image!.writer)
+            if mb.inc != nil { mb.job.prepareIncremental(&mb.inc!, mb.plan, mb.cut!, writer: mb.image!.writer) }
+            mb.out = mb.job.runImager(mb.plan, mb.cut!, into: mb.image!.writer, incremental: mb.inc)
             // A member stopped for another's failure passes nothing on (the
             // failure that started it keeps its name as the set's cause).
             if mb.out.kind != nil && !mb.job.wasCancelled && !self.o.keepPartial {
@@ -381,14 +413,17 @@ public final class SetBackupJob: @unchecked Sendable {
             var rec = record
             rec.member = mb.name
             meta.set = rec
+            meta.id = UUID().uuidString.lowercased()
+            meta.chain = mb.inc.flatMap { mb.job.chainRecord($0, mb.out) }
             if kind != nil && mb.out.kind == nil && !o.keepPartial {
                 // A sound member of a failed set is not kept on its own.
                 mb.out.kind = kind
                 mb.out.errorText = "the set failed (\(first?.name ?? "?")): this member's image is not kept on its own"
             }
             let kept = mb.job.finishImage(image, &mb.out, metadata: meta)
-            let daemon = mb.job.endSession(cut, mb.out, partialKept: kept)
-            mb.summary = mb.job.summarize(mb.plan, cut, mb.out, consistency: mb.consistencyName, partialKept: kept, daemon: daemon, since: t0)
+            let daemon = mb.job.endSession(cut, mb.out, partialKept: kept, commit: mb.out.kind == nil ? meta.id : nil)
+            mb.summary = mb.job.summarize(mb.plan, cut, mb.out, consistency: mb.consistencyName, partialKept: kept, daemon: daemon, since: t0,
+                                          chain: meta.chain, imageId: mb.out.kind == nil ? meta.id : nil)
         }
         if kind != nil && o.keepPartial { r.log("the set failed; every image is kept (--keep-partial), the failed members' marked incomplete") }
         return ImagingOutcome(kind: kind, errorText: first.flatMap { f in f.out.errorText.map { "\(f.name): \($0)" } })

@@ -83,6 +83,37 @@ struct BackupCommand: ParsableCommand {
           member must hold a mounted filesystem (its freeze holds the cut).
           --exclude takes absolute paths in a set.
 
+        INCREMENTALS (--base PREV)
+          The image holds only the clusters that differ from PREV's point in
+          time; PREV becomes its qcow2 backing file (its file name when both
+          are in one directory, else its absolute path), so qemu-img, qemu
+          and libvirt read the chain as one disk. Clusters PREV holds that
+          the volume no longer uses are zero clusters: the chain carries no
+          stale data. Every image records its id; an incremental records its
+          base's id and cut, and how the changes were found:
+            tracked   HotCore marks every cluster written, trimmed or zeroed
+                      while attached; at each cut the map is handed over
+                      with the cut. It is used when it continues from
+                      PREV's cut and is trusted: kept across a clean
+                      detach/attach in the same boot when nothing wrote the
+                      device meanwhile ('hotimage status' shows it). Only
+                      changed clusters are read.
+            compared  anything else (the map untrusted after a crash or a
+                      change while detached, PREV not the last backup of
+                      this attachment, dm-snapshot, offline): every used
+                      cluster is read and only those whose digest (XXH3-128,
+                      stored per cluster in every image) differs from PREV's
+                      are written. Slower to read, never wrong.
+          PREV must be a complete hotimage image of this volume (same size,
+          cluster size and filesystem UUID); otherwise refused (exit \(ExitCodes.code(.refused))).
+          For a set, --base DIR names the previous set's directory: each
+          member's base is DIR/NAME.qcow2. --full makes a full image even
+          with --base (a schedule's weekly full); --compare compares even when
+          the map is trusted. 'hotimage info' shows the
+          chain, 'verify' checks every link (by id, and every cluster's
+          digest through the chain), 'restore' restores the newest link, and
+          'merge' folds a link into its base.
+
         WHAT IS IMAGED
           Mounted ext4/XFS (and any filesystem with FS_IOC_GETFSMAP): the used blocks.
           Unmounted ext2/3/4: the used blocks from libext2fs. Anything else:
@@ -148,6 +179,7 @@ struct BackupCommand: ParsableCommand {
           hotimage backup data -o /backup/data.qcow2
           hotimage backup /srv/db -o /backup/db.qcow2 \\
               --before-snapshot 'psql -c checkpoint'
+          hotimage backup data -o /backup/data-2.qcow2 --base /backup/data.qcow2
           hotimage backup /dev/sdc1 --mode offline -o /backup/sdc1.qcow2
           hotimage backup vmdisks /srv/vmconf -o /backup/vm-2026-12-06
           hotimage backup /dev/vg0/home -o /backup/home.qcow2 \\
@@ -244,6 +276,15 @@ struct BackupCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Directory of the external writers (default /etc/hotimage/writers.d).", valueName: "dir"))
     var writersDir: String?
 
+    @Option(help: ArgumentHelp("An incremental: only what changed since this image (a set: the previous set's directory).", valueName: "prev"))
+    var base: String?
+
+    @Flag(help: "A full image, even with --base.")
+    var full = false
+
+    @Flag(help: "With --base: find the changes by comparing every used cluster's digest, even when HotCore's change map is trusted.")
+    var compare = false
+
     @OptionGroup var paths: RunDirOptions
 
     func validate() throws {
@@ -273,6 +314,8 @@ struct BackupCommand: ParsableCommand {
         if let t = writerTimeout, !(t > 0) { throw ValidationError("--writer-timeout must be seconds > 0") }
         do { _ = try WriterSettings.parse(arguments: writerSetting) } catch { throw ValidationError("--writer-setting: \(error)") }
         if let g = group, groupID(named: g) == nil { throw ValidationError("--group: no such group: \(g)") }
+        if full && compare { throw ValidationError("--compare applies to an incremental; --full makes a full image (drop one of them)") }
+        if base == nil && compare { throw ValidationError("--compare needs --base (the image to compare against)") }
     }
 
     func run() throws {
@@ -316,6 +359,9 @@ struct BackupCommand: ParsableCommand {
         if let d = writersDir { o.writers.directory = d }
         o.writers.settings.pairs += try! WriterSettings.parse(arguments: writerSetting).pairs
         o.allowUnfrozen = allowUnfrozen || cfg.allowUnfrozen
+        o.base = base
+        o.full = full
+        o.compare = compare
         o.writers.quietUnavailable = !verbose
         let reporter: Reporter = json ? JSONReporter() : TerminalReporter()
         if sources.count > 1 {

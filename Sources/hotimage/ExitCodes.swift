@@ -78,7 +78,8 @@ enum ExitCodes {
         Line(nil, "restored (of a set directory: every member asked for)"),
         Line(.failed, "reading an image or writing a target failed (of a set: the members",
              "before it are restored, the rest are not; the output says which)"),
-        Line(.refused, "refused (see above) or usage error; nothing was written"),
+        Line(.refused, "refused (see above; an incremental's base missing or not the image",
+             "it was made against) or usage error; nothing was written"),
     ]
 
     static let info: [Line] = [
@@ -90,7 +91,16 @@ enum ExitCodes {
         Line(nil, "the image is intact (a set directory: whole, and every member intact)"),
         Line(.failed, "problems were found (listed), or the image is incomplete"),
         Line(.refused, "the file cannot be opened as a qcow2 image, the directory cannot be",
-             "read, or usage error"),
+             "read, an incremental's base is missing or is not the image it was",
+             "made against, or usage error"),
+    ]
+
+    static let merge: [Line] = [
+        Line(nil, "merged: the result is complete and in place"),
+        Line(.failed, "the chain does not verify, or reading or writing failed (IMAGE is",
+             "unchanged)"),
+        Line(.refused, "not an incremental, a base missing or not the image it was made",
+             "against, --into exists, or usage error; nothing was written"),
     ]
 
     static let writers: [Line] = [

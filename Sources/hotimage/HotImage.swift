@@ -38,7 +38,7 @@ struct HotImage: ParsableCommand {
         """,
         version: hotimageVersion,
         subcommands: [Attach.self, Detach.self, Status.self, Snapshot.self,
-                      BackupCommand.self, RestoreCommand.self, InfoCommand.self, VerifyCommand.self,
+                      BackupCommand.self, RestoreCommand.self, InfoCommand.self, VerifyCommand.self, MergeCommand.self,
                       VMCommand.self, WritersCommand.self, WriterExecCommand.self])
 
     /// As ParsableCommand's, but usage errors exit with the usage kind's code

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import HotErrors
 import HotImager
+import QCow2
 
 struct RestoreCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -16,6 +17,12 @@ struct RestoreCommand: ParsableCommand {
         Refuses: an incomplete image (kept by --keep-partial), a mounted or busy \
         target, a target smaller than the volume, a target that already holds a \
         filesystem (unless --force).
+
+        An incremental (made with 'backup --base') is restored through its chain: \
+        IMAGE's point in time, whatever links lie below it. Every base must be \
+        where IMAGE's backing file names it and be the image IMAGE was made \
+        against (by id, not by name); a missing, replaced or edited base is named \
+        and refused before anything is written.
 
         Files that writers handed over when they thawed (PostgreSQL's backup label, \
         as backup_label.hotimage in the data directory) are kept in \
@@ -136,7 +143,9 @@ struct InfoCommand: ParsableCommand {
         Given an image, shows its qcow2 layout and what hotimage recorded: the \
         source, filesystem, snapshot time and consistency, what was left out, the \
         hooks and writers; for a member of a set, the set's id and cut time and \
-        which member it is.
+        which member it is; the image's id, and for an incremental its base (id, \
+        cut, file), how the changes were found (tracked or compared, and why) \
+        and a line per link of its chain.
 
         Given a set directory (written by 'backup SRC SRC… -o DIR'), shows the \
         set: its id and cut time, and per member its name, source, device, size, \
@@ -169,6 +178,63 @@ struct InfoCommand: ParsableCommand {
     }
 }
 
+struct MergeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "merge",
+        abstract: "Fold an incremental into its base, or a whole chain into a full image.",
+        discussion: """
+        An incremental (made with 'backup --base') reads through its chain of \
+        base images. merge shortens that chain:
+
+          merge IMAGE             IMAGE and its base are folded into one image that
+                                  replaces IMAGE (written beside it, renamed over
+                                  it once complete); its base is then the base's
+                                  base, or none. The base itself is left as it is:
+                                  other incrementals may still use it; remove it
+                                  when nothing does.
+          merge IMAGE --into OUT  the whole chain is folded into OUT, a full image;
+                                  the chain is left as it is.
+
+        The result is IMAGE's point in time: it keeps IMAGE's id (incrementals \
+        made against IMAGE stay valid), its metadata and its cluster digests, and \
+        lists the ids folded in ('hotimage info'). The chain is verified first \
+        (--no-verify skips it); a damaged link is refused, and IMAGE is never \
+        touched until the result is complete. The result is recompressed with \
+        --compress.
+
+        \(ExitCodes.help(ExitCodes.merge))
+
+        Examples:
+          hotimage merge /backup/data-2.qcow2
+          hotimage merge /backup/data-5.qcow2 --into /backup/data-full.qcow2
+        """)
+
+    @Argument(help: "The incremental image.") var image: String
+    @Option(help: ArgumentHelp("Write the whole chain into this new full image instead.", valueName: "out")) var into: String?
+    @Option(help: ArgumentHelp("zstd[:LEVEL] (default zstd:1), zlib[:LEVEL] or none.", valueName: "method")) var compress: String?
+    @Flag(help: "Overwrite OUT if it exists.") var force = false
+    @Flag(help: "Skip verifying the chain first.") var noVerify = false
+    @Flag(help: "Print the summary as JSON on stdout.") var json = false
+
+    func validate() throws {
+        if let c = compress { do { _ = try QCow2Compression(parsing: c) } catch { throw ValidationError("--compress: \(error)") } }
+    }
+
+    func run() throws {
+        var o = MergeOptions(image: image)
+        o.into = into
+        o.overwrite = force
+        o.verifyFirst = !noVerify
+        if let c = compress { o.compression = try! QCow2Compression(parsing: c) }
+        let reporter: Reporter = json ? JSONReporter() : TerminalReporter()
+        let s: MergeSummary
+        do { s = try MergeJob.run(o, reporter: reporter) } catch let f as ChainFailure {
+            throw CLIExit.fail(f.kind, f.description)
+        }
+        if json { printJSON(s) }
+    }
+}
+
 struct VerifyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "verify",
@@ -177,6 +243,13 @@ struct VerifyCommand: ParsableCommand {
         Checks the qcow2 structures (header, L1/L2 tables, refcounts, as qemu-img \
         check does) and hotimage's checksums of the metadata and of every cluster \
         (each is decompressed); names the guest region of each problem.
+
+        An incremental (made with 'backup --base') is verified with its whole \
+        chain: every link as above, each link against the base it names (by id \
+        and cut time: a replaced base is found whatever its name; a missing or \
+        wrong base exits \(ExitCodes.code(.refused))), and the content through the chain: every \
+        cluster the image's digest table lists is read through the links and its \
+        XXH3-128 digest compared, and every other cluster must read as zeros.
 
         Given a set directory (written by 'backup SRC SRC… -o DIR'), verifies \
         every member's image so, and that the set is whole: every *.qcow2 there \
