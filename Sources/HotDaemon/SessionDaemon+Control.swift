@@ -143,7 +143,8 @@ extension SessionDaemon {
             let committed = backend.end(commit: commit)
             thawIfFrozen()
             releaseOwner(id)
-            logger.info("session: ended\(commit == nil ? "" : committed ? " (committed image \(commit!))" : " (not committed: the session did not complete)")")
+            let why = backend.via.isHotCore ? "the session did not complete" : "this backend tracks no changes"
+            logger.info("session: ended\(commit == nil ? "" : committed ? " (committed image \(commit!))" : " (not committed: \(why))")")
             if commit != nil {
                 var r = ControlReply(ok: true)
                 r.committed = committed
