@@ -255,6 +255,14 @@ public final class Imager: @unchecked Sendable {
         }
     }
 
+    /// Does cluster `c` overlap the ranges to read? (Binary search; any order.)
+    private func overlapsRanges(_ c: UInt64) -> Bool {
+        let lo = c * clusterSize, hi = lo + clusterSize
+        var a = 0, b = ranges.count
+        while a < b { let mid = (a + b) / 2; if ranges[mid].upperBound <= lo { a = mid + 1 } else { b = mid } }
+        return a < ranges.count && ranges[a].lowerBound < hi
+    }
+
     /// Used byte ranges inside clusters `u`, rounded out to 4 KiB.
     private func usedRuns(in u: Range<UInt64>) -> [Range<UInt64>] {
         let lo = u.lowerBound * clusterSize, hi = min(source.size, u.upperBound * clusterSize)
@@ -407,7 +415,10 @@ public final class Imager: @unchecked Sendable {
             for r in buffered {
                 var c = r.lowerBound / clusterSize
                 while c * clusterSize < r.upperBound && c < clusterCount {
-                    if !isClaimed(c) { fresh.append(c) }
+                    // Only clusters this imager reads: an incremental leaves
+                    // the rest to its base (reading one here would image
+                    // zeros over the base's data).
+                    if !isClaimed(c) && overlapsRanges(c) { fresh.append(c) }
                     c += 1
                 }
             }

@@ -44,6 +44,9 @@ public enum MergeJob {
     public static func run(_ o: MergeOptions, reporter r: Reporter) throws -> MergeSummary {
         let t0 = monotonicNanos()
         func refuse(_ s: String) -> ChainFailure { ChainFailure(kind: .refused, description: s) }
+        if ImageSet.isDirectory(o.image) {
+            throw refuse("\(o.image) is a directory: merge takes one image (for a set, merge each member's image, DIR/NAME.qcow2)")
+        }
         let chain: ImageChain
         do { chain = try ImageChain.open(o.image) } catch { throw refuse("\(error)") }
         guard chain.links.count > 1 else { throw refuse("\(o.image) is a full image (no backing file): nothing to merge") }
