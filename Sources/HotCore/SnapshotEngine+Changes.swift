@@ -59,6 +59,37 @@ public struct ChangeBits: Sendable, Equatable {
         return w
     }
 
+    /// The flat form in pieces of at most `maxWords` little-endian words, in
+    /// order (what the files hold), so that a 4 TiB map (8 MiB flat) is
+    /// never held flat at once: memory stays the sparse bitmap's plus one
+    /// piece.
+    public func forEachLittleEndianChunk(maxWords: Int = 32768, _ body: (UnsafeRawBufferPointer) throws -> Void) rethrows {
+        let total = ChangeBits.wordCount(clusters: clusterCount)
+        let buf = UnsafeMutableBufferPointer<UInt64>.allocate(capacity: max(1, min(maxWords, total)))
+        defer { buf.deallocate() }
+        var first = 0
+        while first < total {
+            let n = min(buf.count, total - first)
+            for i in 0..<n { buf[i] = 0 }
+            let lo = UInt64(first) * 64
+            let hi = min(clusterCount, UInt64(first + n) * 64)
+            bits.forEachRun(in: lo..<hi) { r in
+                var c = r.lowerBound
+                while c < r.upperBound {
+                    let wi = Int((c - lo) >> 6)
+                    let b = Int(c & 63)
+                    let e = Int(min(r.upperBound - (c & ~63), 64))
+                    let mask: UInt64 = (e == 64 ? ~0 : (UInt64(1) << UInt64(e)) &- 1) & ~((UInt64(1) << UInt64(b)) &- 1)
+                    buf[wi] |= mask
+                    c = (c & ~63) + UInt64(e)
+                }
+            }
+            for i in 0..<n { buf[i] = buf[i].littleEndian }
+            try body(UnsafeRawBufferPointer(start: buf.baseAddress, count: n * 8))
+            first += n
+        }
+    }
+
     /// From the flat form; nil unless `words` has exactly the right count
     /// and no bit past `clusterCount`.
     public init?(clusterBytes: Int, clusterCount: UInt64, words: [UInt64]) {

@@ -24,14 +24,17 @@ public enum EngineEvent: Equatable, Sendable {
 }
 
 extension SnapshotEngine {
-    /// idle (or failed) → waiting. Returns the session generation.
+    /// idle (or failed) → waiting. Returns the session generation. Also
+    /// from waiting right after a wip map answered retry: the client's next
+    /// try begins again (the daemon lets only the session's owner do so).
     @discardableResult
     public func begin(consistency: Consistency) throws -> UInt64 {
         try m.withLock {
-            guard phase == .idle || phase == .failed else {
+            guard phase == .idle || phase == .failed || (phase == .waiting && awaitingRetry) else {
                 throw EngineError.wrongPhase(expected: "idle", actual: phase)
             }
             if phase == .failed { resetLocked() }
+            awaitingRetry = false
             // Stragglers of an earlier session (a copy or read still running
             // outside the lock) must finish before their marks and slots can
             // be reused.
@@ -121,6 +124,7 @@ extension SnapshotEngine {
                 // rather than return a slot reused after the next arm.
                 generation &+= 1
                 phase = .waiting
+                awaitingRetry = true
                 return .retry(writes: w)
             }
             for r in usedRanges + excluded where r.upperBound > r.lowerBound {
@@ -247,6 +251,7 @@ extension SnapshotEngine {
         // heartbeat) comes here: writes before the abandoned cut belong to
         // the next backup.
         mergePendingChangesLocked()
+        awaitingRetry = false
         passthroughSince = clock.now()
         disarmLocked()
         spill.removeAll()

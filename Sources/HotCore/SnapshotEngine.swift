@@ -56,6 +56,9 @@ public final class SnapshotEngine: @unchecked Sendable {
     /// failed or dropped); nil before the first session.
     var passthroughSince: UInt64?
     var writesSinceArm: UInt64 = 0
+    /// A wip map answered retry: the session waits for its client's next
+    /// begin (accepted in `waiting` only then).
+    var awaitingRetry = false
     /// Armed for a set cut: new writes wait until the map narrows the
     /// protection (every member of the set is armed by then), so no write
     /// that follows the cut on this volume can complete before another

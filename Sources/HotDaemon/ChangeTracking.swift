@@ -47,6 +47,9 @@ struct ChangeStateHeader: Codable, Equatable {
     var backingIno: UInt64?
     var bootId: String?
     var sectorsWritten: UInt64?
+    /// A loop device's backing file at the save: "size mtime-ns ctime-ns"
+    /// (a write to the file by another way than this loop device moves it).
+    var backingStamp: String?
     var clean: Bool
     var trusted: Bool
     var reason: String?
@@ -81,13 +84,29 @@ struct DeviceIdentity: Equatable {
             && backingDev == h.backingDev && backingIno == h.backingIno
     }
 
-    /// Field 7 of /sys/dev/block/M:m/stat: sectors written (nil: not a
-    /// block device, or no stat file).
+    /// Sectors written plus sectors discarded: fields 7 and 14 of
+    /// /sys/dev/block/M:m/stat (a discard while detached changes the device
+    /// too; field 14 exists since Linux 4.18). nil: not a block device, or
+    /// no stat file.
     func sectorsWritten() -> UInt64? {
         guard let ma = devMajor, let mi = devMinor,
               let t = try? String(contentsOfFile: "/sys/dev/block/\(ma):\(mi)/stat", encoding: .utf8) else { return nil }
         let f = t.split(whereSeparator: { $0 == " " || $0 == "\n" || $0 == "\t" }).compactMap { UInt64($0) }
-        return f.count >= 7 ? f[6] : nil
+        guard f.count >= 7 else { return nil }
+        return f[6] &+ (f.count >= 14 ? f[13] : 0)
+    }
+
+    /// A loop device's backing file now: size, mtime and ctime in ns (nil:
+    /// not a loop device). Writes to the file that bypass this loop device
+    /// (another loop device over it, a program writing it) move it, and the
+    /// device's counter does not see them.
+    func backingStamp() -> String? {
+        guard let ma = devMajor, let mi = devMinor, let file = Loop.backingFile(major: ma, minor: mi) else { return nil }
+        var st = stat()
+        guard stat(file, &st) == 0 else { return nil }
+        let m = UInt64(st.st_mtim.tv_sec) &* 1_000_000_000 &+ UInt64(st.st_mtim.tv_nsec)
+        let c = UInt64(st.st_ctim.tv_sec) &* 1_000_000_000 &+ UInt64(st.st_ctim.tv_nsec)
+        return "\(st.st_size) \(m) \(c)"
     }
 }
 
@@ -143,19 +162,41 @@ enum ChangeStateFile {
     /// Writes `bytes` to `path` atomically: a 0600 temp file beside it,
     /// fsync, rename, fsync of the directory.
     static func writeAtomically(_ path: String, _ bytes: [UInt8]) throws {
+        try writeAtomically(path) { put in try bytes.withUnsafeBytes { try put($0) } }
+    }
+
+    /// A state file: the header line, then the map streamed in pieces.
+    static func write(_ path: String, header h: ChangeStateHeader, bits: ChangeBits) throws {
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.sortedKeys]
+        var head = Array((try? enc.encode(h)) ?? Data())
+        head.append(0x0a)
+        try writeAtomically(path) { put in
+            try head.withUnsafeBytes { try put($0) }
+            try bits.forEachLittleEndianChunk { try put($0) }
+        }
+    }
+
+    /// As above, the content given piece by piece to `put` by `fill`.
+    static func writeAtomically(_ path: String, fill: ((UnsafeRawBufferPointer) throws -> Void) throws -> Void) throws {
         let tmp = path + ".tmp"
         unlink(tmp)
         let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else { throw DaemonError.failed("cannot create \(tmp): \(String(cString: strerror(errno)))") }
         _ = fchmod(fd, 0o600)
-        var done = 0
         var err: Int32 = 0
-        bytes.withUnsafeBytes { raw in
-            while done < raw.count {
-                let n = write(fd, raw.baseAddress! + done, raw.count - done)
-                if n < 0 { if errno == EINTR { continue }; err = errno; return }
-                done += n
+        struct WriteFailed: Error {}
+        do {
+            try fill { raw in
+                var done = 0
+                while done < raw.count {
+                    let n = Glibc.write(fd, raw.baseAddress! + done, raw.count - done)
+                    if n < 0 { if errno == EINTR { continue }; err = errno; throw WriteFailed() }
+                    done += n
+                }
             }
+        } catch {
+            if err == 0 { err = EIO }
         }
         if err == 0 && fsync(fd) != 0 { err = errno }
         close(fd)
@@ -180,7 +221,7 @@ enum ChangeStateFile {
 
     /// The trust decision for a saved file (nil bytes: no file).
     static func judge(_ bytes: [UInt8]?, identity: DeviceIdentity, bootID: String?, sectorsNow: UInt64?,
-                      clusterBytes: Int, clusterCount: UInt64) -> ChangeLoad {
+                      backingStampNow: String? = nil, clusterBytes: Int, clusterCount: UInt64) -> ChangeLoad {
         guard let bytes else { return ChangeLoad(trusted: false, reason: "no saved map") }
         guard let (h, words) = decode(bytes) else { return ChangeLoad(trusted: false, reason: "the saved map is unreadable") }
         func no(_ r: String) -> ChangeLoad { ChangeLoad(trusted: false, reason: r, header: h) }
@@ -193,6 +234,9 @@ enum ChangeStateFile {
         }
         guard now == then else {
             return no("the device was written while detached (\(now >= then ? now - then : now) sectors)")
+        }
+        guard h.backingStamp == backingStampNow else {
+            return no("the loop device's backing file changed while detached")
         }
         guard h.clusterBytes == clusterBytes, h.clusterCount == clusterCount,
               let bits = ChangeBits(clusterBytes: clusterBytes, clusterCount: clusterCount, words: words) else {
@@ -239,7 +283,8 @@ final class ChangeTracker: @unchecked Sendable {
         let r: ChangeLoad
         if let stateFile {
             r = ChangeStateFile.judge(ChangeStateFile.read(stateFile), identity: identity, bootID: bootID(),
-                                      sectorsNow: sectorsWritten(), clusterBytes: clusterBytes,
+                                      sectorsNow: sectorsWritten(), backingStampNow: identity.backingStamp(),
+                                      clusterBytes: clusterBytes,
                                       clusterCount: engine.clusterCount)
         } else {
             r = ChangeLoad(trusted: false, reason: persistRefusal ?? "no state file")
@@ -290,10 +335,11 @@ final class ChangeTracker: @unchecked Sendable {
             let h = ChangeStateHeader(device: identity.device, devMajor: identity.devMajor, devMinor: identity.devMinor,
                                       sizeBytes: identity.sizeBytes, backingDev: identity.backingDev,
                                       backingIno: identity.backingIno, bootId: bootID(),
-                                      sectorsWritten: sectorsWritten(), clean: clean, trusted: t,
+                                      sectorsWritten: sectorsWritten(), backingStamp: identity.backingStamp(),
+                                      clean: clean, trusted: t,
                                       reason: r, since: t ? s : nil, sinceTime: t ? st : nil, generation: g,
                                       clusterBytes: bits.clusterBytes, clusterCount: bits.clusterCount)
-            do { try ChangeStateFile.writeAtomically(stateFile, ChangeStateFile.encode(h, bits.words())) } catch {
+            do { try ChangeStateFile.write(stateFile, header: h, bits: bits) } catch {
                 logger.error("changes: \(error)")
             }
         }

@@ -278,12 +278,9 @@ final class HotCoreBackend: SessionBackend, @unchecked Sendable {
     /// The cut's changes for the `map` reply, written to RUN/NAME/changes.bin.
     func cutChanges() -> ChangeInfo? {
         guard let cut = engine.cutChanges() else { return nil }
-        var bytes: [UInt8] = []
-        let words = cut.words()
-        bytes.reserveCapacity(words.count * 8)
-        for w in words { withUnsafeBytes(of: w.littleEndian) { bytes.append(contentsOf: $0) } }
         do {
-            try ChangeStateFile.writeAtomically(changesFile, bytes)
+            // Streamed: a 4 TiB map is 8 MiB flat, never held so at once.
+            try ChangeStateFile.writeAtomically(changesFile) { put in try cut.forEachLittleEndianChunk { try put($0) } }
             var info = tracker.info(cut: cut, path: changesFile)
             // A session that failed (or was dropped) since the map merged
             // its cut back: what was read may be short. It can no longer

@@ -94,7 +94,8 @@ extension BackupJob {
             mapMethod: cut.mapMethod, blockSize: plan.volume?.blockSize ?? 4096, clusterSize: 1 << o.clusterBits,
             compression: o.compression.description, usedBytes: cut.snap.usedBytes, imagedBytes: RangeSet.total(cut.snap.protected),
             excluded: cut.excluded, hooks: hookResults, emergencyEpisodes: episodes,
-            components: writers?.records, writerErrors: writers.map { $0.writerErrors })
+            components: writers?.records, writerErrors: writers.map { $0.writerErrors },
+            notImaged: cut.snap.notImaged.map { [$0.lowerBound, $0.upperBound] })
     }
 
     /// Ends the session (online) after reading its last status; logs the

@@ -49,23 +49,33 @@ extension BackupJob {
 
     /// After the cut: how the changes are known, and what to read, zero
     /// and keep. Writes the zero clusters and the kept digests into the
-    /// image and releases the kept ranges from the protection.
-    func prepareIncremental(_ inc: inout IncrementalState, _ plan: Plan, _ cut: BackupCut, writer: QCow2Writer) {
+    /// image and releases the kept ranges from the protection. nil when
+    /// the imager may run; else the outcome (nothing imaged).
+    func prepareIncremental(_ inc: inout IncrementalState, _ plan: Plan, _ cut: BackupCut, writer: QCow2Writer) -> ImagingOutcome? {
         let method = deltaMethod(inc.base, plan, cut)
         let cs = 1 << o.clusterBits
         let baseHas = inc.base.digests.map(\.cluster)
+        let baseLeftOut = (inc.base.meta.notImaged ?? []).compactMap { $0.count == 2 && $0[0] < $0[1] ? $0[0]..<$0[1] : nil }
         let d = DeltaPlan.make(used: cut.snap.protected, size: plan.size, clusterSize: cs, baseHas: baseHas,
-                               hasDigest: { inc.base.digests[cluster: $0] != nil }, changed: method.changed)
-        for c in d.zero { try? writer.write(EncodedCluster.zero(index: c, clusterSize: cs)) }
+                               hasDigest: { inc.base.digests[cluster: $0] != nil }, changed: method.changed,
+                               reread: RangeSet.normalize(baseLeftOut + cut.snap.notImaged))
+        do {
+            for c in d.zero { try writer.write(EncodedCluster.zero(index: c, clusterSize: cs)) }
+        } catch {
+            return ImagingOutcome(kind: .failed, errorText: "writing the zero clusters of what the volume no longer uses: \(error)")
+        }
         for c in d.kept { if let g = inc.base.digests[cluster: c] { writer.setDigest(cluster: c, g) } }
-        // What is kept unread leaves the protection now: its copies would
-        // only fill the buffer.
+        // What is kept unread leaves the protection now: the imager never
+        // reads it, so its copies would only fill the buffer and fail the
+        // session under write load.
         if let s = cut.session {
             let keep = RangeSet.subtract(cut.snap.protected, d.read)
             var i = 0
             while i < keep.count {
                 let batch = Array(keep[i..<min(keep.count, i + 20_000)])
-                do { try s.archived(batch) } catch { r.log("releasing unchanged ranges: \(error)"); break }
+                do { try s.archived(batch) } catch {
+                    return ImagingOutcome(kind: .sessionFailed, errorText: "releasing the unchanged ranges from the protection: \(error)")
+                }
                 i += batch.count
             }
         }
@@ -79,6 +89,7 @@ extension BackupJob {
                                 "keptClusters": .uint(UInt64(d.kept.count)), "zeroedClusters": .uint(UInt64(d.zero.count))])
         inc.plan = d
         inc.method = method
+        return nil
     }
 
     /// Tracked when HotCore's change map is trusted and continues from the
@@ -95,6 +106,9 @@ extension BackupJob {
         }
         guard since == base.id else {
             return compared("HotCore's change map continues from image \(since), not from the base \(base.id)")
+        }
+        if base.meta.notImaged == nil && base.meta.excluded.contains(where: { $0.bytes > 0 }) {
+            return compared("the base left files out without recording where")
         }
         guard ch.clusterBytes == 1 << o.clusterBits else {
             return compared("HotCore tracks \(ch.clusterBytes)-byte clusters, the image has \(1 << o.clusterBits)")

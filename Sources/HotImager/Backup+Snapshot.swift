@@ -190,8 +190,9 @@ extension BackupJob {
         let (ex, list) = try exclusions(plan)
         let u = RangeSet.normalize(used)
         let p = RangeSet.subtract(u, RangeSet.normalize(ex))
-        let snap = TakenSnapshot(armedAtNanos: monotonicNanos(), wallTime: Date(), frozen: false, attempts: 1,
+        var snap = TakenSnapshot(armedAtNanos: monotonicNanos(), wallTime: Date(), frozen: false, attempts: 1,
                                  protected: p, usedBytes: RangeSet.total(u), excludedBytes: RangeSet.total(u) - RangeSet.total(p))
+        snap.notImaged = RangeSet.subtract(u, p)
         return BackupCut(session: nil, snap: snap, mapMethod: method, excluded: list)
     }
 

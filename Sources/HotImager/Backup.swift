@@ -227,8 +227,10 @@ public final class BackupJob: @unchecked Sendable {
             hookResults += after
 
             // 4. The imager (an incremental: what changed since the base).
-            if inc != nil { prepareIncremental(&inc!, plan, cut, writer: image.writer) }
-            var out = runImager(plan, cut, into: image.writer, incremental: inc)
+            var out: ImagingOutcome
+            if inc != nil, let stop = prepareIncremental(&inc!, plan, cut, writer: image.writer) { out = stop } else {
+                out = runImager(plan, cut, into: image.writer, incremental: inc)
+            }
 
             // 5. Finish or discard the image; end the session (a complete
             // image's id commits HotCore's change map to this cut).

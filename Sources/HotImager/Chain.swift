@@ -33,40 +33,61 @@ public struct ImageChain {
     public var clusterSize: Int { chain.clusterSize }
     public var top: Link { links[0] }
 
+    /// Problems that leave the chain readable but not trustworthy: an
+    /// incomplete link, a damaged one, one another program wrote into, an
+    /// unreadable digest table. `verify` reports them (exit 1); restore,
+    /// merge and `backup --base` refuse them.
+    public let damage: [String]
+
+    /// The most links a chain may have (QCow2Chain's limit).
+    public static let maxLinks = 64
+
     /// Opens `path` and its bases, and checks each link against the base it
-    /// names. Throws ChainFailure (refused) naming the link.
+    /// names. Throws ChainFailure (refused) naming the link when a base is
+    /// missing or is not the image its link was made against.
     public static func open(_ path: String) throws -> ImageChain {
         let qc: QCow2Chain
-        do { qc = try QCow2Chain(path: path) } catch { throw ChainFailure(description: "\(error)") }
+        do { qc = try QCow2Chain(path: path, maxDepth: maxLinks) } catch { throw ChainFailure(description: "\(error)") }
         var links: [Link] = []
+        var damage: [String] = []
         for (i, r) in qc.links.enumerated() {
             let meta = r.hotimage.flatMap { ImageMetadata.decode($0.metadata) }
             var digests: ClusterDigestTable?
             if i == 0 {
                 do { digests = try r.digests() } catch {
-                    throw ChainFailure(description: "\(qc.paths[i]): its digest table is unreadable: \(error)")
+                    damage.append("\(qc.paths[i]): its digest table is unreadable: \(error)")
                 }
             }
-            links.append(Link(path: qc.paths[i], reader: r, meta: meta, complete: r.hotimage?.complete ?? true, digests: digests))
+            let complete = r.hotimage?.complete ?? true
+            if !complete { damage.append("\(qc.paths[i]) is an incomplete image (a failed backup kept with --keep-partial)") }
+            if let p = r.hotimageProblems.first { damage.append("\(qc.paths[i]) is damaged: \(p)") }
+            else if let h = r.hotimage, !h.checksumsValid {
+                damage.append("\(qc.paths[i]) was opened for writing by another program (qemu clears hotimage's mark): its checksums and digests no longer describe it")
+            } else if r.hotimage != nil && meta == nil {
+                damage.append("\(qc.paths[i]): its hotimage metadata is unreadable")
+            }
+            links.append(Link(path: qc.paths[i], reader: r, meta: meta, complete: complete, digests: digests))
         }
-        let c = ImageChain(chain: qc, links: links)
+        let c = ImageChain(chain: qc, links: links, damage: damage)
         if let p = c.linkProblems().first { throw ChainFailure(description: p) }
         return c
     }
 
-    /// Each link against its base: made against it (id and cut time), and
-    /// complete.
+    /// Each link against its base: made against it (id and cut time).
     func linkProblems() -> [String] {
         var out: [String] = []
         for i in 0..<links.count {
             let l = links[i]
-            if !l.complete { out.append("\(l.path) is an incomplete image (a failed backup kept with --keep-partial)") }
             guard i + 1 < links.count else { continue }
             let b = links[i + 1]
+            // A link whose metadata is unreadable is damage (reported above),
+            // not a replaced base.
+            guard l.meta != nil || l.reader.hotimage == nil else { continue }
             guard let rec = l.meta?.chain else {
                 out.append("\(l.path) has a backing file (\(b.path)) but records no base: it was not made by 'hotimage backup --base'; its chain cannot be checked")
                 continue
             }
+            if b.meta == nil && b.reader.hotimage != nil { continue }   // damaged base: damage
             let bid = b.meta?.id
             if bid != rec.baseId {
                 out.append("\(l.path) was made against image \(rec.baseId) (cut \(rec.baseCutTime)), but its base \(b.path) is "
@@ -112,7 +133,8 @@ extension ImageChain {
             notes += rep.notes.map { links.count > 1 ? "\(l.path): \($0)" : $0 }
             clusters += rep.clustersChecked
         }
-        problems += linkProblems()
+        // What the links' own checks did not already name.
+        if problems.isEmpty { problems += damage }
         if links.count > 1 {
             if top.digests == nil {
                 problems.append("\(top.path) is an incremental without a digest table: its content through the chain cannot be checked")

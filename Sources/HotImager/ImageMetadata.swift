@@ -57,6 +57,10 @@ public struct ImageMetadata: Codable, Sendable {
     public var id: String?
     /// An incremental image (`backup --base`): which image it continues.
     public var chain: ChainRecord?
+    /// Byte ranges in use at the cut that the image does not hold (excluded
+    /// and swap files; zeros in the image), as [start, end) pairs. A tracked
+    /// incremental of this image reads the clusters they touch again.
+    public var notImaged: [[UInt64]]?
     /// Ids of the images `hotimage merge` folded into this one (oldest last).
     public var merged: [String]?
 

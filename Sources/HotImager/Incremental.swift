@@ -49,8 +49,22 @@ struct IncrementalBase {
         let chain: ImageChain
         do { chain = try ImageChain.open(abs) } catch { throw refuse("\(error)") }
         let top = chain.links[0]
+        if let d = chain.damage.first {
+            throw refuse("\(d); a damaged or changed chain cannot be a base ('hotimage verify \(given)' says more; make a full backup)")
+        }
         guard let meta = top.meta else { throw refuse("not an image made by hotimage (no metadata, no digests to compare against); make a full backup") }
         guard top.complete else { throw refuse("an incomplete image (a failed backup kept with --keep-partial) cannot be a base") }
+        if chain.links.count >= ImageChain.maxLinks {
+            throw refuse("its chain has \(chain.links.count) links, the most a chain may have: shorten it first ('hotimage merge \(given)'), or make a full backup")
+        }
+        // The new image must not replace a link of the chain it builds on.
+        let outAbs = absolutePath(output)
+        for (i, l) in chain.links.enumerated() {
+            let lp = realPath(l.path) ?? l.path
+            if lp == outAbs || sameFile(lp, output) {
+                throw refuse("the image \(output) is \(i == 0 ? "the base itself" : "a link of the base's chain") (\(lp)): write the incremental to a new file")
+            }
+        }
         guard let id = meta.id else {
             throw refuse("made by a hotimage without image ids; make a full backup (leave out --base) and take incrementals from it")
         }
@@ -66,9 +80,7 @@ struct IncrementalBase {
         if let a = meta.filesystem.uuid, let b = filesystemUUID, a != b {
             throw refuse("it holds filesystem \(a), the volume holds \(b): not a backup of this filesystem (make a full backup)")
         }
-        let outDir = realPath((output as NSString).deletingLastPathComponent.ifEmpty(".")) ?? ""
-        let baseDir = (abs as NSString).deletingLastPathComponent
-        let name = outDir == baseDir ? (abs as NSString).lastPathComponent : abs
+        let name = backingFileName(of: abs, for: output)
         return IncrementalBase(path: abs, meta: meta, id: id, digests: digests, backingName: name, depth: chain.links.count)
     }
 }
@@ -85,9 +97,12 @@ struct DeltaPlan: Equatable {
 
     /// `used`: the snapshot's protected byte ranges (normalized); `baseHas`:
     /// the clusters with a digest in the base (ascending); `changed`: the
-    /// tracked change map (bit c of word c/64), nil to compare.
+    /// tracked change map (bit c of word c/64), nil to compare; `reread`:
+    /// byte ranges whose clusters are read even when unchanged — what the
+    /// base left out though in use (it holds zeros there) and what this
+    /// backup leaves out (the base may hold it).
     static func make(used: [Range<UInt64>], size: UInt64, clusterSize: Int, baseHas: [UInt64],
-                     hasDigest: (UInt64) -> Bool, changed: [UInt64]?) -> DeltaPlan {
+                     hasDigest: (UInt64) -> Bool, changed: [UInt64]?, reread: [Range<UInt64>] = []) -> DeltaPlan {
         let cs = UInt64(clusterSize)
         let clusters = (size + cs - 1) / cs
         var usedBits = [UInt64](repeating: 0, count: Int((clusters + 63) / 64))
@@ -97,10 +112,18 @@ struct DeltaPlan: Equatable {
             let end = min(clusters, (r.upperBound + cs - 1) / cs)
             while c < end { usedBits[Int(c >> 6)] |= 1 << (c & 63); c += 1 }
         }
+        var rereadBits = [UInt64](repeating: 0, count: changed == nil ? 0 : usedBits.count)
+        if changed != nil {
+            for r in reread where !r.isEmpty {
+                var c = r.lowerBound / cs
+                let end = min(clusters, (r.upperBound + cs - 1) / cs)
+                while c < end { rereadBits[Int(c >> 6)] |= 1 << (c & 63); c += 1 }
+            }
+        }
         func isChanged(_ c: UInt64) -> Bool {
             guard let ch = changed else { return true }
             let w = Int(c >> 6)
-            return w >= ch.count || ch[w] & (1 << (c & 63)) != 0
+            return w >= ch.count || ch[w] & (1 << (c & 63)) != 0 || rereadBits[w] & (1 << (c & 63)) != 0
         }
         var readRuns: [Range<UInt64>] = []
         var readCount: UInt64 = 0
@@ -132,6 +155,33 @@ struct DeltaMethod {
     /// Why compared (nil when tracked).
     var reason: String?
     var changed: [UInt64]?
+}
+
+/// How an image at `image` names its backing file `base` (absolute): the
+/// file name when both are in one directory; else a relative path (qemu
+/// resolves it against the image's directory), so a tree of backups can be
+/// moved or copied whole; absolute only when they share nothing but `/`.
+func backingFileName(of base: String, for image: String) -> String {
+    let imageDir = realPath((image as NSString).deletingLastPathComponent.ifEmpty(".")) ?? absolutePath((image as NSString).deletingLastPathComponent.ifEmpty("."))
+    let b = base.split(separator: "/").map(String.init)
+    let d = imageDir.split(separator: "/").map(String.init)
+    var common = 0
+    while common < min(b.count - 1, d.count) && b[common] == d[common] { common += 1 }
+    if common == 0 { return base }
+    return (Array(repeating: "..", count: d.count - common) + b[common...]).joined(separator: "/")
+}
+
+/// `p` made absolute against the working directory (not resolved).
+func absolutePath(_ p: String) -> String {
+    if p.hasPrefix("/") { return (p as NSString).standardizingPath }
+    return ((FileManager.default.currentDirectoryPath as NSString).appendingPathComponent(p) as NSString).standardizingPath
+}
+
+/// Whether two paths name one existing file (device and inode).
+func sameFile(_ a: String, _ b: String) -> Bool {
+    var sa = stat(), sb = stat()
+    guard stat(a, &sa) == 0, stat(b, &sb) == 0 else { return false }
+    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino
 }
 
 func realPath(_ p: String) -> String? {

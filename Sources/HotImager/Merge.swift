@@ -54,12 +54,17 @@ public enum MergeJob {
             throw refuse("\(o.image) was not made by hotimage (no metadata): merge it with qemu-img commit")
         }
         let k = o.into == nil ? 2 : chain.links.count
-        let out = o.into ?? o.image
+        // In place: the file itself, not a symbolic link to it (renaming over
+        // the link would leave the image unmerged).
+        let out = o.into ?? realPath(o.image) ?? o.image
         if let into = o.into {
             if !o.overwrite && FileManager.default.fileExists(atPath: into) { throw refuse("\(into) exists (use --force to overwrite it)") }
             if let a = realPath(into), chain.links.contains(where: { realPath($0.path) == a }) {
                 throw refuse("\(into) is a link of the chain being merged")
             }
+        }
+        if !o.verifyFirst, let d = chain.damage.first {
+            throw ChainFailure(kind: .failed, description: "\(o.image) cannot be merged: \(d)")
         }
         if o.verifyFirst {
             r.log("verifying \(o.image) and its \(chain.links.count - 1) base(s) first")
@@ -74,9 +79,7 @@ public enum MergeJob {
         if k < chain.links.count {
             let b = chain.links[k]
             baseMeta = b.meta
-            let abs = realPath(b.path) ?? b.path
-            let outDir = realPath((out as NSString).deletingLastPathComponent.ifEmpty(".")) ?? ""
-            backing = (abs as NSString).deletingLastPathComponent == outDir ? (abs as NSString).lastPathComponent : abs
+            backing = backingFileName(of: realPath(b.path) ?? b.path, for: out)
         }
         let folded = Array(chain.links[0..<k])
         let foldedIds = folded.dropFirst().compactMap { $0.meta?.id }

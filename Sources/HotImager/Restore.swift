@@ -116,8 +116,8 @@ public enum RestoreJob {
                 throw RestoreFailure(kind: .refused, description: "\(o.image) cannot be restored: \(p)\(v.problems.count > 1 ? " (and \(v.problems.count - 1) more; see 'hotimage verify')" : "")")
             }
         } else {
-            for l in chain.links where !l.reader.hotimageProblems.isEmpty {
-                throw RestoreFailure(kind: .refused, description: "\(l.path) is damaged (\(l.reader.hotimageProblems[0])); run 'hotimage verify' for the details")
+            if let d = chain.damage.first {
+                throw RestoreFailure(kind: .refused, description: "\(o.image) cannot be restored: \(d); run 'hotimage verify' for the details")
             }
         }
         let clusters: AllocatedClusters

@@ -49,6 +49,9 @@ public struct TakenSnapshot: Sendable {
     /// continues from, up to this cut (nil: dm, or an older daemon). Read
     /// the map with `SessionClient.readChanges`.
     public var changes: ChangeInfo? = nil
+    /// Used byte ranges left out (excluded and swap files): zeros in the
+    /// image though in use. An incremental of this image reads them again.
+    public var notImaged: [Range<UInt64>] = []
 }
 
 public final class SessionClient: @unchecked Sendable {
@@ -128,9 +131,11 @@ public final class SessionClient: @unchecked Sendable {
         let u = RangeSet.normalize(used)
         let prot = RangeSet.subtract(u, RangeSet.normalize(excluded))
         let usedBytes = RangeSet.total(u)
-        return TakenSnapshot(armedAtNanos: a.atNanos, wallTime: a.wallTime, frozen: a.frozen, attempts: attempts,
-                             protected: prot, usedBytes: usedBytes, excludedBytes: usedBytes - RangeSet.total(prot),
-                             snapshotDevice: a.snapshotDevice)
+        var t = TakenSnapshot(armedAtNanos: a.atNanos, wallTime: a.wallTime, frozen: a.frozen, attempts: attempts,
+                              protected: prot, usedBytes: usedBytes, excludedBytes: usedBytes - RangeSet.total(prot),
+                              snapshotDevice: a.snapshotDevice)
+        t.notImaged = RangeSet.subtract(u, prot)
+        return t
     }
 
     /// Takes the snapshot. `readMap` runs inside the consistent window (the

@@ -378,8 +378,8 @@ public final class SetBackupJob: @unchecked Sendable {
             cfg.workers = share
             mb.job.imagerConfigOverride = cfg
             (mb.job.r as? MemberReporter)?.progressSink = { p in progress.update(mb.name, p) }
-            if mb.inc != nil { mb.job.prepareIncremental(&mb.inc!, mb.plan, mb.cut!, writer: mb.image!.writer) }
-            mb.out = mb.job.runImager(mb.plan, mb.cut!, into: mb.image!.writer, incremental: mb.inc)
+            let refused = mb.inc == nil ? nil : mb.job.prepareIncremental(&mb.inc!, mb.plan, mb.cut!, writer: mb.image!.writer)
+            mb.out = refused ?? mb.job.runImager(mb.plan, mb.cut!, into: mb.image!.writer, incremental: mb.inc)
             // A member stopped for another's failure passes nothing on (the
             // failure that started it keeps its name as the set's cause).
             if mb.out.kind != nil && !mb.job.wasCancelled && !self.o.keepPartial {

@@ -264,80 +264,58 @@ public func verifyChainContent(_ chain: QCow2Chain,
     let total = UInt64(work.count)
     let cs = chain.clusterSize
     let zeros = ClusterDigest.zeros(clusterSize: cs)
-    final class Shared: @unchecked Sendable {
-        let lock = Lock()
-        var next = 0
-        var done: UInt64 = 0
+    struct Worker {
+        let buf: UnsafeMutableRawPointer
+        let decoder = ClusterDecoder()
         var problems: [VerifyProblem] = []
         var count: UInt64 = 0
-        var error: Error? = nil
     }
-    let shared = Shared()
-    let batch = 256
-    let workers = max(1, min(8, sysconf(Int32(_SC_NPROCESSORS_ONLN)), (work.count + batch - 1) / batch))
-    DispatchQueue.concurrentPerform(iterations: workers) { _ in
-        let buf = UnsafeMutableRawPointer.allocate(byteCount: cs, alignment: 64)
-        defer { buf.deallocate() }
-        let decoder = ClusterDecoder()
-        var local: [VerifyProblem] = []
-        var n: UInt64 = 0
-        while true {
-            let start: Int = shared.lock.withLock {
-                let s = shared.next
-                shared.next += batch
-                return shared.error == nil ? s : Int.max
+    let lock = Lock()                     // the results of the workers
+    var problems: [VerifyProblem] = []
+    var count: UInt64 = 0
+    var done: UInt64 = 0
+    try parallelBatches(count: work.count, batch: 256, threads: onlineCPUs(),
+                        makeState: { Worker(buf: .allocate(byteCount: cs, alignment: 64)) },
+                        body: { w, batch in
+        for p in batch {
+            let c = work[p]
+            _ = try chain.read(cluster: c, into: w.buf, decoder: w.decoder)
+            let got = ClusterDigest.of(UnsafeRawBufferPointer(start: w.buf, count: cs), clusterSize: cs)
+            let want = table[cluster: c]
+            var msg: String? = nil
+            if let want, want != got {
+                let from = (try? chain.allocated(cluster: c)).flatMap { $0 }
+                let src = from.map { "backing chain link \($0.link) (\(chain.paths[$0.link]))" } ?? "no link (zeros)"
+                msg = "reads through the chain with digest \(got) (from \(src)), but the top's digest table records \(want)"
+            } else if want == nil && got != zeros {
+                let from = (try? chain.allocated(cluster: c)).flatMap { $0 }
+                let src = from.map { "backing chain link \($0.link) (\(chain.paths[$0.link]))" } ?? "no link"
+                msg = "should read as zeros (no digest in the top's table) but reads data from \(src)"
             }
-            if start >= work.count { break }
-            for p in start..<min(start + batch, work.count) {
-                let c = work[p]
-                do {
-                    _ = try chain.read(cluster: c, into: buf, decoder: decoder)
-                } catch {
-                    shared.lock.withLock { if shared.error == nil { shared.error = error } }
-                    break
-                }
-                let got = ClusterDigest.of(UnsafeRawBufferPointer(start: buf, count: cs), clusterSize: cs)
-                let want = table[cluster: c]
-                var msg: String? = nil
-                if let want, want != got {
-                    let from = (try? chain.allocated(cluster: c)).flatMap { $0 }
-                    let src = from.map { "backing chain link \($0.link) (\(chain.paths[$0.link]))" } ?? "no link (zeros)"
-                    msg = "reads through the chain with digest \(got) (from \(src)), but the top's digest table records \(want)"
-                } else if want == nil && got != zeros {
-                    let from = (try? chain.allocated(cluster: c)).flatMap { $0 }
-                    let src = from.map { "backing chain link \($0.link) (\(chain.paths[$0.link]))" } ?? "no link"
-                    msg = "should read as zeros (no digest in the top's table) but reads data from \(src)"
-                }
-                if let msg {
-                    n += 1
-                    if local.count < VerifyReport.storedProblemLimit {
-                        let start = c * UInt64(cs)
-                        let len = min(UInt64(cs), chain.virtualSize - start)
-                        local.append(VerifyProblem(kind: .digest, guestOffset: start, guestLength: len, cluster: c,
-                                                   clusterCount: 1, message: msg))
-                    }
-                }
-            }
-            if let progress {
-                shared.lock.withLock {
-                    shared.done += UInt64(min(batch, work.count - start))
-                    progress(shared.done, total)
+            if let msg {
+                w.count += 1
+                if w.problems.count < VerifyReport.storedProblemLimit {
+                    let start = c * UInt64(cs)
+                    let len = min(UInt64(cs), chain.virtualSize - start)
+                    w.problems.append(VerifyProblem(kind: .digest, guestOffset: start, guestLength: len, cluster: c,
+                                                    clusterCount: 1, message: msg))
                 }
             }
         }
-        shared.lock.withLock {
-            shared.problems += local
-            shared.count += n
-        }
-    }
-    if let e = shared.error { throw e }
+    }, finish: { w in
+        w.buf.deallocate()
+        lock.withLock { problems += w.problems; count += w.count }
+    }, afterBatch: progress.map { p in { n in
+        let d = lock.withLock { () -> UInt64 in done += UInt64(n); return done }
+        p(d, total)
+    } })
     var report = VerifyReport()
     report.clustersChecked = total
     report.checkedChecksums = true
-    for p in shared.problems.sorted(by: { ($0.cluster ?? 0) < ($1.cluster ?? 0) }) { report.add(p) }
+    for p in problems.sorted(by: { ($0.cluster ?? 0) < ($1.cluster ?? 0) }) { report.add(p) }
     // Problems beyond the stored limit still count.
-    if shared.count > UInt64(shared.problems.count) {
-        report.problemCount += shared.count - UInt64(shared.problems.count)
+    if count > UInt64(problems.count) {
+        report.problemCount += count - UInt64(problems.count)
     }
     return report
 }

@@ -57,56 +57,36 @@ public enum QCow2Merge {
         let table = try chain.top.digests()
         let work = AllocatedClusters(ranges: try chain.unionOfAllocated(links: 0..<k))
         let cs = chain.clusterSize
-        final class Shared: @unchecked Sendable {
-            let lock = Lock()
-            var next = 0
+        struct Worker {
+            let encoder: ClusterEncoder
+            let decoder = ClusterDecoder()
+            let buf: UnsafeMutableRawPointer
             var data: UInt64 = 0
             var zero: UInt64 = 0
-            var error: Error? = nil
         }
-        let shared = Shared()
-        let batch = 64
-        let cpus = sysconf(Int32(_SC_NPROCESSORS_ONLN))
-        let workers = max(1, min(threads ?? min(8, cpus), (work.count + batch - 1) / batch))
-        DispatchQueue.concurrentPerform(iterations: workers) { _ in
-            let encoder = ClusterEncoder(compression: writer.compression, clusterSize: cs)
-            let decoder = ClusterDecoder()
-            let buf = UnsafeMutableRawPointer.allocate(byteCount: cs, alignment: 64)
-            defer { buf.deallocate() }
-            var data: UInt64 = 0, zero: UInt64 = 0
-            outer: while true {
-                let start: Int = shared.lock.withLock {
-                    let s = shared.next
-                    shared.next += batch
-                    return shared.error == nil ? s : Int.max
-                }
-                if start >= work.count { break }
-                for p in start..<min(start + batch, work.count) {
-                    let c = work[p]
-                    do {
-                        let isData = try chain.read(cluster: c, into: buf, decoder: decoder)
-                        if isData {
-                            // Only the last cluster of the disk is short.
-                            let n = Int(min(UInt64(cs), chain.virtualSize - c * UInt64(cs)))
-                            let enc = encoder.encode(index: c, data: UnsafeRawBufferPointer(start: buf, count: n))
-                            try writer.write(enc)
-                            if enc.isZero { zero += 1 } else { data += 1 }
-                        } else if hasBacking {
-                            try writer.write(encoder.zeroCluster(index: c))
-                            zero += 1
-                        }
-                    } catch {
-                        shared.lock.withLock { if shared.error == nil { shared.error = error } }
-                        break outer
-                    }
+        let lock = Lock()                     // the totals of the workers
+        var data: UInt64 = 0, zero: UInt64 = 0
+        try parallelBatches(count: work.count, batch: 64, threads: threads ?? onlineCPUs(),
+                            makeState: { Worker(encoder: ClusterEncoder(compression: writer.compression, clusterSize: cs),
+                                                buf: .allocate(byteCount: cs, alignment: 64)) },
+                            body: { w, batch in
+            for p in batch {
+                let c = work[p]
+                if try chain.read(cluster: c, into: w.buf, decoder: w.decoder) {
+                    // Only the last cluster of the disk is short.
+                    let n = Int(min(UInt64(cs), chain.virtualSize - c * UInt64(cs)))
+                    let enc = w.encoder.encode(index: c, data: UnsafeRawBufferPointer(start: w.buf, count: n))
+                    try writer.write(enc)
+                    if enc.isZero { w.zero += 1 } else { w.data += 1 }
+                } else if hasBacking {
+                    try writer.write(w.encoder.zeroCluster(index: c))
+                    w.zero += 1
                 }
             }
-            shared.lock.withLock {
-                shared.data += data
-                shared.zero += zero
-            }
-        }
-        if let e = shared.error { throw e }
+        }, finish: { w in
+            w.buf.deallocate()
+            lock.withLock { data += w.data; zero += w.zero }
+        })
         // The result's table is the top's: drop what write() recorded, then
         // copy. Without a top table, what write() recorded stays (complete
         // only for a standalone result).
@@ -114,6 +94,6 @@ public enum QCow2Merge {
             for c in work { writer.digests.set(c, nil) }
             for (c, d) in table { writer.setDigest(cluster: c, d) }
         }
-        return FoldSummary(dataClusters: shared.data, zeroClusters: shared.zero, digestsCopied: table?.count)
+        return FoldSummary(dataClusters: data, zeroClusters: zero, digestsCopied: table?.count)
     }
 }

@@ -157,6 +157,15 @@ struct SnapshotEngineChangesTests {
         #expect(bw.count == 16)
         #expect(bw[1] == ~0 && bw[4] == ~0 && bw[5] == 0)
         #expect(ChangeBits(clusterBytes: 4096, clusterCount: 1000, words: bw) == big)
+        // The streamed form (what the files hold) is the flat form in pieces,
+        // little-endian, whatever the piece size.
+        for piece in [1, 3, 7, 16, 100] {
+            var streamed: [UInt8] = []
+            big.forEachLittleEndianChunk(maxWords: piece) { streamed += $0 }
+            var flat: [UInt8] = []
+            for x in bw { withUnsafeBytes(of: x.littleEndian) { flat += $0 } }
+            #expect(streamed == flat, "pieces of \(piece) words")
+        }
         // Writes after a load add to it.
         try f.write(3 * cl, 1, seed: 2)
         #expect(set(f.engine.exportChanges()) == [0, 3, 5, 6, 7, 8, 20])

@@ -176,6 +176,22 @@ struct SnapshotEngineNarrowTests {
         #expect(try f.snapBlock(6) == f.imageBlock(6))
     }
 
+    @Test("wip retry: the client's next begin is accepted from waiting (as the daemon sends it) and the next cut protects")
+    func wipRetryBeginsAgain() throws {
+        let f = EngFixture()
+        try f.arm(.wip)
+        try f.writeBlocks(4, 1, seed: 2)
+        #expect(try f.engine.narrow(used: [0..<f.size]) == .retry(writes: 1))
+        #expect(f.phase == .waiting)
+        // SessionClient.take begins again on the same connection after a retry.
+        try f.engine.begin(consistency: .wip)
+        #expect(f.phase == .waiting)
+        f.armAgain()
+        #expect(f.phase == .armed)
+        #expect(try f.engine.narrow(used: [0..<f.size]) == .protecting(usedBlocks: 65))
+        #expect(try f.snapBlock(4) == engBytes(offset: blk(4), count: 4096, seed: 2))
+    }
+
     @Test("wip retry: a snapshot read in flight across the retry and the next arm never returns another block's data")
     func readAcrossRetry() throws {
         let g = GatedBlockIO(size: EngFixture.defaultSize)

@@ -58,6 +58,10 @@ struct ChangeTrackingTests {
         #expect(judge(file(header { $0.sizeBytes = 1 << 31 })).reason == "another device or size")
         #expect(judge(file(header { $0.backingIno = 99 })).reason == "another device or size")
         #expect(judge(file(header { $0.devMinor = 8 })).reason == "another device or size")
+        // A loop device's backing file written another way while detached.
+        #expect(judge(file(header { $0.backingStamp = "1048576 10 10" })).reason == "the loop device's backing file changed while detached")
+        #expect(ChangeStateFile.judge(file(header { $0.backingStamp = "1048576 10 10" }), identity: id, bootID: "boot-a", sectorsNow: 1000,
+                                      backingStampNow: "1048576 10 10", clusterBytes: 65536, clusterCount: 16384).trusted)
         #expect(judge(file(header { $0.trusted = false; $0.reason = "no saved map" })).reason == "no saved map")
         #expect(judge(file(header { $0.clusterBytes = 4096; $0.clusterCount = 262144 },
                            words: [UInt64](repeating: 0, count: 4096))).reason == "another cluster size")

@@ -10,7 +10,7 @@ import Testing
     let cs = 16                      // bytes per cluster in the model
     let size: UInt64 = 16 * 200 + 5  // a short last cluster
 
-    func plan(used: [Range<UInt64>], base: Set<UInt64>, changed: Set<UInt64>?) -> DeltaPlan {
+    func plan(used: [Range<UInt64>], base: Set<UInt64>, changed: Set<UInt64>?, reread: [Range<UInt64>] = []) -> DeltaPlan {
         let clusters = (size + UInt64(cs) - 1) / UInt64(cs)
         var bits: [UInt64]?
         if let ch = changed {
@@ -19,7 +19,7 @@ import Testing
             bits = b
         }
         return DeltaPlan.make(used: RangeSet.normalize(used), size: size, clusterSize: cs, baseHas: base.sorted(),
-                              hasDigest: { base.contains($0) }, changed: bits)
+                              hasDigest: { base.contains($0) }, changed: bits, reread: RangeSet.normalize(reread))
     }
 
     @Test func modelOverRandomMaps() {
@@ -29,11 +29,14 @@ import Testing
             let used: [Range<UInt64>] = (0..<g.next(30)).map { _ in let a = g.next(size); return a..<min(size, a + 1 + g.next(80)) }
             let base = Set((0..<g.next(120)).map { _ in g.next(clusters) })
             let changed: Set<UInt64>? = round % 3 == 0 ? nil : Set((0..<g.next(60)).map { _ in g.next(clusters) })
-            let p = plan(used: used, base: base, changed: changed)
+            let reread: [Range<UInt64>] = (0..<g.next(3)).map { _ in let a = g.next(size); return a..<min(size, a + 1 + g.next(40)) }
+            let p = plan(used: used, base: base, changed: changed, reread: reread)
             // The model, cluster by cluster.
             var usedC = Set<UInt64>()
             for r in used { for b in r { usedC.insert(b / UInt64(cs)) } }
-            let wantRead = usedC.filter { changed == nil || changed!.contains($0) }
+            var rereadC = Set<UInt64>()
+            for r in reread { for b in r { rereadC.insert(b / UInt64(cs)) } }
+            let wantRead = usedC.filter { changed == nil || changed!.contains($0) || rereadC.contains($0) }
             let wantKept = usedC.subtracting(wantRead)
             let wantZero = base.subtracting(usedC)
             #expect(Set(p.kept) == wantKept)
@@ -64,6 +67,11 @@ import Testing
         #expect(tracked.kept == [0, 1, 3, 4, 5, 6, 8, 9])
         #expect(tracked.zero == [20])
         #expect(tracked.read == [32..<48, 112..<128])
+        // What the base or this backup left out is read again even unchanged
+        // (the base holds zeros there, or data this backup leaves out).
+        let excl = plan(used: used, base: base, changed: [2, 7], reread: [50..<52, 140..<141])
+        #expect(excl.readClusters == 4)
+        #expect(excl.kept == [0, 1, 4, 5, 6, 9])
     }
 
     @Test func shortLastClusterAndChangeMapShorterThanTheVolume() {

@@ -133,6 +133,14 @@ method_is compared l4
 check_link l4 w1:final w2:final w3:final w4:final
 # Negative control: l3 does not hold w4's writes (the check can fail).
 "$STAMP" check "$W/w4.log" "$W/l3.qemu.raw" > /dev/null 2>&1 && fail "l3 already holds the write made while detached: the test proves nothing"
+# The loop device's backing file written directly (not through this loop
+# device, so its counter does not move) while detached: untrusted too.
+H detach $N > /dev/null || fail "detach"
+dd if=/dev/urandom of="$W/$N.img" bs=4K count=1 seek=16000 conv=notrunc status=none
+out=$(H attach "$BASE" --name $N --buffer-dir "$W/hb-$N" --hb-file-size 1M) || fail "re-attach: $out"
+DEV=$(echo "$out" | tail -1)
+[ "$(tracking "['tracking']['trusted']")" = False ] || fail "the map is trusted though the loop's backing file was written while detached"
+log "after the backing file was written while detached: $(H status $N | grep -i 'changes')"
 # Tracked links are small: l2 (16 MiB of a 64 MiB volume changed) holds about a quarter.
 s0=$(stat -c %s "$W/l0.qcow2"); s2=$(stat -c %s "$W/l2.qcow2")
 log "sizes: l0 $s0, l1 $(stat -c %s "$W/l1.qcow2"), l2 $s2, l3 $(stat -c %s "$W/l3.qcow2"), l4 $(stat -c %s "$W/l4.qcow2")"
@@ -146,6 +154,10 @@ expect_refused() {  # what cmd...
   echo "$out" | grep -q "$W/" || fail "$what: the message names no link: $out"
   log "$what: exit 2: $(echo "$out" | tail -1 | cut -c1-200)"
 }
+# The incremental written over its own base (or a link below it) is refused.
+expect_refused "backup -o BASE --base BASE --force" H backup $N -o "$W/l1.qcow2" --base "$W/l1.qcow2" --force
+expect_refused "backup -o LINK --base l2 --force" H backup $N -o "$W/l0.qcow2" --base "$W/l2.qcow2" --force
+HI verify "$W/l2.qcow2" > /dev/null 2>&1 || fail "a refused backup harmed the chain"
 # Missing base.
 mv "$W/l1.qcow2" "$W/l1.away"
 expect_refused "verify, base missing" HI verify "$W/l2.qcow2"
@@ -197,14 +209,19 @@ H detach $N > /dev/null || fail "detach"
 E=hit-inc-fs
 attach_new $E 256M
 mkfs.ext4 -q -F "$DEV" && mkdir -p "$W/fs" && mount "$DEV" "$W/fs" || fail "ext4"
-head -c 40M /dev/urandom > "$W/fs/static.bin"; mkdir -p "$W/fs/churn"; sync
+head -c 40M /dev/urandom > "$W/fs/static.bin"; mkdir -p "$W/fs/churn"
+head -c 3M /dev/urandom > "$W/fs/excl.bin"; sync
+EXSUM=$(sha256sum < "$W/fs/excl.bin")
 rm -f "$W/fs.stop"
 python3 "$ROOT/Scripts/demo-writer.py" "$W/fs/churn" "$W/fs.journal" "$W/fs.stop" &
 FW=$!
 sleep 1.5
 prev=
 for i in 0 1 2; do
-  H backup $E -o "$W/e$i.qcow2" --json ${prev:+--base "$prev"} > "$W/e$i.events" 2> "$W/e$i.err" \
+  # e0 leaves excl.bin out; e1 and e2 do not, and must hold it though it
+  # was never written since (a tracked incremental reads what its base left out).
+  ex=(); [ $i = 0 ] && ex=(--exclude "$W/fs/excl.bin")
+  H backup $E -o "$W/e$i.qcow2" --json ${prev:+--base "$prev"} "${ex[@]}" > "$W/e$i.events" 2> "$W/e$i.err" \
     || fail "e$i: backup: $(tail -5 "$W/e$i.err")"
   grep '"event":"snapshot"' "$W/e$i.events" | json_get "['cutMonotonicNs']" > "$W/e$i.cut"
   m=$(HI info "$W/e$i.qcow2" --json | python3 -c 'import json,sys; c=json.load(sys.stdin)["metadata"].get("chain"); print(c["method"] if c else "full")')
@@ -223,6 +240,11 @@ for i in 0 1 2; do
   python3 "$ROOT/Scripts/demo-check.py" "$W/e$i.mnt/churn" "$W/fs.journal" "$(cat "$W/e$i.cut")" > "$W/e$i.check" 2>&1 \
     || { cat "$W/e$i.check"; fail "e$i: the files are not the journal's state at the cut"; }
   cmp -s "$W/fs/static.bin" "$W/e$i.mnt/static.bin" || fail "e$i: static.bin differs"
+  if [ $i = 0 ]; then
+    [ "$(sha256sum < "$W/e$i.mnt/excl.bin")" = "$EXSUM" ] && fail "e0: the excluded file's data is in the image"
+  else
+    [ "$(sha256sum < "$W/e$i.mnt/excl.bin")" = "$EXSUM" ] || fail "e$i: excl.bin (left out of the base, never written since) is not in the incremental"
+  fi
   umount "$W/e$i.mnt"
   log "e$i: $(tail -1 "$W/e$i.check")"
 done
@@ -243,8 +265,9 @@ H backup hit-inc-a hit-inc-b -o "$W/set1" --base "$W/set0" > "$W/set1.out" 2>&1 
 for n in hit-inc-a hit-inc-b; do
   c=$(HI info "$W/set1/$n.qcow2" --json | json_get "['metadata']['chain']")
   echo "$c" | grep -q "'method': 'tracked'" || fail "set1/$n is not a tracked incremental: $c"
-  [ "$(qemu-img info --output=json "$W/set1/$n.qcow2" | json_get "['backing-filename']")" = "$W/set0/$n.qcow2" ] \
-    || fail "set1/$n: its backing file is not set0's image by absolute path"
+  # Relative across sibling directories: the tree of backups can move whole.
+  [ "$(qemu-img info --output=json "$W/set1/$n.qcow2" | json_get "['backing-filename']")" = "../set0/$n.qcow2" ] \
+    || fail "set1/$n: its backing file is not ../set0/$n.qcow2"
 done
 [ "$(HI info "$W/set1/hit-inc-a.qcow2" --json | json_get "['metadata']['chain']['changedClusters']")" = 3 ] || fail "set1/hit-inc-a: not 3 clusters written"
 [ "$(HI info "$W/set1/hit-inc-b.qcow2" --json | json_get "['metadata']['chain']['changedClusters']")" = 1 ] || fail "set1/hit-inc-b: not 1 cluster written"
@@ -253,6 +276,10 @@ HI restore "$W/set1" --to hit-inc-a="$W/ra.raw" --to hit-inc-b="$W/rb.raw" > "$W
 cmp -s "$W/ra.raw" "$DA" || fail "set1: hit-inc-a restored differs from the (quiet) device"
 cmp -s "$W/rb.raw" "$DB" || fail "set1: hit-inc-b restored differs from the (quiet) device"
 out=$(H backup hit-inc-a hit-inc-b -o "$W/set2" --base "$W/set0/hit-inc-a.qcow2" 2>&1); [ $? = 2 ] || fail "a set with --base FILE: $out"
+echo "$out" | grep -q "previous set.s directory" || fail "a set with --base FILE: not the reason: $out"
+# The two sets moved together elsewhere: the chains still read.
+mkdir "$W/archive" && mv "$W/set0" "$W/set1" "$W/archive/" || fail "moving the sets"
+HI verify "$W/archive/set1" > "$W/set1.moved" 2>&1 || fail "set1 moved with set0 does not verify: $(cat "$W/set1.moved")"
 log "set: --base DIR makes tracked incrementals of every member (3 and 1 clusters), restored equal to the devices"
 H detach hit-inc-a > /dev/null && H detach hit-inc-b > /dev/null || fail "detach the set's volumes"
 log "ok"
