@@ -73,6 +73,12 @@ check_link() {
   cmp -s "$W/$name.qemu.raw" "$W/$name.restored" || fail "$name: hotimage restore differs from qemu-img's reading of the chain"
   log "$name: the chain holds $* at its cut; restore = qemu-img; check clean"
 }
+# reattach: $N over $BASE again (the same buffer directory, so the same state file).
+reattach() {
+  local out
+  out=$(H attach "$BASE" --name $N --buffer-dir "$W/hb-$N" --hb-file-size 1M ${HOTIMAGE_VIA:+--via $HOTIMAGE_VIA}) || fail "re-attach: $out"
+  DEV=$(echo "$out" | tail -1)
+}
 method_is() { [ "$METHOD" = "$1" ] || fail "$2: expected a $1 incremental, got $METHOD: $(grep -h 'incremental' "$W/$2.err" | head -3)"; }
 tracking() { H status $N --json | json_get "$1"; }
 
@@ -93,8 +99,7 @@ check_link l1 w1
 # Clean detach and attach, nothing written meanwhile: the map is kept.
 L1ID=$(HI info "$W/l1.qcow2" --json | json_get "['metadata']['id']")
 H detach $N > /dev/null || fail "detach"
-out=$(H attach "$BASE" --name $N --buffer-dir "$W/hb-$N" --hb-file-size 1M) || fail "re-attach: $out"
-DEV=$(echo "$out" | tail -1)
+reattach
 [ "$(tracking "['tracking']['trusted']")" = True ] || fail "the map is not trusted after a clean detach/attach: $(tracking "['tracking']")"
 [ "$(tracking "['tracking']['since']")" = "$L1ID" ] || fail "the map does not continue from l1 ($L1ID): $(tracking "['tracking']")"
 start_writer w2 4096
@@ -109,8 +114,7 @@ check_link l2 w1:final w2
 # The daemon killed: the map is not trusted; the next incremental compares.
 kill -9 "$(cat "$RUN/$N/pid")"; sleep 0.5
 H detach $N > /dev/null 2>&1 || fail "detach of the dead daemon"
-out=$(H attach "$BASE" --name $N --buffer-dir "$W/hb-$N" --hb-file-size 1M) || fail "re-attach after kill: $out"
-DEV=$(echo "$out" | tail -1)
+reattach
 [ "$(tracking "['tracking']['trusted']")" = False ] || fail "the map is trusted after the daemon was killed"
 log "after kill -9: $(H status $N | grep -i 'changes')"
 start_writer w3 8192
@@ -124,8 +128,7 @@ check_link l3 w1:final w2:final w3
 H detach $N > /dev/null || fail "detach"
 "$STAMP" write "$BASE" --log "$W/w4.log" --first-block 12288 --blocks $BLOCKS --threads 1 --duration 1 --seed 9 \
     > "$W/w4.out" 2>&1 || fail "w4: $(cat "$W/w4.out")"
-out=$(H attach "$BASE" --name $N --buffer-dir "$W/hb-$N" --hb-file-size 1M) || fail "re-attach: $out"
-DEV=$(echo "$out" | tail -1)
+reattach
 [ "$(tracking "['tracking']['trusted']")" = False ] || fail "the map is trusted though the device was written while detached"
 log "after a write while detached: $(H status $N | grep -i 'changes')"
 link l4 --base "$W/l3.qcow2"
@@ -137,8 +140,7 @@ check_link l4 w1:final w2:final w3:final w4:final
 # device, so its counter does not move) while detached: untrusted too.
 H detach $N > /dev/null || fail "detach"
 dd if=/dev/urandom of="$W/$N.img" bs=4K count=1 seek=16000 conv=notrunc status=none
-out=$(H attach "$BASE" --name $N --buffer-dir "$W/hb-$N" --hb-file-size 1M) || fail "re-attach: $out"
-DEV=$(echo "$out" | tail -1)
+reattach
 [ "$(tracking "['tracking']['trusted']")" = False ] || fail "the map is trusted though the loop's backing file was written while detached"
 log "after the backing file was written while detached: $(H status $N | grep -i 'changes')"
 # Tracked links are small: l2 (16 MiB of a 64 MiB volume changed) holds about a quarter.
