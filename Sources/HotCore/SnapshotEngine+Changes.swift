@@ -44,17 +44,10 @@ public struct ChangeBits: Sendable, Equatable {
     /// The flat form: bit i of word i/64 = cluster i changed;
     /// exactly ceil(clusterCount / 64) words.
     public func words() -> [UInt64] {
-        var w = [UInt64](repeating: 0, count: ChangeBits.wordCount(clusters: clusterCount))
-        bits.forEachRun(in: 0..<clusterCount) { r in
-            var c = r.lowerBound
-            while c < r.upperBound {
-                let wi = Int(c >> 6)
-                let lo = Int(c & 63)
-                let hi = Int(min(r.upperBound - (c & ~63), 64))
-                let mask: UInt64 = (hi == 64 ? ~0 : (UInt64(1) << UInt64(hi)) &- 1) & ~((UInt64(1) << UInt64(lo)) &- 1)
-                w[wi] |= mask
-                c = (c & ~63) + UInt64(hi)
-            }
+        var w: [UInt64] = []
+        w.reserveCapacity(ChangeBits.wordCount(clusters: clusterCount))
+        forEachLittleEndianChunk { raw in
+            for i in 0..<raw.count / 8 { w.append(UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self))) }
         }
         return w
     }

@@ -134,11 +134,15 @@ enum ChangeStateFile {
         return u.deletingLastPathComponent().path + "/" + u.lastPathComponent + ".cbt"
     }
 
-    static func encode(_ h: ChangeStateHeader, _ words: [UInt64]) -> [UInt8] {
+    /// The header line: sorted-key JSON and a newline.
+    static func headerLine(_ h: ChangeStateHeader) -> [UInt8] {
         let enc = JSONEncoder()
         enc.outputFormatting = [.sortedKeys]
-        var out = Array((try? enc.encode(h)) ?? Data())
-        out.append(0x0a)
+        return Array((try? enc.encode(h)) ?? Data()) + [0x0a]
+    }
+
+    static func encode(_ h: ChangeStateHeader, _ words: [UInt64]) -> [UInt8] {
+        var out = headerLine(h)
         out.reserveCapacity(out.count + words.count * 8)
         for w in words { withUnsafeBytes(of: w.littleEndian) { out.append(contentsOf: $0) } }
         return out
@@ -167,10 +171,7 @@ enum ChangeStateFile {
 
     /// A state file: the header line, then the map streamed in pieces.
     static func write(_ path: String, header h: ChangeStateHeader, bits: ChangeBits) throws {
-        let enc = JSONEncoder()
-        enc.outputFormatting = [.sortedKeys]
-        var head = Array((try? enc.encode(h)) ?? Data())
-        head.append(0x0a)
+        let head = headerLine(h)
         try writeAtomically(path) { put in
             try head.withUnsafeBytes { try put($0) }
             try bits.forEachLittleEndianChunk { try put($0) }

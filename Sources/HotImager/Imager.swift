@@ -255,22 +255,24 @@ public final class Imager: @unchecked Sendable {
         }
     }
 
-    /// Does cluster `c` overlap the ranges to read? (Binary search; any order.)
-    private func overlapsRanges(_ c: UInt64) -> Bool {
-        let lo = c * clusterSize, hi = lo + clusterSize
+    /// The index of the first range ending after `lo` (binary search).
+    private func firstRange(endingAfter lo: UInt64) -> Int {
         var a = 0, b = ranges.count
         while a < b { let mid = (a + b) / 2; if ranges[mid].upperBound <= lo { a = mid + 1 } else { b = mid } }
-        return a < ranges.count && ranges[a].lowerBound < hi
+        return a
+    }
+
+    /// Does cluster `c` overlap the ranges to read?
+    private func overlapsRanges(_ c: UInt64) -> Bool {
+        let i = firstRange(endingAfter: c * clusterSize)
+        return i < ranges.count && ranges[i].lowerBound < (c + 1) * clusterSize
     }
 
     /// Used byte ranges inside clusters `u`, rounded out to 4 KiB.
     private func usedRuns(in u: Range<UInt64>) -> [Range<UInt64>] {
         let lo = u.lowerBound * clusterSize, hi = min(source.size, u.upperBound * clusterSize)
-        // Binary search the first range ending after lo.
-        var a = 0, b = ranges.count
-        while a < b { let mid = (a + b) / 2; if ranges[mid].upperBound <= lo { a = mid + 1 } else { b = mid } }
         var out: [Range<UInt64>] = []
-        var i = a
+        var i = firstRange(endingAfter: lo)
         while i < ranges.count && ranges[i].lowerBound < hi {
             let s = max(lo, ranges[i].lowerBound) & ~4095
             let e = min(hi, (min(hi, ranges[i].upperBound) + 4095) & ~4095)

@@ -58,12 +58,9 @@ struct IncrementalBase {
             throw refuse("its chain has \(chain.links.count) links, the most a chain may have: shorten it first ('hotimage merge \(given)'), or make a full backup")
         }
         // The new image must not replace a link of the chain it builds on.
-        let outAbs = absolutePath(output)
-        for (i, l) in chain.links.enumerated() {
-            let lp = realPath(l.path) ?? l.path
-            if lp == outAbs || sameFile(lp, output) {
-                throw refuse("the image \(output) is \(i == 0 ? "the base itself" : "a link of the base's chain") (\(lp)): write the incremental to a new file")
-            }
+        let out = fileIdentity(output)
+        for (i, l) in chain.links.enumerated() where fileIdentity(l.path) == out {
+            throw refuse("the image \(output) is \(i == 0 ? "the base itself" : "a link of the base's chain") (\(l.path)): write the incremental to a new file")
         }
         guard let id = meta.id else {
             throw refuse("made by a hotimage without image ids; make a full backup (leave out --base) and take incrementals from it")
@@ -105,21 +102,19 @@ struct DeltaPlan: Equatable {
                      hasDigest: (UInt64) -> Bool, changed: [UInt64]?, reread: [Range<UInt64>] = []) -> DeltaPlan {
         let cs = UInt64(clusterSize)
         let clusters = (size + cs - 1) / cs
-        var usedBits = [UInt64](repeating: 0, count: Int((clusters + 63) / 64))
-        func isUsed(_ c: UInt64) -> Bool { usedBits[Int(c >> 6)] & (1 << (c & 63)) != 0 }
-        for r in used where !r.isEmpty {
-            var c = r.lowerBound / cs
-            let end = min(clusters, (r.upperBound + cs - 1) / cs)
-            while c < end { usedBits[Int(c >> 6)] |= 1 << (c & 63); c += 1 }
-        }
-        var rereadBits = [UInt64](repeating: 0, count: changed == nil ? 0 : usedBits.count)
-        if changed != nil {
-            for r in reread where !r.isEmpty {
+        /// Bit c set for every cluster c the byte ranges touch.
+        func clusterBits(_ ranges: [Range<UInt64>]) -> [UInt64] {
+            var bits = [UInt64](repeating: 0, count: Int((clusters + 63) / 64))
+            for r in ranges where !r.isEmpty {
                 var c = r.lowerBound / cs
                 let end = min(clusters, (r.upperBound + cs - 1) / cs)
-                while c < end { rereadBits[Int(c >> 6)] |= 1 << (c & 63); c += 1 }
+                while c < end { bits[Int(c >> 6)] |= 1 << (c & 63); c += 1 }
             }
+            return bits
         }
+        let usedBits = clusterBits(used)
+        func isUsed(_ c: UInt64) -> Bool { usedBits[Int(c >> 6)] & (1 << (c & 63)) != 0 }
+        let rereadBits = changed == nil ? [] : clusterBits(reread)
         func isChanged(_ c: UInt64) -> Bool {
             guard let ch = changed else { return true }
             let w = Int(c >> 6)
@@ -162,26 +157,13 @@ struct DeltaMethod {
 /// resolves it against the image's directory), so a tree of backups can be
 /// moved or copied whole; absolute only when they share nothing but `/`.
 func backingFileName(of base: String, for image: String) -> String {
-    let imageDir = realPath((image as NSString).deletingLastPathComponent.ifEmpty(".")) ?? absolutePath((image as NSString).deletingLastPathComponent.ifEmpty("."))
+    let imageDir = realPath((image as NSString).deletingLastPathComponent.ifEmpty(".")) ?? ""
     let b = base.split(separator: "/").map(String.init)
     let d = imageDir.split(separator: "/").map(String.init)
     var common = 0
     while common < min(b.count - 1, d.count) && b[common] == d[common] { common += 1 }
     if common == 0 { return base }
     return (Array(repeating: "..", count: d.count - common) + b[common...]).joined(separator: "/")
-}
-
-/// `p` made absolute against the working directory (not resolved).
-func absolutePath(_ p: String) -> String {
-    if p.hasPrefix("/") { return (p as NSString).standardizingPath }
-    return ((FileManager.default.currentDirectoryPath as NSString).appendingPathComponent(p) as NSString).standardizingPath
-}
-
-/// Whether two paths name one existing file (device and inode).
-func sameFile(_ a: String, _ b: String) -> Bool {
-    var sa = stat(), sb = stat()
-    guard stat(a, &sa) == 0, stat(b, &sb) == 0 else { return false }
-    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino
 }
 
 func realPath(_ p: String) -> String? {

@@ -59,7 +59,7 @@ public enum MergeJob {
         let out = o.into ?? realPath(o.image) ?? o.image
         if let into = o.into {
             if !o.overwrite && FileManager.default.fileExists(atPath: into) { throw refuse("\(into) exists (use --force to overwrite it)") }
-            if let a = realPath(into), chain.links.contains(where: { realPath($0.path) == a }) {
+            if chain.links.contains(where: { fileIdentity($0.path) == fileIdentity(into) }) {
                 throw refuse("\(into) is a link of the chain being merged")
             }
         }

@@ -93,10 +93,10 @@ public enum SetRestoreJob {
         }
         // No two members to one target, and no target is an image of the set.
         var seen: [String: String] = [:]
-        for img in set.members { seen[identity(img.image)] = "the image \(img.image)" }
+        for img in set.members { seen[fileIdentity(img.image)] = "the image \(img.image)" }
         for n in chosen {
             let t = given[n]!
-            let id = identity(t)
+            let id = fileIdentity(t)
             if let other = seen[id] {
                 throw refuse("member '\(n)': target \(t) is also \(other)")
             }
@@ -164,21 +164,6 @@ public enum SetRestoreJob {
         }
     }
 
-    /// What a path is, for telling two targets apart: the device of a block
-    /// device, the inode of a file, the resolved path of a file to create.
-    static func identity(_ path: String) -> String {
-        var st = stat()
-        if stat(path, &st) == 0 {
-            if (st.st_mode & S_IFMT) == S_IFBLK { return "blk:\(st.st_rdev)" }
-            return "ino:\(st.st_dev):\(st.st_ino)"
-        }
-        let dir = (path as NSString).deletingLastPathComponent
-        let base = (path as NSString).lastPathComponent
-        var real = dir.isEmpty ? "." : dir
-        if let p = realpath(real, nil) { real = String(cString: p); free(p) }
-        return "new:" + real + "/" + base
-    }
-
     /// RestoreJob's target checks, made without writing or creating
     /// anything: a block device or regular file, not mounted, not busy,
     /// large enough, without a filesystem unless `force`; a file to create
@@ -205,4 +190,19 @@ public enum SetRestoreJob {
             throw refuse("\(t) already holds a filesystem (\(fs.type)\(fs.uuid.map { " \($0)" } ?? "")); use --force to overwrite it")
         }
     }
+}
+
+/// What a path is, for telling two files apart: the device of a block
+/// device, the inode of a file, the resolved path of a file to create.
+func fileIdentity(_ path: String) -> String {
+    var st = stat()
+    if stat(path, &st) == 0 {
+        if (st.st_mode & S_IFMT) == S_IFBLK { return "blk:\(st.st_rdev)" }
+        return "ino:\(st.st_dev):\(st.st_ino)"
+    }
+    let dir = (path as NSString).deletingLastPathComponent
+    let base = (path as NSString).lastPathComponent
+    var real = dir.isEmpty ? "." : dir
+    if let p = realpath(real, nil) { real = String(cString: p); free(p) }
+    return "new:" + real + "/" + base
 }

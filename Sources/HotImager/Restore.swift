@@ -101,7 +101,7 @@ public enum RestoreJob {
             throw RestoreFailure(kind: .refused, description: "\(o.image): \(error)")
         }
         guard probe.backingFileName != nil else {
-            let img = try openImage(o, reporter: r)
+            let img = try checkImage(probe, o, reporter: r)
             return Source(virtualSize: img.virtualSize, clusterSize: img.clusterSize, clusters: try img.allocatedClusters(),
                           read: { c, buf, dec in _ = try img.readCluster(c, into: buf, decoder: dec) })
         }
@@ -131,11 +131,7 @@ public enum RestoreJob {
 
     /// The image, refused when incomplete or damaged (every checksum first,
     /// unless --no-verify).
-    private static func openImage(_ o: RestoreOptions, reporter r: Reporter) throws -> QCow2Reader {
-        let img: QCow2Reader
-        do { img = try QCow2Reader(path: o.image) } catch {
-            throw RestoreFailure(kind: .refused, description: "\(o.image): \(error)")
-        }
+    private static func checkImage(_ img: QCow2Reader, _ o: RestoreOptions, reporter r: Reporter) throws -> QCow2Reader {
         if let h = img.hotimage, !h.complete {
             throw RestoreFailure(kind: .refused, description: "\(o.image) is an incomplete image (a failed backup kept with --keep-partial); it cannot be restored")
         }
